@@ -1,0 +1,106 @@
+"""The InfoMax-Bottleneck objective of Knowledge Factorization, and the teacher's loss.
+
+Objectives are nn.Modules whose forward returns (loss, metrics) so DistributedDataParallel
+can wrap them: DDP only synchronises gradients of what runs inside its forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import FactorNet
+
+Metrics = Dict[str, torch.Tensor]
+
+
+def infomax_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Negative contrastive lower bound on I(student; teacher) over a batch.
+
+    `-(E_joint[s] - log E_marginal[exp s])` with s the cosine similarity: matched pairs
+    (same image) are the joint, all pairs the product of marginals.
+    """
+    scores = F.normalize(student.float(), dim=1) @ F.normalize(teacher.float(), dim=1).T
+    joint = scores.diagonal().mean()
+    marginal = torch.logsumexp(scores.flatten(), dim=0) - math.log(scores.numel())
+    return -(joint - marginal)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over the code, averaged over the batch."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-target KL at a temperature, scaled by T^2 so its gradient keeps its size."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student.float() / t, dim=1),
+        F.log_softmax(teacher.float() / t, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
+
+
+class TeacherObjective(nn.Module):
+    """Sum of per-task cross-entropies for the monolithic teacher."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
+        logits = self.model(images)
+        metrics = {f"ce_{t}": F.cross_entropy(logits[t].float(), labels[t]) for t in labels}
+        return sum(metrics.values()), metrics
+
+
+@dataclass
+class LossWeights:
+    """Defaults from the reference configs."""
+
+    kd: float = 0.1  # lambda_kd
+    feat: float = 1.0  # lambda_feat, InfoMax
+    kl: float = 1e-3  # beta, InfoMin
+    aux: float = 1.0  # the auxiliary head on the task code alone
+    temperature: float = 10.0
+
+
+class FactorizationObjective(nn.Module):
+    """InfoMax on the trunk, InfoMin on each task code, KD and label losses on each head."""
+
+    def __init__(self, student: FactorNet, teacher: nn.Module, weights: LossWeights):
+        super().__init__()
+        self.model = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weights = weights
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is a fixed reference, never in training mode
+        return self
+
+    def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
+        w = self.weights
+        with torch.no_grad():
+            teacher_features = self.teacher.forward_features(images)
+            teacher_logits = self.teacher.forward_head(teacher_features)
+        student = self.model
+        common = student.forward_features(images)
+        metrics: Metrics = {
+            "infomax": infomax_loss(common, student.teacher_proj(teacher_features.float())) * w.feat
+        }
+        for task, module in student.tasks.items():
+            mu, logvar = module.code(images)
+            code = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+            logits = module.head(common + code)
+            metrics[f"ce_{task}"] = F.cross_entropy(logits.float(), labels[task])
+            metrics[f"aux_{task}"] = F.cross_entropy(module.aux_head(code).float(), labels[task]) * w.aux
+            metrics[f"kd_{task}"] = distillation_loss(logits, teacher_logits[task], w.temperature) * w.kd
+            metrics[f"kl_{task}"] = gaussian_kl(mu, logvar) * w.kl
+        return sum(metrics.values()), metrics
