@@ -1,0 +1,184 @@
+"""Run folders: config in JSON, weights and optimizer state in safetensors, never pickle.
+
+Layout of a run folder::
+
+    run.json              what was trained, how (written before the first step)
+    checkpoint/           latest resumable state: model, optimizer, state.json
+    model.safetensors     final weights (present only once the run has finished)
+    metrics.jsonl         one JSON object per logged step or evaluation
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import KfError
+from .models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
+
+RUN_FILE = "run.json"
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before anything is created if `out` cannot be made and written."""
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise KfError(f"cannot create {out}: {ancestor} is a file, not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".kfdeploy-write-probe-")
+    except OSError as exc:
+        raise KfError(
+            f"cannot write to {out}: {ancestor} is not writable ({exc.strerror}); "
+            "choose another --out or fix its permissions"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def prepare_run_dir(out: Path, resume: bool) -> bool:
+    """Validate an output folder for a new or resumed run; returns True when resuming."""
+    out = Path(out)
+    check_writable(out)
+    has_run = (out / RUN_FILE).exists()
+    if has_run and not resume:
+        raise KfError(
+            f"{out} already holds a run; pass --resume to continue it or choose a new --out"
+        )
+    if out.exists() and not has_run and any(out.iterdir()):
+        raise KfError(f"{out} exists and is not an empty folder or a kfdeploy run; choose a new --out")
+    return has_run and resume
+
+
+def load_weights(path: Path, what: str) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise KfError(f"{what}: {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KfError(f"{what}: {path} is not a readable safetensors file ({exc}); re-create it") from None
+
+
+def apply_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise KfError(f"{what}: the weights do not fit the configured model ({first})") from None
+
+
+def read_json(path: Path, hint: str = "re-create it") -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KfError(f"{path} is not valid JSON ({exc}); {hint}") from None
+
+
+def read_run(run_dir: Path, kind: str, hint: str) -> dict:
+    """Read run.json of a finished run of the given kind ('teacher' or 'factorized')."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        raise KfError(f"no {kind} run at {run_dir} (no {RUN_FILE}); {hint}")
+    info = read_json(run_dir / RUN_FILE, hint)
+    if info.get("kind") != kind:
+        raise KfError(f"{run_dir} is a {info.get('kind', 'unknown')!s} run, not a {kind} run; {hint}")
+    if not (run_dir / MODEL_FILE).is_file():
+        raise KfError(
+            f"the {kind} run at {run_dir} has not finished (no {MODEL_FILE}); "
+            f"continue it with --resume --out {run_dir}"
+        )
+    return info
+
+
+def load_teacher(run_dir: Path) -> Tuple[SpritesTeacher, dict]:
+    hint = f"train one with `kfdeploy teacher --out {run_dir}`"
+    info = read_run(run_dir, "teacher", hint)
+    teacher = SpritesTeacher(TeacherConfig.from_dict(info["model"]))
+    apply_weights(teacher, load_weights(Path(run_dir) / MODEL_FILE, "teacher checkpoint"), "teacher checkpoint")
+    return teacher.eval(), info
+
+
+def load_factor_run(run_dir: Path) -> Tuple[FactorNet, dict]:
+    hint = f"make one with `kfdeploy factorize --teacher TEACHER_RUN --out {run_dir}`"
+    info = read_run(run_dir, "factorized", hint)
+    model = FactorNet(FactorConfig.from_dict(info["model"]))
+    apply_weights(model, load_weights(Path(run_dir) / MODEL_FILE, "factor checkpoint"), "factor checkpoint")
+    return model.eval(), info
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and plain JSON values."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
+    state: Dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Write checkpoint/ so that a kill at any instant leaves the old or the new one whole."""
+    run_dir = Path(run_dir)
+    staging, current, old = (run_dir / n for n in (".checkpoint.tmp", CHECKPOINT_DIR, ".checkpoint.old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / MODEL_FILE))
+    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(staging / "optimizer.safetensors"))
+    (staging / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
+    if current.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(current, old)
+    os.replace(staging, current)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer) -> Optional[dict]:
+    """Restore the latest whole checkpoint; None when the run never reached one."""
+    run_dir = Path(run_dir)
+    for name in (CHECKPOINT_DIR, ".checkpoint.old"):  # .old survives a kill mid-swap
+        folder = run_dir / name
+        if (folder / "state.json").is_file():
+            break
+    else:
+        return None
+    state = json.loads((folder / "state.json").read_text())
+    apply_weights(model, load_weights(folder / MODEL_FILE, "checkpoint"), "checkpoint")
+    optimizer.load_state_dict(
+        _optimizer_state(load_weights(folder / "optimizer.safetensors", "optimizer state"), state.pop("optimizer"))
+    )
+    return state

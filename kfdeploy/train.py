@@ -1,0 +1,219 @@
+"""The training loop shared by the teacher and the factorization, nanoGPT-style.
+
+One process, or many under torchrun (DistributedDataParallel: nccl on GPU, gloo on CPU).
+Each step's batch is a pure function of (seed, rank, step), so `--resume` continues the
+exact stream, the learning-rate schedule and the Adam moments where they stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from .data import Batch, BatchSource
+from .runs import METRICS_FILE, MODEL_FILE, load_checkpoint, save_checkpoint, save_tensors_atomic
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128  # per process
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.02
+    weight_decay: float = 0.0
+    eval_every: int = 250
+    checkpoint_every: int = 200
+    log_every: int = 25
+    seed: int = 0
+    time_budget_s: Optional[float] = None  # stop early (and still finish cleanly) past this
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay: a function of the step alone, so resumable."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None) -> Distributed:
+    """Join the torchrun job if there is one; pick CUDA when present unless told otherwise."""
+    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank = dist.get_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank, local_rank = 0, 0
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return Distributed(rank, world_size, torch.device("cuda", local_rank))
+    return Distributed(rank, world_size, torch.device("cpu"))
+
+
+def weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    images, labels = batch
+    return images.to(device, non_blocking=True), {t: y.to(device, non_blocking=True) for t, y in labels.items()}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: Dict[str, torch.Tensor], batch_size: int = 1024) -> Dict[str, float]:
+    """Per-task top-1 accuracy of a model whose forward returns {task: logits}."""
+    was_training = model.training
+    model.eval()
+    correct = {t: 0 for t in labels}
+    device = next(model.parameters()).device
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size].to(device))
+        for t in labels:
+            correct[t] += (logits[t].argmax(1).cpu() == labels[t][start : start + batch_size]).sum().item()
+    model.train(was_training)
+    return {t: c / len(images) for t, c in correct.items()}
+
+
+class MetricsLog:
+    """Appends JSON lines to the run's metrics.jsonl (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(
+    run_dir: Path,
+    objective: nn.Module,
+    source: BatchSource,
+    config: TrainConfig,
+    evaluate: Callable[[nn.Module], Dict[str, float]],
+    env: Distributed,
+    resume: bool = False,
+    desc: str = "train",
+) -> dict:
+    """Optimise `objective.model` and write run_dir/model.safetensors; returns the final state."""
+    run_dir = Path(run_dir)
+    model: nn.Module = objective.model
+    objective.to(env.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    state = {"step": 0, "train_time_s": 0.0}
+    if resume:
+        restored = load_checkpoint(run_dir, model, optimizer)
+        if restored is not None:
+            state = restored
+            if env.is_main:
+                print(f"resuming {run_dir} at step {state['step']}")
+    wrapped = objective
+    if env.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        )
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if env.device.type == "cuda" else contextlib.nullcontext()
+    )
+    log = MetricsLog(run_dir, env.is_main)
+    progress = tqdm(
+        total=config.steps, initial=state["step"], desc=desc, disable=not env.is_main,
+        dynamic_ncols=True, mininterval=1.0,
+    )
+    started = time.perf_counter() - state["train_time_s"]
+    running: Dict[str, float] = {}
+
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
+    def checkpoint() -> None:
+        state["train_time_s"] = elapsed()
+        if env.is_main:
+            save_checkpoint(run_dir, model, optimizer, state)
+
+    try:
+        while state["step"] < config.steps:
+            step = state["step"]
+            if config.time_budget_s is not None and elapsed() > config.time_budget_s:
+                if env.is_main:
+                    print(f"time budget of {config.time_budget_s:.0f}s reached at step {step}")
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
+            images, labels = _to_device(source.batch(step, config.batch_size, env.rank), env.device)
+            with autocast:
+                loss, parts = wrapped(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] = step + 1
+            for k, v in {"loss": loss, **parts}.items():
+                running[k] = running.get(k, 0.0) + v.item()
+            progress.update(1)
+            if state["step"] % config.log_every == 0:
+                means = {k: v / config.log_every for k, v in running.items()}
+                running.clear()
+                progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
+                log.write({"step": state["step"], "time_s": round(elapsed(), 2), "lr": config.lr_at(step), **means})
+            if state["step"] % config.eval_every == 0 and state["step"] < config.steps:
+                if env.is_main:
+                    log.write({"step": state["step"], "time_s": round(elapsed(), 2), "heldout_accuracy": evaluate(model)})
+            if state["step"] % config.checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        progress.close()
+        raise
+    progress.close()
+    if env.world_size > 1:
+        # Gradients are all-reduced, so parameters agree; BatchNorm running statistics are
+        # per rank since the last forward. Take rank 0's, as DDP does at every forward.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    checkpoint()
+    digests = [weights_digest(model)]
+    if env.world_size > 1:
+        gathered = [None] * env.world_size
+        dist.all_gather_object(gathered, digests[0])
+        digests = gathered
+    if env.is_main:
+        final = {"step": state["step"], "time_s": round(elapsed(), 2), "event": "finished", "rank_weight_digests": digests}
+        final["heldout_accuracy"] = evaluate(model)
+        log.write(final)
+        save_tensors_atomic(run_dir / MODEL_FILE, model.state_dict())
+    return {**state, "rank_weight_digests": digests}
+
