@@ -113,20 +113,29 @@ def read_run(run_dir: Path, kind: str, hint: str) -> dict:
     return info
 
 
+# kind -> (model class, config class, how to make such a run)
+_RUN_KINDS = {
+    "teacher": (SpritesTeacher, TeacherConfig, "train one with `kfdeploy teacher --out {run}`"),
+    "factorized": (FactorNet, FactorConfig, "make one with `kfdeploy factorize --teacher TEACHER_RUN --out {run}`"),
+}
+
+
+def load_run(run_dir: Path, kind: str) -> Tuple[torch.nn.Module, dict]:
+    """Load a finished run's model in eval mode, with its run.json."""
+    model_class, config_class, hint = _RUN_KINDS[kind]
+    info = read_run(run_dir, kind, hint.format(run=run_dir))
+    model = model_class(config_class.from_dict(info["model"]))
+    what = f"{kind} checkpoint"
+    apply_weights(model, load_weights(Path(run_dir) / MODEL_FILE, what), what)
+    return model.eval(), info
+
+
 def load_teacher(run_dir: Path) -> Tuple[SpritesTeacher, dict]:
-    hint = f"train one with `kfdeploy teacher --out {run_dir}`"
-    info = read_run(run_dir, "teacher", hint)
-    teacher = SpritesTeacher(TeacherConfig.from_dict(info["model"]))
-    apply_weights(teacher, load_weights(Path(run_dir) / MODEL_FILE, "teacher checkpoint"), "teacher checkpoint")
-    return teacher.eval(), info
+    return load_run(run_dir, "teacher")
 
 
 def load_factor_run(run_dir: Path) -> Tuple[FactorNet, dict]:
-    hint = f"make one with `kfdeploy factorize --teacher TEACHER_RUN --out {run_dir}`"
-    info = read_run(run_dir, "factorized", hint)
-    model = FactorNet(FactorConfig.from_dict(info["model"]))
-    apply_weights(model, load_weights(Path(run_dir) / MODEL_FILE, "factor checkpoint"), "factor checkpoint")
-    return model.eval(), info
+    return load_run(run_dir, "factorized")
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], dict]:

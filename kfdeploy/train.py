@@ -90,14 +90,18 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: Dict[str, torch.Tensor], batch_size: int = 1024) -> Dict[str, float]:
-    """Per-task top-1 accuracy of a model whose forward returns {task: logits}."""
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: Dict[str, torch.Tensor],
+    predict: Optional[Callable[[torch.Tensor], Dict[str, torch.Tensor]]] = None, batch_size: int = 1024,
+) -> Dict[str, float]:
+    """Per-task top-1 accuracy; `predict` (default: the model's forward) gives {task: logits}."""
+    predict = predict or model
     was_training = model.training
     model.eval()
     correct = {t: 0 for t in labels}
     device = next(model.parameters()).device
     for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size].to(device))
+        logits = predict(images[start : start + batch_size].to(device))
         for t in labels:
             correct[t] += (logits[t].argmax(1).cpu() == labels[t][start : start + batch_size]).sum().item()
     model.train(was_training)

@@ -1,0 +1,163 @@
+"""`kfdeploy` command line: one command, a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import KfError
+
+EXAMPLES = {
+    "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000",
+    "factorize": "kfdeploy factorize --teacher runs/teacher --out runs/kf\n  kfdeploy factorize --teacher runs/teacher --out runs/kf2 --tasks shape,scale --task-width 8\n  torchrun --nproc_per_node 2 -m kfdeploy factorize --teacher runs/teacher --out runs/kf",
+    "evaluate": "kfdeploy evaluate runs/kf\n  kfdeploy evaluate runs/kf --images 20000 --json report.json",
+    "quickstart": "kfdeploy quickstart\n  kfdeploy quickstart --out runs/qs --resume",
+}
+
+# Sized so teacher + factorization + evaluation take about 15 minutes on 2 CPU cores.
+QUICKSTART_TEACHER_STEPS = 5000
+QUICKSTART_FACTORIZE_STEPS = 2000
+
+
+def _add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--out", type=Path, required=True, help="run folder to create (or continue with --resume)")
+    p.add_argument("--tasks", help="comma-separated subset of tasks (default: all)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step per process (default 128)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, AdamW with cosine decay (default 2e-3)")
+    p.add_argument("--minutes", type=float, help="stop early after this much training time")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        time_budget_s=args.minutes * 60 if args.minutes else None,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfdeploy",
+        description="Knowledge Factorization: split a multi-task teacher into a shared trunk and per-task modules.",
+        epilog="Start with `kfdeploy quickstart`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text,
+            epilog="examples:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command("teacher", "Train the multi-task teacher on the embedded procedural sprites.")
+    _add_training_args(p, QUICKSTART_TEACHER_STEPS)
+
+    p = command("factorize", "Factorize a teacher into a common trunk plus one module per task.")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher run folder (from `kfdeploy teacher`)")
+    _add_training_args(p, QUICKSTART_FACTORIZE_STEPS)
+    p.add_argument("--task-width", type=int, default=16, help="channels of each task network (trunk: 32)")
+    p.add_argument("--beta", type=float, default=1e-3, help="InfoMin weight on each task code's KL")
+    p.add_argument("--lambda-kd", type=float, default=0.1, help="soft-target distillation weight")
+    p.add_argument("--lambda-feat", type=float, default=1.0, help="InfoMax weight")
+
+    p = command("evaluate", "Score factor networks against the teacher; disentanglement heatmap.")
+    p.add_argument("run", type=Path, help="factorized run folder")
+    p.add_argument("--images", type=int, default=8192, help="held-out images (default 8192)")
+    p.add_argument("--json", type=Path, help="also write the result here (always written to RUN/evaluation.json)")
+
+    p = command("quickstart", "Teacher, factorization and evaluation on the embedded default, in one go.")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for all runs (default runs/quickstart)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
+    return parser
+
+
+def cmd_teacher(args) -> None:
+    from .data import TASK_NAMES
+    from .pipeline import parse_tasks, train_teacher
+
+    tasks = parse_tasks(args.tasks, TASK_NAMES, "the sprites data")
+    out = train_teacher(args.out, tasks, _train_config(args), resume=args.resume, device=args.device)
+    print(f"teacher written to {out}")
+
+
+def cmd_factorize(args) -> None:
+    from .losses import LossWeights
+    from .pipeline import factorize
+
+    weights = LossWeights(kd=args.lambda_kd, feat=args.lambda_feat, kl=args.beta)
+    tasks = args.tasks.split(",") if args.tasks else None
+    out = factorize(
+        args.teacher, args.out, tasks=tasks, config=_train_config(args), weights=weights,
+        task_width=args.task_width, resume=args.resume, device=args.device,
+    )
+    print(f"factor networks written to {out}")
+
+
+def run_evaluation(run: Path, images: int = 8192) -> dict:
+    from .evaluate import DISENTANGLEMENT_PNG, EVALUATION_FILE, evaluate_run, format_table
+
+    result = evaluate_run(run, images=images)
+    print(format_table(result))
+    print(f"wrote {run / EVALUATION_FILE} and {run / DISENTANGLEMENT_PNG}")
+    return result
+
+
+def cmd_evaluate(args) -> None:
+    result = run_evaluation(args.run, args.images)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_quickstart(args) -> None:
+    from .pipeline import factorize, train_teacher
+    from .runs import MODEL_FILE
+    from .train import TrainConfig
+
+    started = time.perf_counter()
+    teacher_dir, kf_dir = args.out / "teacher", args.out / "kf"
+    for label, folder, steps, job in (
+        ("1/3 teacher", teacher_dir, QUICKSTART_TEACHER_STEPS, lambda cfg, resume: train_teacher(teacher_dir, config=cfg, resume=resume)),
+        ("2/3 factorize", kf_dir, QUICKSTART_FACTORIZE_STEPS, lambda cfg, resume: factorize(teacher_dir, kf_dir, config=cfg, resume=resume)),
+    ):
+        if (folder / MODEL_FILE).exists() and args.resume:
+            print(f"[{label}] already finished in {folder}")
+            continue
+        print(f"[{label}] -> {folder}")
+        job(TrainConfig(steps=steps), args.resume)
+    print(f"[3/3 evaluate] -> {kf_dir}")
+    run_evaluation(kf_dir)
+    print(f"\nquickstart finished in {(time.perf_counter() - started) / 60:.1f} min")
+    print(f"  teacher:        {teacher_dir}")
+    print(f"  factor modules: {kf_dir} (model.safetensors, run.json)")
+    print(f"  evaluation:     {kf_dir / 'evaluation.json'}, heatmap {kf_dir / 'disentanglement.png'}")
+    print(f"  training logs:  {teacher_dir / 'metrics.jsonl'}, {kf_dir / 'metrics.jsonl'}")
+
+
+COMMANDS = {"teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KfError as exc:
+        print(f"kfdeploy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nkfdeploy: interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
