@@ -1,0 +1,90 @@
+"""Training really learns, resumes exactly after a kill, and runs data-parallel."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+from kfdeploy.data import TASK_CLASSES
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_teacher_learns_every_task_well_beyond_chance(teacher_run):
+    records = _records(teacher_run)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.75 * losses[0]
+    final = records[-1]
+    assert final["event"] == "finished"
+    for task in ("shape", "scale", "pos_x", "pos_y"):  # after only 150 small steps
+        assert final["heldout_accuracy"][task] > 1.0 / TASK_CLASSES[task] + 0.1, (task, final)
+    assert final["heldout_accuracy"]["pos_x"] > 10.0 / TASK_CLASSES["pos_x"]
+
+
+def test_factor_networks_start_from_and_keep_the_teachers_accuracy(teacher_run, factor_run):
+    teacher = _records(teacher_run)[-1]["heldout_accuracy"]
+    factor = _records(factor_run)[-1]["heldout_accuracy"]
+    for task in ("shape", "scale", "pos_x", "pos_y"):
+        assert factor[task] > teacher[task] - 0.1, (task, teacher[task], factor[task])
+
+
+def test_task_codes_learn_their_task(factor_run):
+    records = [r for r in _records(factor_run) if "aux_scale" in r]
+    assert len(records) >= 3
+    assert records[-1]["aux_scale"] < records[0]["aux_scale"]
+
+
+def test_run_folder_holds_safetensors_and_json_only(factor_run):
+    names = {p.name for p in factor_run.rglob("*") if p.is_file()}
+    assert {"run.json", "model.safetensors", "metrics.jsonl", "state.json", "optimizer.safetensors"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".bin"))]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_its_step_count_and_optimizer_state(tmp_path):
+    out = tmp_path / "teacher"
+    args = ["teacher", "--out", str(out), "--steps", "300", "--batch-size", "16", "--checkpoint-every", "100"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kfdeploy", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    state_file = out / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(state_file.read_text())["step"]
+    assert 100 <= killed_at < 300, "the run must be killed mid-way"
+    assert not (out / "model.safetensors").exists()
+    adam_steps = load_file(str(out / "checkpoint" / "optimizer.safetensors"))["0.step"].item()
+    assert adam_steps == killed_at
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} at step {killed_at}" in resumed.stdout
+    steps = [r["step"] for r in _records(out) if "loss" in r]
+    after_kill = [s for s in steps if s > killed_at]
+    assert after_kill[0] == killed_at + 25  # the log continues, it does not restart at 25
+    assert _records(out)[-1]["step"] == 300
+    assert load_file(str(out / "checkpoint" / "optimizer.safetensors"))["0.step"].item() == 300
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_ends_with_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kfdeploy",
+         "teacher", "--out", str(out), "--steps", "6", "--batch-size", "16", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = _records(out)[-1]["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
