@@ -164,8 +164,11 @@ class TaskModule(nn.Module):
         last.bias.data[d:] = -4.0  # small initial variance, so sampling starts gentle
 
     def code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.tsn(x).chunk(2, dim=1)
-        return mu, logvar.clamp(-10.0, 10.0)
+        out = self.tsn(x)
+        # Slicing, not chunk(): chunk exports as Split, whose form changed in opset 18 and
+        # breaks the down-conversion to opset 17 that TensorRT 8.5 (JetPack 5) needs.
+        d = out.shape[1] // 2
+        return out[:, :d], out[:, d:].clamp(-10.0, 10.0)
 
     def forward(self, x: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
         """Inference path, the one exported: deterministic (mu), returns logits."""
