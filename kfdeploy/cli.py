@@ -15,6 +15,11 @@ EXAMPLES = {
     "factorize": "kfdeploy factorize --teacher runs/teacher --out runs/kf\n  kfdeploy factorize --teacher runs/teacher --out runs/kf2 --tasks shape,scale --task-width 8\n  torchrun --nproc_per_node 2 -m kfdeploy factorize --teacher runs/teacher --out runs/kf",
     "evaluate": "kfdeploy evaluate runs/kf\n  kfdeploy evaluate runs/kf --images 20000 --json report.json",
     "quickstart": "kfdeploy quickstart\n  kfdeploy quickstart --out runs/qs --resume",
+    "export": "kfdeploy export runs/kf --out bundles/sprites\n  kfdeploy export runs/kf --out bundles/sprites --profile jetson-fp16 --archive\n  kfdeploy export runs/kf --tasks pos_x --into bundles/sprites",
+    "inspect": "kfdeploy inspect bundles/sprites\n  kfdeploy inspect bundles/sprites.tar.gz --json",
+    "verify": "kfdeploy verify bundles/sprites\n  kfdeploy verify bundles/sprites.tar.gz",
+    "build-engines": "kfdeploy build-engines bundles/sprites --precision fp16\n  kfdeploy build-engines bundles/sprites --with torch-tensorrt",
+    "check-trt": "kfdeploy check-trt bundles/sprites",
 }
 
 # Sized so teacher + factorization + evaluation take about 15 minutes on 2 CPU cores.
@@ -75,6 +80,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=8192, help="held-out images (default 8192)")
     p.add_argument("--json", type=Path, help="also write the result here (always written to RUN/evaluation.json)")
 
+    p = command("export", "Export a factorized run's trunk and task modules to ONNX, into a bundle.")
+    p.add_argument("run", type=Path, help="factorized run folder")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write (an existing bundle is replaced atomically)")
+    p.add_argument("--tasks", help="comma-separated subset of tasks (default: all)")
+    p.add_argument("--profile", default="cpu-fp32", help="export profile: a name from export/ or a .toml path (default cpu-fp32)")
+    p.add_argument("--into", action="store_true", help="add the tasks to the existing bundle at --out, keeping its trunk")
+    p.add_argument("--archive", action="store_true", help="also write OUT.tar.gz for shipping")
+
+    p = command("inspect", "Summarise a bundle: tasks, classes, input, files, checksums, parity, engines.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = command("verify", "Check a bundle: checksums, onnx.checker, ONNX Runtime vs PyTorch on fresh inputs.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+
+    p = command("build-engines", "Build TensorRT engines for every module, on this (edge) device.")
+    p.add_argument("bundle", type=Path, help="bundle folder")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
+    p.add_argument("--with", dest="builders", action="append", choices=["tensorrt", "torch-tensorrt"],
+                   help="builder(s) to use (default tensorrt; repeat for both)")
+
+    p = command("check-trt", "Statically check every graph against what TensorRT's ONNX parser accepts.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+
     p = command("quickstart", "Teacher, factorization and evaluation on the embedded default, in one go.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for all runs (default runs/quickstart)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
@@ -118,7 +147,84 @@ def cmd_evaluate(args) -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cmd_export(args) -> None:
+    from .export import export_bundle, load_profile, verify_bundle
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    out = export_bundle(args.run, args.out, tasks=tasks, profile=load_profile(args.profile), into=args.into, archive=args.archive)
+    print(f"bundle written to {out}" + (f" and {out.name}.tar.gz" if args.archive else ""))
+
+
+def _human_bytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
+def cmd_inspect(args) -> None:
+    from .bundle import Bundle
+
+    bundle = Bundle.open(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return
+    producer = ", ".join(f"{k} {v}" for k, v in m["producer"].items())
+    spec = m["input"]
+    trunk = m["trunk"]
+    print(f"bundle {args.bundle} ({m['format']} v{m['format_version']}, created {m.get('created', '?')})")
+    print(f"producer: {producer}; profile {m.get('profile', {}).get('name', '?')}")
+    print(f"input: {spec['name']} {spec['dtype']} {spec['shape']} {spec['layout']}, values in {spec['range']} (uint8: {spec['uint8']}), batch {spec['batch']['min']}..{spec['batch']['max']}")
+    print(f"checksums: all {sum(1 for _ in bundle.entries())} files verified (sha256)")
+    print(f"trunk: {trunk['file']} {_human_bytes(trunk['bytes'])} -> {trunk['output']['name']} ({trunk['output']['width']}), "
+          f"fingerprint {trunk['fingerprint'][:12]}, max abs err {trunk['parity']['max_abs_err']:.1e}, sha256 {trunk['sha256'][:12]}")
+    print(f"{'task':<12} {'classes':>7} {'size':>9} {'accuracy':>8} {'max abs err':>11} {'argmax':>7}  sha256        labels")
+    for name, task in m["tasks"].items():
+        accuracy = "-" if task["heldout_accuracy"] is None else f"{task['heldout_accuracy']:.4f}"
+        labels = ", ".join(task["labels"][:4]) + (", ..." if len(task["labels"]) > 4 else "")
+        print(f"{name:<12} {task['classes']:>7} {_human_bytes(task['bytes']):>9} {accuracy:>8} {task['parity']['max_abs_err']:>11.1e} "
+              f"{task['parity']['argmax_agreement']:>7.4f}  {task['sha256'][:12]}  {labels}")
+    engines = m.get("engines", [])
+    print(f"engines: {len(engines) or 'none (build them on the target with `kfdeploy build-engines`)'}")
+    for engine in engines:
+        device = engine["device"]
+        print(f"  {engine['module']:<12} {engine['builder']} {engine['precision']} for {device.get('gpu')} (sm {device.get('compute_capability')}, TensorRT {device.get('tensorrt')}) {engine['file']}")
+
+
+def cmd_verify(args) -> None:
+    from .export import verify_bundle
+
+    verify_bundle(args.bundle)
+    print(f"bundle {args.bundle} verified")
+
+
+def cmd_build_engines(args) -> None:
+    from .export import build_engines
+
+    records = build_engines(args.bundle, args.precision, args.builders or ["tensorrt"])
+    print(f"{len(records)} engines recorded in {args.bundle / 'manifest.json'}")
+
+
+def cmd_check_trt(args) -> int:
+    from .bundle import Bundle
+    from .trt_check import check_file
+
+    bundle = Bundle.open(args.bundle)
+    files = [bundle.manifest["trunk"]["file"]] + [bundle.task(t)["file"] for t in bundle.tasks]
+    offenders = 0
+    for file in files:
+        issues = check_file(bundle.file(file))
+        offenders += len(issues)
+        print(f"{file}: {'ok' if not issues else f'{len(issues)} problem(s)'}")
+        for issue in issues:
+            print(f"  {issue.where}: {issue.problem}")
+    if offenders:
+        print(f"{offenders} problem(s): TensorRT's ONNX parser would refuse these graphs")
+        return 1
+    print("every graph is within what TensorRT's ONNX parser accepts")
+    return 0
+
+
 def cmd_quickstart(args) -> None:
+    from .export import export_bundle, verify_bundle
     from .pipeline import factorize, train_teacher
     from .runs import MODEL_FILE
     from .train import TrainConfig
@@ -126,37 +232,46 @@ def cmd_quickstart(args) -> None:
     started = time.perf_counter()
     teacher_dir, kf_dir = args.out / "teacher", args.out / "kf"
     for label, folder, steps, job in (
-        ("1/3 teacher", teacher_dir, QUICKSTART_TEACHER_STEPS, lambda cfg, resume: train_teacher(teacher_dir, config=cfg, resume=resume)),
-        ("2/3 factorize", kf_dir, QUICKSTART_FACTORIZE_STEPS, lambda cfg, resume: factorize(teacher_dir, kf_dir, config=cfg, resume=resume)),
+        ("1/4 teacher", teacher_dir, QUICKSTART_TEACHER_STEPS, lambda cfg, resume: train_teacher(teacher_dir, config=cfg, resume=resume)),
+        ("2/4 factorize", kf_dir, QUICKSTART_FACTORIZE_STEPS, lambda cfg, resume: factorize(teacher_dir, kf_dir, config=cfg, resume=resume)),
     ):
         if (folder / MODEL_FILE).exists() and args.resume:
             print(f"[{label}] already finished in {folder}")
             continue
         print(f"[{label}] -> {folder}")
         job(TrainConfig(steps=steps), args.resume)
-    print(f"[3/3 evaluate] -> {kf_dir}")
+    print(f"[3/4 evaluate] -> {kf_dir}")
     run_evaluation(kf_dir)
+    bundle_dir = args.out / "bundle"
+    print(f"[4/4 export] -> {bundle_dir}")
+    export_bundle(kf_dir, bundle_dir)
+    verify_bundle(bundle_dir)
     print(f"\nquickstart finished in {(time.perf_counter() - started) / 60:.1f} min")
     print(f"  teacher:        {teacher_dir}")
     print(f"  factor modules: {kf_dir} (model.safetensors, run.json)")
     print(f"  evaluation:     {kf_dir / 'evaluation.json'}, heatmap {kf_dir / 'disentanglement.png'}")
     print(f"  training logs:  {teacher_dir / 'metrics.jsonl'}, {kf_dir / 'metrics.jsonl'}")
+    print(f"  bundle:         {bundle_dir} (verified; `kfdeploy inspect {bundle_dir}`)")
 
 
-COMMANDS = {"teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart}
+COMMANDS = {
+    "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
+    "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
+    "check-trt": cmd_check_trt,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except KfError as exc:
         print(f"kfdeploy: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\nkfdeploy: interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,426 @@
+"""Export a factorized run into a bundle: one ONNX graph for the trunk, one per task.
+
+The trunk maps image -> common feature; a task module maps (image, common) -> logits.
+Every graph has a dynamic batch dimension and nothing else dynamic (what TensorRT wants),
+is checked by onnx.checker with full shape inference, and is compared with its PyTorch
+module before the bundle is written. The bundle appears atomically: a crash or Ctrl-C
+leaves the previous bundle or none, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import io
+import logging
+import os
+import shutil
+import tomllib
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_archive
+from .errors import KfError
+from .models import FactorConfig, FactorNet
+from .runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
+from .train import weights_digest
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "export"
+PARITY_IMAGES = 256
+PARITY_MAX_ABS_ERR = 1e-4
+PARITY_MIN_ARGMAX_AGREEMENT = 0.999
+ACCURACY_IMAGES = 2048
+
+
+@dataclass(frozen=True)
+class ExportProfile:
+    name: str
+    description: str = ""
+    opset: int = 20
+    precision: str = "fp32"  # for engines built from the bundle; ONNX files are always fp32
+    batch_min: int = 1
+    batch_opt: int = 64
+    batch_max: int = 256
+    targets: Tuple[str, ...] = ("onnxruntime",)
+
+
+def available_profiles() -> List[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> ExportProfile:
+    """A profile by name (export/NAME.toml) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROFILES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise KfError(f"unknown export profile {name_or_path!r}; available: {', '.join(available_profiles())} (or a path to a .toml file)")
+    try:
+        data = tomllib.loads(path.read_text())
+        batch = data.pop("batch", {})
+        profile = ExportProfile(
+            name=data.pop("name", path.stem),
+            batch_min=batch.get("min", 1), batch_opt=batch.get("opt", 64), batch_max=batch.get("max", 256),
+            targets=tuple(data.pop("targets", ("onnxruntime",))), **data,
+        )
+    except (tomllib.TOMLDecodeError, TypeError) as exc:
+        raise KfError(f"export profile {path} is invalid ({exc}); see export/cpu-fp32.toml for the fields") from None
+    if not 1 <= profile.batch_min <= profile.batch_opt <= profile.batch_max:
+        raise KfError(f"export profile {path}: batch needs 1 <= min <= opt <= max")
+    if profile.precision not in ("fp32", "fp16"):
+        raise KfError(f"export profile {path}: precision must be fp32 or fp16, not {profile.precision!r}")
+    return profile
+
+
+class TrunkGraph(nn.Module):
+    """What trunk.onnx computes: image -> common feature."""
+
+    def __init__(self, model: FactorNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(image)
+
+
+def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[str], output_names: List[str], profile: ExportProfile) -> None:
+    """torch.onnx.export with the batch dimension dynamic and its chatter kept out of the user's terminal."""
+    batch = torch.export.Dim("batch", min=profile.batch_min, max=profile.batch_max)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(), args, str(path), dynamo=True, external_data=False,
+                input_names=input_names, output_names=output_names, opset_version=profile.opset,
+                dynamic_shapes=[{0: batch} for _ in input_names], verbose=False,
+            )
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def check_graph(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise KfError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
+    """Max absolute error, and the same relative to the largest reference magnitude."""
+    error = float(np.abs(reference - candidate).max()) if reference.size else 0.0
+    scale = float(np.abs(reference).max()) if reference.size else 1.0
+    return {"max_abs_err": error, "max_rel_err": error / max(scale, 1e-12)}
+
+
+def parity_images(config: FactorConfig, data: str, seed: int, count: int = PARITY_IMAGES) -> torch.Tensor:
+    """Held-out sprites (from `seed` on) for sprites runs; uniform noise images otherwise."""
+    if data == "sprites":
+        from .data import SpritesSource, heldout_combinations
+
+        return SpritesSource().heldout(count, offset=seed % (len(heldout_combinations()) - count))[0]
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, config.trunk.in_channels, config.trunk.image_size, config.trunk.image_size)
+    return torch.rand(shape, generator=generator)
+
+
+@torch.no_grad()
+def module_parity(model: FactorNet, bundle_root: Path, trunk_file: str, task_files: Dict[str, str], images: torch.Tensor) -> Dict[str, dict]:
+    """Compare each ONNX module with its PyTorch module on the same inputs.
+
+    Task modules get the PyTorch common feature so each module's error is its own; the
+    argmax agreement is end to end (ONNX trunk feeding ONNX task vs PyTorch).
+    """
+    common = model.forward_features(images)
+    trunk_session = ort_session(bundle_root / trunk_file)
+    onnx_common = trunk_session.run(None, {"image": images.numpy()})[0]
+    result = {"trunk": {**compare(common.numpy(), onnx_common), "images": len(images)}}
+    for task, file in task_files.items():
+        session = ort_session(bundle_root / file)
+        reference = model.forward_head(images, common, task).numpy()
+        isolated = session.run(None, {"image": images.numpy(), "common": common.numpy()})[0]
+        end_to_end = session.run(None, {"image": images.numpy(), "common": onnx_common})[0]
+        agreement = float((end_to_end.argmax(1) == reference.argmax(1)).mean())
+        result[task] = {**compare(reference, isolated), "argmax_agreement": agreement, "images": len(images)}
+    return result
+
+
+def _check_parity(parity: Dict[str, dict]) -> None:
+    for module, p in parity.items():
+        if p["max_abs_err"] > PARITY_MAX_ABS_ERR or p.get("argmax_agreement", 1.0) < PARITY_MIN_ARGMAX_AGREEMENT:
+            raise KfError(
+                f"{module}: ONNX Runtime disagrees with PyTorch (max abs error {p['max_abs_err']:.2e}, "
+                f"argmax agreement {p.get('argmax_agreement', 1.0):.4f}; tolerance {PARITY_MAX_ABS_ERR:g} and "
+                f"{PARITY_MIN_ARGMAX_AGREEMENT}); the export is not trustworthy — report this with the run"
+            )
+
+
+def _heldout_accuracy(bundle_root: Path, trunk_file: str, task_files: Dict[str, str], data: str) -> Dict[str, Optional[float]]:
+    """Accuracy of the exported modules (ONNX Runtime) on held-out sprites; None for other data."""
+    if data != "sprites":
+        return {task: None for task in task_files}
+    from .data import SpritesSource
+
+    images, labels = SpritesSource(tasks=list(task_files)).heldout(ACCURACY_IMAGES)
+    common = ort_session(bundle_root / trunk_file).run(None, {"image": images.numpy()})[0]
+    result = {}
+    for task, file in task_files.items():
+        logits = ort_session(bundle_root / file).run(None, {"image": images.numpy(), "common": common})[0]
+        result[task] = float((logits.argmax(1) == labels[task].numpy()).mean())
+    return result
+
+
+def _file_record(root: Path, relative: str) -> dict:
+    path = root / relative
+    return {"file": relative, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _exchange(staging: Path, out: Path) -> None:
+    """Put `staging` at `out` atomically, so readers see the old bundle or the new one."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None and renameat2(at_fdcwd, bytes(staging), at_fdcwd, bytes(out), rename_exchange) == 0:
+        shutil.rmtree(staging)  # now holds the old bundle
+        return
+    # No atomic exchange on this platform: the window without a bundle is two renames long.
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging folders of exports that were killed; a live export's pid is still running."""
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def export_bundle(
+    run_dir: Path,
+    out: Path,
+    tasks: Optional[Sequence[str]] = None,
+    profile: ExportProfile = ExportProfile("cpu-fp32"),
+    into: bool = False,
+    archive: bool = False,
+    progress=print,
+) -> Path:
+    """Export run_dir's factor modules into bundle `out` (or add them to it with `into`)."""
+    from .pipeline import parse_tasks
+
+    run_dir, out = Path(run_dir), Path(out)
+    model, info = load_factor_run(run_dir)
+    tasks = parse_tasks(",".join(tasks) if tasks else None, list(model.task_classes), f"the factorized run {run_dir}")
+    fingerprint = weights_digest(model.trunk)
+    existing = None
+    if into:
+        existing = Bundle.open(out)
+        bundle_fingerprint = existing.manifest["trunk"]["fingerprint"]
+        if bundle_fingerprint != fingerprint:
+            raise KfError(
+                f"the task modules of {run_dir} were trained with a different trunk (fingerprint "
+                f"{fingerprint[:12]}) than the one in {out} ({bundle_fingerprint[:12]}); they cannot be "
+                "combined — export them into a new bundle"
+            )
+    elif out.exists() and not (out / MANIFEST).is_file():
+        raise KfError(f"{out} exists and is not a bundle; choose another --out (an existing bundle is replaced)")
+    check_writable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress)
+        write_json_atomic(staging / MANIFEST, manifest)
+        _exchange(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if archive:
+        write_archive(out, out.with_name(out.name + ".tar.gz"))
+    return out
+
+
+def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress) -> dict:
+    import onnx
+    import onnxruntime
+
+    config: FactorConfig = model.config
+    data = info.get("data", "sprites")
+    (staging / "tasks").mkdir(parents=True)
+    (staging / "weights" / "tasks").mkdir(parents=True)
+    size = config.trunk.image_size
+    example = torch.zeros(2, config.trunk.in_channels, size, size)
+    if existing is not None:
+        manifest = dict(existing.manifest)
+        manifest["tasks"] = dict(manifest["tasks"])
+        # Hard links: the trunk and the other tasks stay the very same files.
+        for entry in existing.entries():
+            os.link(existing.file(entry["file"]), staging / entry["file"])
+        trunk_file = manifest["trunk"]["file"]
+    else:
+        trunk_file = "trunk.onnx"
+        progress(f"exporting trunk -> {trunk_file}")
+        _quiet_export(TrunkGraph(model), (example,), staging / trunk_file, ["image"], ["common"], profile)
+        save_tensors_atomic(staging / "weights" / "trunk.safetensors", model.trunk.state_dict())
+    task_files = {}
+    for task in tasks:
+        task_files[task] = f"tasks/{task}.onnx"
+        progress(f"exporting task {task} -> {task_files[task]}")
+        common = model.forward_features(example).detach()
+        _quiet_export(model.tasks[task], (example, common), staging / task_files[task], ["image", "common"], ["logits"], profile)
+        save_tensors_atomic(staging / "weights" / "tasks" / f"{task}.safetensors", model.tasks[task].state_dict())
+    for file in [trunk_file, *task_files.values()]:
+        check_graph(staging / file)
+    progress(f"checking parity with PyTorch on {PARITY_IMAGES} held-out images")
+    parity = module_parity(model, staging, trunk_file, task_files, parity_images(config, data, seed=0))
+    _check_parity(parity)
+    accuracy = _heldout_accuracy(staging, trunk_file, task_files, data)
+    if existing is None:
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "producer": {
+                "kfdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__, "opset": profile.opset,
+            },
+            "profile": asdict(profile),
+            "source": {"run": str(run_dir.resolve()), "teacher_run": info.get("teacher_run"), "data": data},
+            "input": {
+                "name": "image", "shape": ["batch", config.trunk.in_channels, size, size], "dtype": "float32",
+                "layout": "NCHW", "range": [0.0, 1.0], "uint8": "divide by 255",
+                "batch": {"min": profile.batch_min, "opt": profile.batch_opt, "max": profile.batch_max},
+            },
+            "model": config.to_dict(),
+            "parity_tolerance": {"max_abs_err": PARITY_MAX_ABS_ERR, "argmax_agreement": PARITY_MIN_ARGMAX_AGREEMENT},
+            "trunk": {
+                **_file_record(staging, trunk_file), "inputs": ["image"],
+                "output": {"name": "common", "width": config.feature_dim}, "fingerprint": fingerprint,
+                "weights": _file_record(staging, "weights/trunk.safetensors"), "parity": parity["trunk"],
+            },
+            "tasks": {},
+            "engines": [],
+        }
+    for task in tasks:
+        manifest["tasks"][task] = {
+            **_file_record(staging, task_files[task]), "inputs": ["image", "common"], "output": "logits",
+            "classes": config.task_classes[task], "labels": info["task_labels"][task],
+            "trunk_fingerprint": fingerprint, "heldout_accuracy": accuracy[task], "parity": parity[task],
+            "weights": _file_record(staging, f"weights/tasks/{task}.safetensors"),
+        }
+    # Engines were built for the old task set; a rebuilt task needs its engine rebuilt.
+    manifest["engines"] = [e for e in manifest.get("engines", []) if e["module"] not in tasks]
+    return manifest
+
+
+def torch_modules(bundle: Bundle) -> FactorNet:
+    """The PyTorch factor network (trunk and the bundle's tasks) from the weights it carries."""
+    config = FactorConfig.from_dict(bundle.manifest["model"])
+    model = FactorNet(replace(config, task_classes={t: bundle.task(t)["classes"] for t in bundle.tasks}))
+    apply_weights(model.trunk, load_weights(bundle.file(bundle.manifest["trunk"]["weights"]["file"]), "trunk weights"), "trunk weights")
+    for task in bundle.tasks:
+        what = f"task {task} weights"
+        apply_weights(model.tasks[task], load_weights(bundle.file(bundle.task(task)["weights"]["file"]), what), what)
+    return model.eval()
+
+
+def verify_bundle(path: Path, seed: Optional[int] = None, progress=print) -> Dict[str, dict]:
+    """Checksums, onnx.checker, and ONNX Runtime vs PyTorch on fresh inputs; raises on any mismatch."""
+    bundle = Bundle.open(path)
+    progress(f"checksums: {sum(1 for _ in bundle.entries())} files match the manifest")
+    files = {"trunk": bundle.manifest["trunk"]["file"], **{t: bundle.task(t)["file"] for t in bundle.tasks}}
+    for file in files.values():
+        check_graph(bundle.file(file))
+    progress(f"onnx.checker (full): {len(files)} graphs pass")
+    model = torch_modules(bundle)
+    seed = int.from_bytes(os.urandom(2), "little") if seed is None else seed
+    images = parity_images(model.config, bundle.manifest["source"].get("data", "sprites"), seed=seed)
+    parity = module_parity(model, bundle.root, files["trunk"], {t: files[t] for t in bundle.tasks}, images)
+    _check_parity(parity)
+    for module, p in parity.items():
+        agreement = f", argmax agreement {p['argmax_agreement']:.4f}" if "argmax_agreement" in p else ""
+        progress(f"parity {module:<12} max abs {p['max_abs_err']:.2e}, rel {p['max_rel_err']:.2e}{agreement}")
+    return parity
+
+
+def engine_shapes(bundle: Bundle, module: str) -> Dict[str, Tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shape per input of a module, from the bundle's batch range."""
+    spec = bundle.manifest["input"]
+    batch = spec["batch"]
+    image = tuple(spec["shape"][1:])
+    inputs = {"image": image}
+    if module != "trunk":
+        inputs["common"] = (bundle.manifest["trunk"]["output"]["width"],)
+    return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
+
+
+def build_engines(path: Path, precision: str = "fp16", builders: Sequence[str] = ("tensorrt",), progress=print) -> List[dict]:
+    """Build a TensorRT engine per module on this machine's GPU and record it in the manifest.
+
+    Engine files are written first and the manifest last (atomically), so an interrupted
+    build leaves unlisted files, never a manifest naming a missing engine.
+    """
+    from . import tensorrt as trt_backend
+
+    bundle = Bundle.open(path)
+    for builder in builders:
+        (trt_backend.require_tensorrt if builder == "tensorrt" else trt_backend.require_torch_tensorrt)()
+    signature = trt_backend.device_signature()
+    slug = trt_backend.signature_slug(signature)
+    (bundle.root / "engines").mkdir(exist_ok=True)
+    model = torch_modules(bundle) if "torch-tensorrt" in builders else None
+    modules = {"trunk": bundle.manifest["trunk"]["file"], **{t: bundle.task(t)["file"] for t in bundle.tasks}}
+    records = []
+    for builder in builders:
+        for module, onnx_file in modules.items():
+            shapes = engine_shapes(bundle, module)
+            suffix = "plan" if builder == "tensorrt" else "ep"
+            relative = f"engines/{module}.{slug}.{precision}.{suffix}"
+            progress(f"{builder}: building {relative}")
+            if builder == "tensorrt":
+                trt_backend.build_engine(
+                    bundle.file(onnx_file), bundle.root / relative, shapes, precision,
+                    timing_cache_path=bundle.root / "engines" / f"timing.{slug}.cache",
+                )
+            else:
+                torch_module = TrunkGraph(model) if module == "trunk" else model.tasks[module]
+                trt_backend.build_torch_tensorrt(torch_module, list(shapes.values()), precision, bundle.root / relative)
+            records.append({
+                "module": module, **_file_record(bundle.root, relative), "builder": builder,
+                "precision": precision, "device": signature, "batch": bundle.manifest["input"]["batch"],
+            })
+    replaced = {(r["module"], r["builder"], r["precision"], slug) for r in records}
+    manifest = dict(bundle.manifest)
+    manifest["engines"] = [
+        e for e in manifest.get("engines", [])
+        if (e["module"], e["builder"], e["precision"], trt_backend.signature_slug(e["device"])) not in replaced
+    ] + records
+    write_json_atomic(bundle.root / MANIFEST, manifest)
+    return records

@@ -1,0 +1,252 @@
+"""Export: real ONNX files, checked by onnx, run by ONNX Runtime, in a safe, atomic bundle."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from kfdeploy.bundle import Bundle
+from kfdeploy.cli import main
+from kfdeploy.data import TASK_NAMES, SpritesSource
+from kfdeploy.export import PARITY_MAX_ABS_ERR, load_profile
+from kfdeploy.runs import load_factor_run
+
+
+@pytest.fixture(scope="session")
+def bundle(factor_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "sprites"
+    result = run_cli("export", str(factor_run), "--out", str(out), "--archive")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _fails(argv, capsys, expected):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bundle_holds_a_trunk_and_one_graph_per_task_with_only_batch_dynamic(bundle):
+    manifest = _manifest(bundle)
+    assert set(manifest["tasks"]) == set(TASK_NAMES)
+    graphs = [manifest["trunk"]["file"]] + [t["file"] for t in manifest["tasks"].values()]
+    for file in graphs:
+        model = onnx.load(str(bundle / file))
+        for value in list(model.graph.input) + list(model.graph.output):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert isinstance(dims[0], str) and all(isinstance(d, int) for d in dims[1:]), (file, value.name, dims)
+    trunk = onnx.load(str(bundle / "trunk.onnx"))
+    assert [i.name for i in trunk.graph.input] == ["image"] and [o.name for o in trunk.graph.output] == ["common"]
+    task = onnx.load(str(bundle / "tasks" / "shape.onnx"))
+    assert [i.name for i in task.graph.input] == ["image", "common"]
+
+
+def test_every_graph_passes_the_full_onnx_checker(bundle):
+    for path in list((bundle / "tasks").glob("*.onnx")) + [bundle / "trunk.onnx"]:
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def test_manifest_describes_input_producer_labels_and_parity(bundle):
+    m = _manifest(bundle)
+    assert m["format"] == "kfdeploy-bundle" and m["format_version"] == 1
+    assert {"kfdeploy", "torch", "onnx", "onnxruntime", "opset"} <= set(m["producer"])
+    assert m["input"]["shape"] == ["batch", 1, 64, 64] and m["input"]["dtype"] == "float32"
+    assert m["tasks"]["shape"]["labels"] == ["square", "ellipse", "heart"]
+    for record in [m["trunk"], *m["tasks"].values()]:
+        assert len(record["sha256"]) == 64
+        assert record["parity"]["images"] == 256
+        assert record["parity"]["max_abs_err"] <= PARITY_MAX_ABS_ERR
+    for task in m["tasks"].values():
+        assert task["trunk_fingerprint"] == m["trunk"]["fingerprint"]
+        assert task["parity"]["argmax_agreement"] >= 0.999
+        assert 0.0 <= task["heldout_accuracy"] <= 1.0
+
+
+PLAIN_ORT = """
+import sys, numpy as np, onnxruntime as ort
+bundle, images = sys.argv[1], np.load(sys.argv[2])
+trunk = ort.InferenceSession(bundle + "/trunk.onnx", providers=["CPUExecutionProvider"])
+task = ort.InferenceSession(bundle + "/tasks/scale.onnx", providers=["CPUExecutionProvider"])
+common = trunk.run(None, {"image": images})[0]
+np.save(sys.argv[3], task.run(None, {"image": images, "common": common})[0])
+assert not [m for m in sys.modules if m.startswith(("kfdeploy", "torch"))]
+"""
+
+
+def test_exported_files_run_in_plain_onnxruntime_and_match_pytorch(bundle, factor_run, tmp_path):
+    images, _ = SpritesSource().heldout(64, offset=1000)
+    np.save(tmp_path / "in.npy", images.numpy())
+    subprocess.run([sys.executable, "-c", PLAIN_ORT, str(bundle), str(tmp_path / "in.npy"), str(tmp_path / "out.npy")],
+                   check=True, cwd=tmp_path)
+    model, _ = load_factor_run(factor_run)
+    with torch.no_grad():
+        expected = model(images)["scale"].numpy()
+    got = np.load(tmp_path / "out.npy")
+    assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_verify_passes_on_a_good_bundle_and_its_archive(bundle, capsys):
+    assert main(["verify", str(bundle)]) == 0
+    assert main(["verify", str(bundle) + ".tar.gz"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_inspect_shows_tasks_labels_and_checksums(bundle, capsys):
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "square, ellipse, heart" in out and "opset 20" in out and "checksums: all" in out
+
+
+def test_corrupted_module_is_refused_naming_the_file(bundle_copy, capsys):
+    data = bytearray((bundle_copy / "tasks" / "scale.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle_copy / "tasks" / "scale.onnx").write_bytes(bytes(data))
+    _fails(["verify", str(bundle_copy)], capsys, "checksum mismatch for tasks/scale.onnx")
+
+
+def test_manifest_of_a_newer_format_version_is_refused(bundle_copy, capsys):
+    manifest = _manifest(bundle_copy)
+    manifest["format_version"] = 2
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    _fails(["inspect", str(bundle_copy)], capsys, "format version 2, newer than this kfdeploy reads (up to 1); upgrade kfdeploy")
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("../outside.onnx", "climbs out with '..'"),
+    ("/etc/passwd", "it is absolute"),
+    ("tasks/../../outside.onnx", "climbs out with '..'"),
+])
+def test_manifest_paths_that_escape_the_bundle_are_refused(bundle_copy, capsys, path, reason):
+    manifest = _manifest(bundle_copy)
+    manifest["tasks"]["shape"]["file"] = path
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    _fails(["inspect", str(bundle_copy)], capsys, reason)
+
+
+def test_a_symlinked_module_is_not_followed(bundle_copy, tmp_path, capsys):
+    target = tmp_path / "elsewhere.onnx"
+    shutil.copy(bundle_copy / "tasks" / "shape.onnx", target)
+    (bundle_copy / "tasks" / "shape.onnx").unlink()
+    (bundle_copy / "tasks" / "shape.onnx").symlink_to(target)
+    _fails(["inspect", str(bundle_copy)], capsys, "symbolic link")
+
+
+def _archive_with(tmp_path, member: tarfile.TarInfo, payload: bytes = b"x"):
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.addfile(member, io.BytesIO(payload) if member.isfile() else None)
+    return archive
+
+
+@pytest.mark.parametrize("name, kind, reason", [
+    ("../escape.txt", tarfile.REGTYPE, "climbs out"),
+    ("/tmp/absolute.txt", tarfile.REGTYPE, "absolute"),
+    ("link", tarfile.SYMTYPE, "link or special file"),
+])
+def test_archive_members_that_escape_the_bundle_are_refused(tmp_path, capsys, name, kind, reason):
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.size = 1 if kind == tarfile.REGTYPE else 0
+    if kind == tarfile.SYMTYPE:
+        member.linkname = "/etc/passwd"
+    err = _fails(["inspect", str(_archive_with(tmp_path, member))], capsys, reason)
+    assert "refusing to extract" in err
+    assert not (tmp_path.parent / "escape.txt").exists() and not os.path.exists("/tmp/absolute.txt")
+
+
+def test_adding_a_task_keeps_the_trunk_file_untouched(factor_run, tmp_path):
+    out = tmp_path / "partial"
+    assert main(["export", str(factor_run), "--out", str(out), "--tasks", "shape"]) == 0
+    trunk_before = (out / "trunk.onnx").stat()
+    assert main(["export", str(factor_run), "--out", str(out), "--tasks", "pos_x", "--into"]) == 0
+    trunk_after = (out / "trunk.onnx").stat()
+    assert (trunk_before.st_ino, trunk_before.st_mtime_ns) == (trunk_after.st_ino, trunk_after.st_mtime_ns)
+    assert set(_manifest(out)["tasks"]) == {"shape", "pos_x"}
+    assert main(["verify", str(out)]) == 0
+
+
+def test_a_task_from_another_trunk_is_refused(bundle_copy, teacher_run, tmp_path, capsys):
+    other = tmp_path / "other-kf"
+    assert main(["factorize", "--teacher", str(teacher_run), "--out", str(other), "--steps", "2",
+                 "--batch-size", "8", "--tasks", "shape", "--seed", "7"]) == 0
+    capsys.readouterr()
+    before = _manifest(bundle_copy)
+    _fails(["export", str(other), "--out", str(bundle_copy), "--into"], capsys, "trained with a different trunk")
+    assert _manifest(bundle_copy) == before
+
+
+@pytest.mark.slow
+def test_an_interrupted_export_leaves_the_previous_bundle_whole(bundle_copy, factor_run):
+    before = _manifest(bundle_copy)
+    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", "export", str(factor_run), "--out", str(bundle_copy)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(bundle_copy.parent.glob(".copy.staging-*/tasks/*.onnx")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(bundle_copy.parent.glob(".copy.staging-*")), "the export must be killed mid-way"
+    assert _manifest(bundle_copy) == before
+    Bundle.open(bundle_copy)  # every checksum still matches
+    assert run_cli("export", str(factor_run), "--out", str(bundle_copy), "--tasks", "shape").returncode == 0
+    assert not list(bundle_copy.parent.glob(".copy.staging-*")), "the next export clears a dead one's staging"
+
+
+def test_an_interrupted_first_export_leaves_nothing(factor_run, tmp_path):
+    out = tmp_path / "fresh"
+    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", "export", str(factor_run), "--out", str(out)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".fresh.staging-*/trunk.onnx")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+
+
+def test_export_errors_name_the_problem(factor_run, tmp_path, capsys):
+    _fails(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")], capsys, "no factorized run at")
+    _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--tasks", "colour"], capsys, "unknown task 'colour'")
+    _fails(["export", str(factor_run), "--out", "/proc/kfdeploy-test/b"], capsys, "not writable")
+    _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", "nope"], capsys, "unknown export profile 'nope'")
+    assert not (tmp_path / "b").exists()
+
+
+def test_profiles_set_opset_and_batch_range(factor_run, tmp_path):
+    assert {p: load_profile(p).opset for p in ("cpu-fp32", "gpu-fp16", "jetson-fp16")} == {"cpu-fp32": 20, "gpu-fp16": 18, "jetson-fp16": 17}
+    out = tmp_path / "jetson"
+    assert main(["export", str(factor_run), "--out", str(out), "--tasks", "shape", "--profile", "jetson-fp16"]) == 0
+    model = onnx.load(str(out / "tasks" / "shape.onnx"))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert _manifest(out)["input"]["batch"] == {"min": 1, "opt": 4, "max": 32}
+
+
+def test_build_engines_without_tensorrt_names_the_missing_package(bundle_copy, capsys):
+    pytest.importorskip("kfdeploy.tensorrt")
+    if __import__("importlib").util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    _fails(["build-engines", str(bundle_copy)], capsys, "'tensorrt'")
