@@ -14,6 +14,7 @@ import datetime
 import io
 import logging
 import os
+import re
 import shutil
 import tomllib
 import warnings
@@ -237,6 +238,9 @@ def export_bundle(
     run_dir, out = Path(run_dir), Path(out)
     model, info = load_factor_run(run_dir)
     tasks = parse_tasks(",".join(tasks) if tasks else None, list(model.task_classes), f"the factorized run {run_dir}")
+    for task in tasks:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", task) or task in (".", ".."):
+            raise KfError(f"task name {task!r} cannot name a file in a bundle; use letters, digits, '_', '.' and '-'")
     fingerprint = weights_digest(model.trunk)
     existing = None
     if into:
