@@ -87,7 +87,7 @@ def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def render(factors: np.ndarray) -> np.ndarray:
-    """Render sprites for an (N, 5) int array of factor indices -> uint8 (N, 1, 64, 64) of 0/1.
+    """Render sprites for an (N, 5) int array of factor indices -> uint8 (N, 1, 64, 64), 0 or 255.
 
     Only a window around each sprite is computed, which keeps this at tens of thousands
     of images per second on one core.
@@ -113,7 +113,7 @@ def render(factors: np.ndarray) -> np.ndarray:
     window = np.empty(u.shape, dtype=np.uint8)
     for kind in range(len(SHAPES)):
         mine = shape == kind
-        window[mine] = _inside(kind, u[mine], v[mine])
+        window[mine] = _inside(kind, u[mine], v[mine]) * np.uint8(255)
 
     pad = _WINDOW + 1
     canvas = np.zeros((n, IMAGE_SIZE + 2 * pad, IMAGE_SIZE + 2 * pad), dtype=np.uint8)
@@ -133,7 +133,7 @@ def heldout_combinations(seed: int = 0) -> np.ndarray:
 def _to_batch(factors: np.ndarray, tasks: Sequence[str]) -> Batch:
     import torch
 
-    images = torch.from_numpy(render(factors)).float()
+    images = torch.from_numpy(render(factors)).float().div_(255.0)
     labels = {t: torch.from_numpy(factors[:, TASK_NAMES.index(t)].copy()) for t in tasks}
     return images, labels
 
