@@ -20,6 +20,7 @@ EXAMPLES = {
     "verify": "kfdeploy verify bundles/sprites\n  kfdeploy verify bundles/sprites.tar.gz",
     "build-engines": "kfdeploy build-engines bundles/sprites --precision fp16\n  kfdeploy build-engines bundles/sprites --with torch-tensorrt",
     "check-trt": "kfdeploy check-trt bundles/sprites",
+    "run": "kfdeploy run bundles/sprites --tasks shape,scale images/*.png\n  kfdeploy run bundles/sprites batch.npy --json --top 3",
 }
 
 # Sized so teacher + factorization + evaluation take about 15 minutes on 2 CPU cores.
@@ -104,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("check-trt", "Statically check every graph against what TensorRT's ONNX parser accepts.")
     p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
 
-    p = command("quickstart", "Teacher, factorization and evaluation on the embedded default, in one go.")
+    p = command("run", "Answer images with an assembly of the bundle's trunk and the chosen tasks.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    p.add_argument("inputs", type=Path, nargs="+", help="PNG files, or one .npy batch (N, C, H, W)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: all in the bundle)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime")
+    p.add_argument("--top", type=int, default=1, help="classes to show per task (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    p = command("quickstart", "Teacher, factorization, evaluation and export on the embedded default, in one go.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for all runs (default runs/quickstart)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
     return parser
@@ -223,6 +232,67 @@ def cmd_check_trt(args) -> int:
     return 0
 
 
+def read_images(paths: List[Path]):
+    """PNG files (converted to the bundle's grey 0..255) or one .npy batch, as a numpy array."""
+    import numpy as np
+
+    if len(paths) == 1 and paths[0].suffix == ".npy":
+        try:
+            return np.load(paths[0], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise KfError(f"cannot read {paths[0]} as a numpy batch ({exc})") from None
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("L"))[None])
+        except (OSError, UnidentifiedImageError) as exc:
+            raise KfError(f"cannot read {path} as an image ({exc}); give PNG files or one .npy batch") from None
+    return np.stack(images)
+
+
+def cmd_run(args) -> None:
+    from .runtime import load
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    model = load(args.bundle, tasks=tasks, backend=args.backend)
+    images = read_images(args.inputs)
+    top = model.top(model(images), k=args.top)
+    names = [str(p) for p in args.inputs] if len(images) == len(args.inputs) else [f"#{i}" for i in range(len(images))]
+    if args.json:
+        print(json.dumps([{"input": name, **{t: [{"label": l, "probability": p} for l, p in top[t][i]] for t in top}}
+                          for i, name in enumerate(names)], indent=2))
+        return
+    for i, name in enumerate(names):
+        answers = "  ".join(f"{t}=" + ",".join(f"{l} ({p:.2f})" for l, p in top[t][i]) for t in top)
+        print(f"{name}: {answers}")
+
+
+def quickstart_answers(bundle_dir: Path) -> None:
+    """Assemble two tasks, answer fresh sprites, add a third task live, answer again."""
+    import numpy as np
+
+    from .data import TASK_LABELS, TASK_NAMES, render
+    from .runtime import load
+
+    factors = np.random.default_rng().integers(0, [3, 6, 40, 32, 32], size=(4, 5))
+    images = render(factors)
+    model = load(bundle_dir, tasks=["shape", "scale"])
+    for step in ("shape + scale", "after add_task('pos_x')"):
+        top = model.top(model(images))
+        print(f"assembly ({step}):")
+        for i, row in enumerate(factors):
+            truth = {t: TASK_LABELS[t][row[TASK_NAMES.index(t)]] for t in model.tasks}
+            print("  " + "  ".join(f"{t}: {top[t][i][0][0]} (true {truth[t]})" for t in model.tasks))
+        timings = model.last_timings
+        split = ", ".join(f"{t} {ms:.2f} ms" for t, ms in timings.tasks_ms.items())
+        print(f"  latency for 4 images: trunk {timings.trunk_ms:.2f} ms, {split}")
+        if step.startswith("shape"):
+            model.add_task("pos_x")
+
+
 def cmd_quickstart(args) -> None:
     from .export import export_bundle, verify_bundle
     from .pipeline import factorize, train_teacher
@@ -246,6 +316,7 @@ def cmd_quickstart(args) -> None:
     print(f"[4/4 export] -> {bundle_dir}")
     export_bundle(kf_dir, bundle_dir)
     verify_bundle(bundle_dir)
+    quickstart_answers(bundle_dir)
     print(f"\nquickstart finished in {(time.perf_counter() - started) / 60:.1f} min")
     print(f"  teacher:        {teacher_dir}")
     print(f"  factor modules: {kf_dir} (model.safetensors, run.json)")
@@ -257,7 +328,7 @@ def cmd_quickstart(args) -> None:
 COMMANDS = {
     "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
     "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
-    "check-trt": cmd_check_trt,
+    "check-trt": cmd_check_trt, "run": cmd_run,
 }
 
 

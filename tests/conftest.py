@@ -32,3 +32,11 @@ def factor_run(teacher_run, tmp_path_factory) -> Path:
     result = run_cli("factorize", "--teacher", str(teacher_run), "--out", str(out), "--steps", "75", "--batch-size", "64")
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def bundle(factor_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "sprites"
+    result = run_cli("export", str(factor_run), "--out", str(out), "--archive")
+    assert result.returncode == 0, result.stderr
+    return out

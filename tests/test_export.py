@@ -22,14 +22,6 @@ from kfdeploy.export import PARITY_MAX_ABS_ERR, load_profile
 from kfdeploy.runs import load_factor_run
 
 
-@pytest.fixture(scope="session")
-def bundle(factor_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "sprites"
-    result = run_cli("export", str(factor_run), "--out", str(out), "--archive")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 @pytest.fixture
 def bundle_copy(bundle, tmp_path):
     copy = tmp_path / "copy"

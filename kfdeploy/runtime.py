@@ -1,0 +1,322 @@
+"""The runtime: compose a bundle's shared trunk with the task modules an app selects.
+
+    model = kfdeploy.load("bundles/sprites", tasks=["shape", "scale"])
+    scores = model(images)          # {"shape": (N, 3) probabilities, "scale": (N, 6)}
+    model.add_task("pos_x")         # the trunk stays loaded
+    model.remove_task("scale")
+
+One call runs the trunk once and feeds its output, with the image, to every selected
+task. Tasks can be added and removed while other threads are calling the model. This
+module imports neither torch nor anything that does (unless backend="torch"), so a
+device with only numpy and onnxruntime can run it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import KfError
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+_PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def physical_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _gpu_visible() -> bool:
+    """Whether a CUDA device is there, asked of the driver (no torch, no CUDA toolkit)."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return False
+
+
+def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[str], str]:
+    """ONNX Runtime providers to use, and a line saying which and why."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise KfError(f"ONNX Runtime provider(s) {', '.join(missing)} are not available here; available: {', '.join(available)}")
+        return list(requested), f"onnxruntime: using {', '.join(requested)} (as requested)"
+    gpu_providers = [p for p in _PROVIDER_PREFERENCE[:2] if p in available]
+    if gpu_providers and _gpu_visible():
+        chosen = gpu_providers + ["CPUExecutionProvider"]
+        return chosen, f"onnxruntime: using {', '.join(chosen)} (a CUDA GPU is visible)"
+    if gpu_providers:
+        # onnxruntime-gpu without a GPU would log an error per session, then fall back anyway.
+        return ["CPUExecutionProvider"], f"onnxruntime: using CPUExecutionProvider ({', '.join(gpu_providers)} installed, but no CUDA GPU is visible)"
+    return ["CPUExecutionProvider"], "onnxruntime: using CPUExecutionProvider (the only provider installed)"
+
+
+class OrtModule:
+    """One ONNX Runtime session; `run(feeds) -> first output`."""
+
+    def __init__(self, path: Path, providers: Sequence[str], threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Several sessions share these cores. Spinning worker threads of idle sessions steal
+        # them from the busy one: measured 3.6-5.5x slower for trunk + 5 tasks at batch 64
+        # on 2 cores with spinning on, ~1.0x with it off.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.providers = self.session.get_providers()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, dict(feeds))[0]
+
+
+class TorchModule:
+    """The PyTorch reference for one module, from the weights the bundle carries."""
+
+    def __init__(self, forward):
+        import torch
+
+        self._torch = torch
+        self._forward = forward
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self._forward(*(self._torch.from_numpy(v) for v in feeds.values())).numpy()
+
+
+@dataclass
+class Timings:
+    """Where the last call's time went, in milliseconds."""
+
+    trunk_ms: float = 0.0
+    tasks_ms: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_ms(self) -> float:
+        return self.trunk_ms + sum(self.tasks_ms.values())
+
+
+class Assembly:
+    """A trunk plus selected task modules of one bundle, callable like a model."""
+
+    def __init__(self, bundle: Bundle, backend: str, tasks: Sequence[str], providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, log=print):
+        if backend not in BACKENDS:
+            raise KfError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.threads = threads or physical_cores()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._tasks: Dict[str, object] = {}
+        self._engines = None
+        self.backend = backend
+        if backend == "tensorrt":
+            self._engines = self._matching_engines(log)
+            if self._engines is None:
+                self.backend = backend = "onnxruntime"
+        if backend == "onnxruntime":
+            self.providers, line = choose_providers(providers)
+            log(line)
+        elif backend == "torch":
+            from .export import torch_modules
+
+            self._torch_model = torch_modules(bundle)
+            self.providers = ["torch"]
+        else:
+            self.providers = ["tensorrt"]
+            log(f"tensorrt: using engines built for {self._engines['trunk']['device'].get('gpu')}")
+        self._trunk = self._make_module("trunk")
+        for task in tasks:
+            self.add_task(task)
+
+    # -- modules -----------------------------------------------------------------
+    def _matching_engines(self, log) -> Optional[Dict[str, dict]]:
+        """Engines built for this device for the trunk and every task, or None (fallback)."""
+        engines = self.manifest.get("engines", [])
+        try:
+            from . import tensorrt as trt_backend
+
+            trt_backend.require_tensorrt()
+            slug = trt_backend.signature_slug(trt_backend.device_signature())
+        except (KfError, ImportError) as exc:
+            log(f"warning: tensorrt backend unavailable ({exc}); falling back to onnxruntime")
+            return None
+        mine = {e["module"]: e for e in engines if e["builder"] == "tensorrt" and trt_backend.signature_slug(e["device"]) == slug}
+        if "trunk" not in mine:
+            log(f"warning: the bundle has no TensorRT engine for this device ({slug}); falling back to onnxruntime "
+                "(build them here with `kfdeploy build-engines`)")
+            return None
+        return mine
+
+    def _make_module(self, name: str):
+        record = self.manifest["trunk"] if name == "trunk" else self.bundle.task(name)
+        if self.backend == "onnxruntime":
+            # Tasks are small: one thread each keeps them from fighting the trunk's pool.
+            return OrtModule(self.bundle.file(record["file"]), self.providers, self.threads if name == "trunk" else 1)
+        if self.backend == "torch":
+            model = self._torch_model
+            return TorchModule(model.forward_features if name == "trunk" else model.tasks[name])
+        from . import tensorrt as trt_backend
+
+        engine = self._engines.get(name)
+        if engine is None:
+            raise KfError(f"no TensorRT engine for task {name!r} on this device; build it with `kfdeploy build-engines`")
+        return trt_backend.load_engine(self.bundle.file(engine["file"]))
+
+    def add_task(self, name: str) -> None:
+        """Select one more task; the trunk is not reloaded."""
+        record = self.bundle.task(name)
+        if record["trunk_fingerprint"] != self.manifest["trunk"]["fingerprint"]:
+            raise KfError(
+                f"task {name!r} was trained with another trunk (fingerprint {record['trunk_fingerprint'][:12]}, "
+                f"bundle trunk {self.manifest['trunk']['fingerprint'][:12]}); it cannot be composed with this trunk"
+            )
+        if name in self._tasks:
+            return
+        module = self._make_module(name)
+        with self._lock:
+            self._tasks = {**self._tasks, name: module}
+
+    def remove_task(self, name: str) -> None:
+        with self._lock:
+            if name not in self._tasks:
+                raise KfError(f"task {name!r} is not selected; selected: {', '.join(self._tasks) or 'none'}")
+            self._tasks = {t: m for t, m in self._tasks.items() if t != name}
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._tasks)
+
+    def labels(self, task: str) -> List[str]:
+        return self.bundle.task(task)["labels"]
+
+    # -- inference -----------------------------------------------------------------
+    def prepare(self, images) -> np.ndarray:
+        """Validate and convert images to the float32 NCHW array the graphs take."""
+        spec = self.manifest["input"]
+        expected = tuple(spec["shape"][1:])
+        array = np.asarray(images)
+        if array.dtype.kind not in "biuf":
+            raise KfError(f"images must be numeric (uint8 or float), got dtype {array.dtype}")
+        if array.ndim != 4:
+            raise KfError(f"images must have shape (N, {', '.join(map(str, expected))}), got {array.shape} (rank {array.ndim}); add a batch axis with images[None] for one image")
+        if array.shape[1] != expected[0]:
+            raise KfError(f"images must have {expected[0]} channel(s) (shape (N, {', '.join(map(str, expected))})), got {array.shape[1]} in {array.shape}")
+        if tuple(array.shape[2:]) != expected[1:]:
+            raise KfError(f"images must be {expected[1]}x{expected[2]} pixels (shape (N, {', '.join(map(str, expected))})), got {array.shape[2]}x{array.shape[3]}; resize them first")
+        if array.dtype == np.uint8:
+            return array.astype(np.float32) / 255.0  # as the manifest's input.uint8 says
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise KfError("images contain NaN or infinite values")
+        return np.ascontiguousarray(array)
+
+    def run(self, images, tasks: Optional[Iterable[str]] = None, logits: bool = False) -> Dict[str, np.ndarray]:
+        """Scores per task (softmax probabilities, or logits) for a batch of images."""
+        with self._lock:
+            selected = dict(self._tasks)  # a snapshot: add/remove elsewhere cannot disturb this call
+        if tasks is not None:
+            tasks = list(tasks)
+            unknown = [t for t in tasks if t not in selected]
+            if unknown:
+                raise KfError(f"task {unknown[0]!r} is not selected; selected: {', '.join(selected) or 'none'}")
+            selected = {t: selected[t] for t in tasks}
+        x = self.prepare(images)
+        timings = Timings()
+        if len(x) == 0:
+            self._local.timings = timings
+            return {t: np.zeros((0, self.bundle.task(t)["classes"]), np.float32) for t in selected}
+        started = time.perf_counter()
+        common = self._trunk.run({"image": x})
+        timings.trunk_ms = (time.perf_counter() - started) * 1e3
+        out = {}
+        for task, module in selected.items():
+            started = time.perf_counter()
+            result = module.run({"image": x, "common": common})
+            timings.tasks_ms[task] = (time.perf_counter() - started) * 1e3
+            out[task] = result if logits else _softmax(result)
+        self._local.timings = timings
+        return out
+
+    __call__ = run
+
+    @property
+    def last_timings(self) -> Timings:
+        """Timings of this thread's last call."""
+        return getattr(self._local, "timings", Timings())
+
+    def top(self, scores: Dict[str, np.ndarray], k: int = 1) -> Dict[str, List[List[tuple]]]:
+        """Per task, per image: the k best (label, probability) pairs."""
+        result = {}
+        for task, probs in scores.items():
+            labels = self.labels(task)
+            order = np.argsort(-probs, axis=1)[:, :k]
+            result[task] = [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]
+        return result
+
+    # -- description, fusion -------------------------------------------------------
+    def module_bytes(self) -> Dict[str, int]:
+        sizes = {"trunk": self.manifest["trunk"]["bytes"]}
+        sizes.update({t: self.bundle.task(t)["bytes"] for t in self.tasks})
+        return sizes
+
+    def describe(self) -> str:
+        sizes = self.module_bytes()
+        lines = [
+            f"Assembly of {self.bundle.root} ({self.backend}: {', '.join(self.providers)})",
+            f"  trunk      {sizes['trunk'] / 1e6:6.2f} MB  -> common[{self.manifest['trunk']['output']['width']}]",
+        ]
+        for task in self.tasks:
+            record = self.bundle.task(task)
+            accuracy = record.get("heldout_accuracy")
+            lines.append(f"  {task:<10} {sizes[task] / 1e6:6.2f} MB  {record['classes']} classes"
+                         + (f", held-out accuracy {accuracy:.4f}" if accuracy is not None else ""))
+        lines.append(f"  total      {sum(sizes.values()) / 1e6:6.2f} MB for {len(self.tasks)} task(s)")
+        return "\n".join(lines)
+
+    def save_fused(self, path, tasks: Optional[Sequence[str]] = None) -> Path:
+        """Write one ONNX graph computing the selected tasks' logits (outputs named by task)."""
+        from .fuse import fuse_bundle
+
+        return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path))
+
+
+def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxruntime",
+         providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, verify: bool = True,
+         log=None) -> Assembly:
+    """Open a bundle (folder or .tar.gz), check it, and compose the trunk with `tasks` (default all).
+
+    Every checksum is verified before any session is created; a task whose trunk
+    fingerprint differs from the bundle's trunk is refused.
+    """
+    opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
+    log = log or (lambda line: print(line, file=sys.stderr))
+    selected = list(tasks) if tasks is not None else opened.tasks
+    for task in selected:
+        opened.task(task)  # unknown names fail here, listing the available ones
+    return Assembly(opened, backend, selected, providers=providers, threads=threads, log=log)

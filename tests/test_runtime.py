@@ -1,0 +1,202 @@
+"""The runtime: compose trunk + selected tasks, thread-safe, validated, torch-free."""
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import kfdeploy
+from kfdeploy import KfError
+from kfdeploy.cli import main
+from kfdeploy.data import TASK_NAMES, render
+
+QUIET = {"log": lambda line: None}
+
+
+@pytest.fixture(scope="module")
+def images():
+    factors = np.random.default_rng(0).integers(0, [3, 6, 40, 32, 32], size=(32, 5))
+    return render(factors).astype(np.float32) / 255.0
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    return kfdeploy.load(bundle, tasks=["shape", "scale"], **QUIET)
+
+
+def test_scores_are_probabilities_per_selected_task_with_labels(model, images):
+    out = model(images)
+    assert set(out) == {"shape", "scale"}
+    assert out["shape"].shape == (32, 3) and out["scale"].shape == (32, 6)
+    np.testing.assert_allclose(out["shape"].sum(1), 1.0, rtol=1e-5)
+    assert model.labels("shape") == ["square", "ellipse", "heart"]
+    top = model.top(out, k=2)["shape"][0]
+    assert len(top) == 2 and top[0][0] in model.labels("shape") and top[0][1] >= top[1][1]
+
+
+def test_logits_on_request_match_the_probabilities(model, images):
+    logits = model(images, logits=True)["scale"]
+    expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(model(images)["scale"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_trunk_runs_once_per_call_however_many_tasks(bundle, images):
+    model = kfdeploy.load(bundle, **QUIET)
+    calls = []
+    trunk_run = model._trunk.run
+    model._trunk.run = lambda feeds: calls.append(1) or trunk_run(feeds)
+    model(images)
+    assert len(model.tasks) == 5 and len(calls) == 1
+
+
+def test_tasks_are_added_and_removed_without_reloading_the_trunk(bundle, images):
+    model = kfdeploy.load(bundle, tasks=["shape"], **QUIET)
+    trunk_session = model._trunk.session
+    model.add_task("pos_x")
+    model.remove_task("shape")
+    assert model.tasks == ["pos_x"] and model._trunk.session is trunk_session
+    assert set(model(images)) == {"pos_x"}
+
+
+def test_backends_agree_within_the_export_tolerance(bundle, images):
+    reference = kfdeploy.load(bundle, backend="onnxruntime", **QUIET)(images, logits=True)
+    torch_out = kfdeploy.load(bundle, backend="torch", **QUIET)(images, logits=True)
+    lines = []
+    tensorrt_out = kfdeploy.load(bundle, backend="tensorrt", log=lines.append)(images, logits=True)
+    assert any("falling back to onnxruntime" in line for line in lines)
+    for task in TASK_NAMES:
+        assert np.abs(torch_out[task] - reference[task]).max() <= 1e-4
+        assert (torch_out[task].argmax(1) == reference[task].argmax(1)).all()
+        np.testing.assert_array_equal(tensorrt_out[task], reference[task])
+
+
+def test_the_fused_graph_runs_in_plain_onnxruntime_and_matches_the_assembly(model, images, tmp_path):
+    path = model.save_fused(tmp_path / "shape_scale.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["shape", "scale"]
+    fused = dict(zip(["shape", "scale"], session.run(None, {"image": images})))
+    assembled = model(images, logits=True)
+    for task in ("shape", "scale"):
+        np.testing.assert_allclose(fused[task], assembled[task], atol=1e-5)
+
+
+def test_importing_and_running_the_runtime_never_imports_torch(bundle):
+    code = (
+        "import sys, numpy as np, kfdeploy\n"
+        f"model = kfdeploy.load({str(bundle)!r}, tasks=['shape'])\n"
+        "model(np.zeros((2, 1, 64, 64), np.float32))\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_many_threads_get_the_same_answers_while_tasks_come_and_go(bundle, images):
+    model = kfdeploy.load(bundle, tasks=["shape", "scale", "pos_x"], **QUIET)
+    sizes = [1, 3, 8, 16, 32]
+    reference = {n: model(images[:n]) for n in sizes}
+    failures, stop = [], threading.Event()
+
+    def caller(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            n = int(rng.choice(sizes))
+            out = model(images[:n])
+            for task in ("shape", "scale"):  # never removed
+                if not np.array_equal(out[task], reference[n][task]):
+                    failures.append((seed, n, task))
+            if "pos_x" in out and not np.array_equal(out["pos_x"], reference[n]["pos_x"]):
+                failures.append((seed, n, "pos_x"))
+
+    def churn():
+        while not stop.is_set():
+            model.remove_task("pos_x")
+            model.add_task("pos_x")
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    callers = [threading.Thread(target=caller, args=(seed,)) for seed in range(8)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    stop.set()
+    churner.join()
+    assert not failures, failures[:5]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((1, 64, 64), np.float32), "rank 3"),
+    (np.zeros((2, 1, 32, 32), np.float32), "must be 64x64 pixels"),
+    (np.zeros((2, 3, 64, 64), np.float32), "must have 1 channel(s)"),
+    (np.array([[["a"]]]), "must be numeric"),
+    (np.full((1, 1, 64, 64), np.nan, np.float32), "NaN or infinite"),
+    (np.full((1, 1, 64, 64), np.inf, np.float32), "NaN or infinite"),
+])
+def test_bad_images_are_refused_with_a_clear_message(model, bad, message):
+    with pytest.raises(KfError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model(bad)
+
+
+def test_an_empty_batch_returns_empty_scores(model):
+    out = model(np.zeros((0, 1, 64, 64), np.float32))
+    assert out["shape"].shape == (0, 3) and out["scale"].shape == (0, 6)
+
+
+def test_uint8_images_are_scaled_as_the_manifest_says(model, images):
+    as_uint8 = (images * 255).round().astype(np.uint8)
+    np.testing.assert_allclose(model(as_uint8)["shape"], model(images)["shape"], atol=1e-6)
+
+
+def test_an_unknown_task_lists_the_available_ones(bundle, model):
+    with pytest.raises(KfError, match="unknown task 'colour'.*available: shape, scale, orientation, pos_x, pos_y"):
+        kfdeploy.load(bundle, tasks=["colour"], **QUIET)
+    with pytest.raises(KfError, match="unknown task 'colour'"):
+        model.add_task("colour")
+
+
+def test_a_task_from_another_trunk_is_refused(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tasks"]["scale"]["trunk_fingerprint"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    model = kfdeploy.load(copy, tasks=["shape"], **QUIET)
+    with pytest.raises(KfError, match="trained with another trunk"):
+        model.add_task("scale")
+
+
+def test_a_checksum_mismatch_is_refused_before_any_session_exists(bundle, tmp_path, monkeypatch):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    with open(copy / "trunk.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    sessions = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: sessions.append(a))
+    with pytest.raises(KfError, match="checksum mismatch for trunk.onnx"):
+        kfdeploy.load(copy, **QUIET)
+    assert sessions == []
+
+
+def test_run_command_answers_png_files_and_npy_batches(bundle, images, tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray((images[0, 0] * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray((images[1, 0] * 255).astype(np.uint8)).convert("RGB").save(tmp_path / "b.png")
+    np.save(tmp_path / "batch.npy", images[:3])
+    assert main(["run", str(bundle), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--tasks", "shape"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("shape=") == 2 and "a.png" in out
+    assert main(["run", str(bundle), str(tmp_path / "batch.npy"), "--json", "--top", "2"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert len(answers) == 3 and len(answers[0]["pos_y"]) == 2
+
+
+def test_run_command_refuses_an_unreadable_file(bundle, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main(["run", str(bundle), str(tmp_path / "notes.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
