@@ -72,21 +72,43 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[st
     return ["CPUExecutionProvider"], "onnxruntime: using CPUExecutionProvider (the only provider installed)"
 
 
+THREAD_POOLS = ("per-session", "shared")
+_shared_pool: Dict[str, int] = {}
+
+
+def use_shared_thread_pool(threads: int) -> None:
+    """Make one ONNX Runtime intra-op pool for the whole process (thread_pool="shared").
+
+    Every session then runs on the same threads instead of each owning a pool that
+    competes for the cores. It is for the whole process: from then on ONNX Runtime
+    refuses sessions that ask for a pool of their own.
+    """
+    import onnxruntime as ort
+
+    if not _shared_pool:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _shared_pool["threads"] = threads
+
+
 class OrtModule:
     """One ONNX Runtime session; `run(feeds) -> first output`."""
 
-    def __init__(self, path: Path, providers: Sequence[str], threads: int):
+    def __init__(self, path: Path, providers: Sequence[str], threads: int, thread_pool: str = "per-session"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Several sessions share these cores. Spinning worker threads of idle sessions steal
-        # them from the busy one: measured 3.6-5.5x slower for trunk + 5 tasks at batch 64
-        # on 2 cores with spinning on, ~1.0x with it off.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if thread_pool == "shared" or _shared_pool:  # once shared, per-session pools are refused
+            use_shared_thread_pool(threads)
+            options.use_per_session_threads = False
+        else:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # Sessions of one assembly share the cores. Each session's idle pool keeps
+            # spinning by default and steals them from the busy one: trunk + 5 tasks ran
+            # 5.5x slower than one fused graph at batch 64 on 2 cores; spinning off, 1.1x.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.providers = self.session.get_providers()
 
@@ -108,6 +130,16 @@ class TorchModule:
             return self._forward(*(self._torch.from_numpy(v) for v in feeds.values())).numpy()
 
 
+class EngineModule:
+    """A TensorRT engine behind the same `run(feeds) -> first output` as the other backends."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.engine.run(dict(feeds))[self.engine.outputs[0]]
+
+
 @dataclass
 class Timings:
     """Where the last call's time went, in milliseconds."""
@@ -124,9 +156,12 @@ class Assembly:
     """A trunk plus selected task modules of one bundle, callable like a model."""
 
     def __init__(self, bundle: Bundle, backend: str, tasks: Sequence[str], providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, log=print):
+                 threads: Optional[int] = None, thread_pool: str = "per-session", log=print):
         if backend not in BACKENDS:
             raise KfError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if thread_pool not in THREAD_POOLS:
+            raise KfError(f"unknown thread_pool {thread_pool!r}; choose one of {', '.join(THREAD_POOLS)}")
+        self.thread_pool = thread_pool
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.threads = threads or physical_cores()
@@ -163,7 +198,7 @@ class Assembly:
 
             trt_backend.require_tensorrt()
             slug = trt_backend.signature_slug(trt_backend.device_signature())
-        except (KfError, ImportError) as exc:
+        except KfError as exc:
             log(f"warning: tensorrt backend unavailable ({exc}); falling back to onnxruntime")
             return None
         mine = {e["module"]: e for e in engines if e["builder"] == "tensorrt" and trt_backend.signature_slug(e["device"]) == slug}
@@ -176,8 +211,7 @@ class Assembly:
     def _make_module(self, name: str):
         record = self.manifest["trunk"] if name == "trunk" else self.bundle.task(name)
         if self.backend == "onnxruntime":
-            # Tasks are small: one thread each keeps them from fighting the trunk's pool.
-            return OrtModule(self.bundle.file(record["file"]), self.providers, self.threads if name == "trunk" else 1)
+            return OrtModule(self.bundle.file(record["file"]), self.providers, self.threads, self.thread_pool)
         if self.backend == "torch":
             model = self._torch_model
             return TorchModule(model.forward_features if name == "trunk" else model.tasks[name])
@@ -186,7 +220,7 @@ class Assembly:
         engine = self._engines.get(name)
         if engine is None:
             raise KfError(f"no TensorRT engine for task {name!r} on this device; build it with `kfdeploy build-engines`")
-        return trt_backend.load_engine(self.bundle.file(engine["file"]))
+        return EngineModule(trt_backend.load_engine(self.bundle.file(engine["file"])))
 
     def add_task(self, name: str) -> None:
         """Select one more task; the trunk is not reloaded."""
@@ -307,16 +341,19 @@ class Assembly:
 
 
 def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxruntime",
-         providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, verify: bool = True,
-         log=None) -> Assembly:
+         providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, thread_pool: str = "per-session",
+         verify: bool = True, log=None) -> Assembly:
     """Open a bundle (folder or .tar.gz), check it, and compose the trunk with `tasks` (default all).
 
     Every checksum is verified before any session is created; a task whose trunk
-    fingerprint differs from the bundle's trunk is refused.
+    fingerprint differs from the bundle's trunk is refused. `thread_pool="shared"` runs all
+    sessions of the process on one ONNX Runtime pool: fastest (see benchmarks/runtime.py),
+    but from then on every ONNX Runtime session in the process, yours too, must set
+    `use_per_session_threads = False`. The default gives each session its own pool.
     """
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     log = log or (lambda line: print(line, file=sys.stderr))
     selected = list(tasks) if tasks is not None else opened.tasks
     for task in selected:
         opened.task(task)  # unknown names fail here, listing the available ones
-    return Assembly(opened, backend, selected, providers=providers, threads=threads, log=log)
+    return Assembly(opened, backend, selected, providers=providers, threads=threads, thread_pool=thread_pool, log=log)

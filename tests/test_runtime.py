@@ -200,3 +200,35 @@ def test_run_command_refuses_an_unreadable_file(bundle, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     assert main(["run", str(bundle), str(tmp_path / "notes.png")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+SHARED_POOL = """
+import sys, numpy as np, kfdeploy
+bundle, images = sys.argv[1], np.load(sys.argv[2])
+shared = kfdeploy.load(bundle, tasks=["shape", "pos_y"], thread_pool="shared", log=lambda s: None)
+np.save(sys.argv[3], shared(images, logits=True)["pos_y"])
+"""
+
+
+def test_a_shared_thread_pool_gives_the_same_answers(bundle, model, images, tmp_path):
+    np.save(tmp_path / "in.npy", images)
+    subprocess.run([sys.executable, "-c", SHARED_POOL, str(bundle), str(tmp_path / "in.npy"), str(tmp_path / "out.npy")], check=True)
+    reference = kfdeploy.load(bundle, tasks=["pos_y"], **QUIET)(images, logits=True)["pos_y"]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference, atol=1e-5)
+
+
+def test_after_a_shared_pool_later_assemblies_join_it(bundle):
+    code = (
+        "import numpy as np, kfdeploy\n"
+        f"kfdeploy.load({str(bundle)!r}, tasks=['shape'], thread_pool='shared', log=print)\n"
+        f"later = kfdeploy.load({str(bundle)!r}, tasks=['scale'], log=print)\n"
+        "assert later(np.zeros((1, 1, 64, 64), np.float32))['scale'].shape == (1, 6)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_unknown_thread_pool_or_backend_is_refused(bundle):
+    with pytest.raises(KfError, match="unknown thread_pool 'global'"):
+        kfdeploy.load(bundle, thread_pool="global", **QUIET)
+    with pytest.raises(KfError, match="unknown backend 'tflite'"):
+        kfdeploy.load(bundle, backend="tflite", **QUIET)
