@@ -1,0 +1,317 @@
+"""Runtime benchmark: what composing factor modules costs and saves, all in one run.
+
+    python benchmarks/runtime.py --bundle runs/quickstart/bundle
+
+For k = 1..5 selected tasks, at batch 1 (latency) and batch 64 (throughput):
+- assembly          kfdeploy.load(bundle, tasks) - the trunk once, then k task modules;
+                    the default thread_pool="per-session": each session its own pool,
+                    spinning off
+- shared pool       the same with thread_pool="shared": one pool for the process
+                    (measured in a child process, since it changes the whole process)
+- spinning pools    the same modules with ONNX Runtime's default spinning per-session
+                    pools: the trap the runtime avoids (child process)
+- fused             one ONNX graph of the same trunk + k tasks (Assembly.save_fused)
+- independent       k separate factor networks, each a full trunk + its task
+- teacher           the monolithic 5-task teacher as one ONNX graph (same cost for any k)
+- torch eager       the same trunk + k tasks in PyTorch
+Ratios are to the assembly. Also: achieved GFLOP/s at batch 64 against the CPU's peak
+FP32 rate, and resident memory as tasks are added. Writes results/runtime-<device>.json
+and .png. Run it alone: another busy process on 2 cores distorts everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kfdeploy
+from kfdeploy.bundle import Bundle
+from kfdeploy.data import SpritesSource
+from kfdeploy.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
+from kfdeploy.runs import load_teacher
+from kfdeploy.runtime import OrtModule, physical_cores
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCHES = (1, 64)
+
+
+def time_call(fn, seconds: float = 0.8, min_calls: int = 10) -> float:
+    """Median seconds per call after a warm-up."""
+    for _ in range(3):
+        fn()
+    samples, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(samples) < min_calls:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-adds x 2 of the Conv2d and Linear layers for one image."""
+    macs = []
+
+    def conv(m, inp, out):
+        macs.append(out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+
+    def linear(m, inp, out):
+        macs.append(m.in_features * m.out_features)
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        module(*inputs)
+    for h in hooks:
+        h.remove()
+    return 2 * sum(macs)
+
+
+def cpu_peak_gflops() -> dict:
+    """cores x clock x FMA width: 2 flops x fp32 lanes x FMA ports per core.
+
+    Server Xeons with AVX-512 have two FMA ports (one assumed measured 194 GFLOP/s, above
+    its 'peak'); AVX2-only parts are counted with two as well, the common case.
+    """
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mhz = [float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)]
+    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    clock_ghz = max(mhz) / 1000 if mhz else float("nan")
+    cores = physical_cores()
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    ports = 2
+    return {"cpu": model.group(1) if model else platform.processor(), "cores": cores, "clock_ghz": clock_ghz,
+            "fp32_lanes": lanes, "fma_ports": ports, "peak_gflops": cores * clock_ghz * 2 * lanes * ports}
+
+
+CHILD_PROBE = """
+import json, sys
+sys.path.insert(0, {bench!r})
+from runtime import child_rows
+print(json.dumps(child_rows({bundle!r}, {mode!r}, {seconds!r})))
+"""
+
+
+def child_rows(bundle_path: str, mode: str, seconds: float) -> dict:
+    """ms per call of trunk + k tasks in a fresh process: mode "shared" or "spinning"."""
+    import onnxruntime as ort
+
+    bundle = Bundle.open(bundle_path)
+    images = SpritesSource().heldout(64)[0].numpy()
+    if mode == "shared":
+        model = kfdeploy.load(bundle, tasks=[], thread_pool="shared", log=lambda s: None)
+        add, call = model.add_task, lambda x: model(x)
+    else:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = physical_cores()
+        session = lambda file: ort.InferenceSession(str(bundle.file(file)), options, providers=["CPUExecutionProvider"])  # noqa: E731
+        trunk, selected = session(bundle.manifest["trunk"]["file"]), {}
+        add = lambda task: selected.update({task: session(bundle.task(task)["file"])})  # noqa: E731
+
+        def call(x):
+            common = trunk.run(None, {"image": x})[0]
+            return [s.run(None, {"image": x, "common": common}) for s in selected.values()]
+
+    rows = {}
+    for k, task in enumerate(bundle.tasks, start=1):
+        add(task)
+        for batch in BATCHES:
+            x = np.ascontiguousarray(images[:batch])
+            rows[f"{k},{batch}"] = time_call(lambda: call(x), seconds)
+    return rows
+
+
+def in_child(bundle: Path, mode: str, seconds: float) -> dict:
+    code = CHILD_PROBE.format(bench=str(Path(__file__).parent), bundle=str(bundle), mode=mode, seconds=seconds)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def default_session(path: Path):
+    """A single session as ONNX Runtime sets it up by default: its best when alone."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s*(\d+)", f.read()).group(1)) / 1024
+
+
+MEMORY_PROBE = """
+import json, sys, numpy as np, onnxruntime, kfdeploy
+sys.path.insert(0, {bench!r})
+from runtime import rss_mb
+x = np.zeros((64, 1, 64, 64), np.float32)
+base = rss_mb()
+model = kfdeploy.load({bundle!r}, tasks=[], log=lambda s: None)
+model(x)
+rows = [{{"tasks": 0, "rss_mb": rss_mb() - base}}]
+for task in {tasks!r}:
+    model.add_task(task)
+    model(x)
+    rows.append({{"tasks": len(model.tasks), "rss_mb": rss_mb() - base}})
+print(json.dumps(rows))
+"""
+
+
+def memory_growth(bundle: Path, tasks) -> list:
+    """Resident memory above an idle ONNX Runtime process, with the trunk and 0..k tasks."""
+    code = MEMORY_PROBE.format(bench=str(Path(__file__).parent), bundle=str(bundle), tasks=list(tasks))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def export_teacher(bundle: Bundle, folder: Path) -> tuple[Path, torch.nn.Module]:
+    teacher_run = bundle.manifest["source"].get("teacher_run")
+    if not teacher_run:
+        raise SystemExit("this bundle's teacher run is unknown; the benchmark needs the sprites quickstart bundle")
+    teacher, _ = load_teacher(Path(teacher_run))
+
+    class TeacherGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = teacher
+
+        def forward(self, image):
+            return tuple(self.teacher(image).values())
+
+    path = folder / "teacher.onnx"
+    _quiet_export(TeacherGraph(), (torch.zeros(2, 1, 64, 64),), path, ["image"], [f"logits_{t}" for t in teacher.task_classes], ExportProfile("bench"))
+    return path, teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=Path("runs/quickstart/bundle"))
+    parser.add_argument("--seconds", type=float, default=0.8, help="timing window per measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    threads = physical_cores()
+    torch.set_num_threads(threads)
+    # One at a time: nothing may run beside a measurement.
+    child_ms = {"shared pool": in_child(args.bundle, "shared", args.seconds),
+                "spinning pools": in_child(args.bundle, "spinning", args.seconds)}
+    bundle = Bundle.open(args.bundle)
+    tasks = bundle.tasks
+    images = SpritesSource().heldout(64)[0].numpy()
+    work = Path(tempfile.mkdtemp(prefix="kf-runtime-bench-"))
+    teacher_path, teacher = export_teacher(bundle, work)
+    teacher_session = default_session(teacher_path)
+    reference = torch_modules(bundle)
+    assembly = kfdeploy.load(bundle, tasks=[], log=lambda s: None)
+    standalone = {}
+    for task in tasks:  # a full factor network per task: its own trunk + the task
+        standalone[task] = OrtModule(assembly.save_fused(work / f"standalone-{task}.onnx", [task]), ["CPUExecutionProvider"], threads)
+
+    example = torch.zeros(1, 1, 64, 64)
+    trunk_flops = count_flops(TrunkGraph(reference), example)
+    common = reference.forward_features(example)
+    task_flops = {t: count_flops(reference.tasks[t], example, common) for t in tasks}
+    teacher_flops = count_flops(teacher, example)
+    rows = []
+    for k in range(1, len(tasks) + 1):
+        selected = tasks[:k]
+        assembly.add_task(selected[-1])
+        fused = default_session(assembly.save_fused(work / f"fused-{k}.onnx", selected))
+
+        def eager(x):
+            with torch.inference_mode():
+                xt = torch.from_numpy(x)
+                c = reference.forward_features(xt)
+                return [reference.tasks[t](xt, c) for t in selected]
+
+        variants = {
+            "assembly": lambda x: assembly(x),
+            "fused": lambda x: fused.run(None, {"image": x}),
+            "independent": lambda x: [standalone[t].run({"image": x}) for t in selected],
+            "teacher": lambda x: teacher_session.run(None, {"image": x}),
+            "torch eager": eager,
+        }
+        flops = trunk_flops + sum(task_flops[t] for t in selected)
+        for batch in BATCHES:
+            x = np.ascontiguousarray(images[:batch])
+            seconds = {name: time_call(lambda: fn(x), args.seconds) for name, fn in variants.items()}
+            seconds.update({name: rows_ms[f"{k},{batch}"] for name, rows_ms in child_ms.items()})
+            row = {"tasks": k, "batch": batch, "ms": {n: s * 1e3 for n, s in seconds.items()},
+                   "images_per_s": {n: batch / s for n, s in seconds.items()},
+                   "slowdown_vs_assembly": {n: s / seconds["assembly"] for n, s in seconds.items()},
+                   "assembly_gflops": flops * batch / seconds["assembly"] / 1e9}
+            rows.append(row)
+            print(f"k={k} batch={batch:>2}: " + "  ".join(f"{n} {v:.2f} ms" for n, v in row["ms"].items()), flush=True)
+
+    peak = cpu_peak_gflops()
+    memory = memory_growth(args.bundle, tasks)
+    result = {
+        "device": f"{peak['cpu']} ({threads} cores)", "onnxruntime": __import__("onnxruntime").__version__,
+        "torch": torch.__version__, "threads": threads, "peak": peak,
+        "flops_per_image": {"trunk": trunk_flops, **task_flops, "teacher": teacher_flops},
+        "rows": rows, "memory_mb": memory,
+    }
+    print_report(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runtime-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "runtime-cpu.png")
+    print(f"wrote {args.out / 'runtime-cpu.json'} and .png")
+
+
+def print_report(result: dict) -> None:
+    names = list(result["rows"][0]["ms"])
+    for batch in BATCHES:
+        metric = "latency ms" if batch == 1 else "images/s"
+        print(f"\nbatch {batch} ({metric}; in brackets: time relative to the assembly)")
+        print(f"{'k':>2} " + " ".join(f"{n:>20}" for n in names))
+        for row in (r for r in result["rows"] if r["batch"] == batch):
+            values = row["ms"] if batch == 1 else row["images_per_s"]
+            print(f"{row['tasks']:>2} " + " ".join(f"{values[n]:>11.2f} ({row['slowdown_vs_assembly'][n]:>5.2f}x)" for n in names))
+    last = [r for r in result["rows"] if r["batch"] == 64][-1]
+    peak = result["peak"]
+    print(f"\nassembly at batch 64, 5 tasks: {last['assembly_gflops']:.1f} GFLOP/s; peak {peak['peak_gflops']:.0f} GFLOP/s "
+          f"({peak['cores']} cores x {peak['clock_ghz']:.2f} GHz x 2 flops x {peak['fp32_lanes']} fp32 lanes x {peak['fma_ports']} FMA ports)")
+    f = result["flops_per_image"]
+    print(f"MFLOP per image: trunk {f['trunk'] / 1e6:.1f}, each task {f[next(k for k in f if k not in ('trunk', 'teacher'))] / 1e6:.1f}, teacher {f['teacher'] / 1e6:.1f}")
+    print("resident memory above an idle process (MB): " + ", ".join(f"{m['tasks']} tasks {m['rss_mb']:.1f}" for m in result["memory_mb"]))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, batch in zip(axes, BATCHES):
+        rows = [r for r in result["rows"] if r["batch"] == batch]
+        for name in rows[0]["ms"]:
+            values = [r["ms"][name] if batch == 1 else r["images_per_s"][name] for r in rows]
+            ax.plot([r["tasks"] for r in rows], values, marker="o", label=name)
+        ax.set_xlabel("selected tasks (k)")
+        ax.set_ylabel("latency (ms)" if batch == 1 else "throughput (images/s)")
+        ax.set_title(f"batch {batch}")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Composition cost on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
