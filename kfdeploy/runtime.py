@@ -69,7 +69,7 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[st
     if gpu_providers:
         # onnxruntime-gpu without a GPU would log an error per session, then fall back anyway.
         return ["CPUExecutionProvider"], f"onnxruntime: using CPUExecutionProvider ({', '.join(gpu_providers)} installed, but no CUDA GPU is visible)"
-    return ["CPUExecutionProvider"], "onnxruntime: using CPUExecutionProvider (the only provider installed)"
+    return ["CPUExecutionProvider"], "onnxruntime: using CPUExecutionProvider (no CUDA or TensorRT provider is installed)"
 
 
 THREAD_POOLS = ("per-session", "shared")
