@@ -192,6 +192,16 @@ def _heldout_accuracy(bundle_root: Path, trunk_file: str, task_files: Dict[str, 
     return result
 
 
+def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
+    """How big the monolithic network was, for comparison with the composed modules."""
+    if not teacher_run or not (Path(teacher_run) / "model.safetensors").is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(Path(teacher_run) / "model.safetensors"), "np") as f:
+        return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys() if "running_" not in k and "num_batches" not in k))
+
+
 def _file_record(root: Path, relative: str) -> dict:
     path = root / relative
     return {"file": relative, "sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -316,7 +326,8 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
                 "onnxruntime": onnxruntime.__version__, "opset": profile.opset,
             },
             "profile": asdict(profile),
-            "source": {"run": str(run_dir.resolve()), "teacher_run": info.get("teacher_run"), "data": data},
+            "source": {"run": str(run_dir.resolve()), "teacher_run": info.get("teacher_run"), "data": data,
+                       "teacher_parameters": _teacher_parameters(info.get("teacher_run"))},
             "input": {
                 "name": "image", "shape": ["batch", config.trunk.in_channels, size, size], "dtype": "float32",
                 "layout": "NCHW", "range": [0.0, 1.0], "uint8": "divide by 255",
