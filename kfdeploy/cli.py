@@ -20,6 +20,7 @@ EXAMPLES = {
     "verify": "kfdeploy verify bundles/sprites\n  kfdeploy verify bundles/sprites.tar.gz",
     "build-engines": "kfdeploy build-engines bundles/sprites --precision fp16\n  kfdeploy build-engines bundles/sprites --with torch-tensorrt",
     "check-trt": "kfdeploy check-trt bundles/sprites",
+    "demo": "kfdeploy demo runs/quickstart/bundle\n  kfdeploy demo bundles/sprites --host 0.0.0.0 --port 8080",
     "run": "kfdeploy run bundles/sprites --tasks shape,scale images/*.png\n  kfdeploy run bundles/sprites batch.npy --json --top 3",
 }
 
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime")
     p.add_argument("--top", type=int, default=1, help="classes to show per task (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    p = command("demo", "Start the Gradio demo: tick tasks, watch the assembled model answer.")
+    p.add_argument("bundle", type=Path, nargs="?", default=Path("runs/quickstart/bundle"), help="bundle folder (default runs/quickstart/bundle)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
 
     p = command("quickstart", "Teacher, factorization, evaluation and export on the embedded default, in one go.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for all runs (default runs/quickstart)")
@@ -293,6 +300,14 @@ def quickstart_answers(bundle_dir: Path) -> None:
             model.add_task("pos_x")
 
 
+def cmd_demo(args) -> None:
+    try:
+        from .demo import launch
+    except ImportError as exc:
+        raise KfError(f"the demo needs Gradio ({exc.name} is missing): pip install 'kfdeploy[demo]'") from None
+    launch(args.bundle, host=args.host, port=args.port, share=args.share)
+
+
 def cmd_quickstart(args) -> None:
     from .export import export_bundle, verify_bundle
     from .pipeline import factorize, train_teacher
@@ -328,7 +343,7 @@ def cmd_quickstart(args) -> None:
 COMMANDS = {
     "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
     "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
-    "check-trt": cmd_check_trt, "run": cmd_run,
+    "check-trt": cmd_check_trt, "run": cmd_run, "demo": cmd_demo,
 }
 
 

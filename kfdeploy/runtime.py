@@ -90,6 +90,22 @@ def use_shared_thread_pool(threads: int) -> None:
         _shared_pool["threads"] = threads
 
 
+def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], str]:
+    """The bundle's TensorRT engines built for this GPU, by module; or None and why not."""
+    try:
+        from . import tensorrt as trt_backend
+
+        trt_backend.require_tensorrt()
+        slug = trt_backend.signature_slug(trt_backend.device_signature())
+    except KfError as exc:
+        return None, f"tensorrt backend unavailable ({exc})"
+    mine = {e["module"]: e for e in manifest.get("engines", [])
+            if e["builder"] == "tensorrt" and trt_backend.signature_slug(e["device"]) == slug}
+    if "trunk" not in mine:
+        return None, f"the bundle has no TensorRT engine for this device ({slug}); build them here with `kfdeploy build-engines`"
+    return mine, ""
+
+
 class OrtModule:
     """One ONNX Runtime session; `run(feeds) -> first output`."""
 
@@ -171,8 +187,9 @@ class Assembly:
         self._engines = None
         self.backend = backend
         if backend == "tensorrt":
-            self._engines = self._matching_engines(log)
+            self._engines, why_not = engines_for_this_device(self.manifest)
             if self._engines is None:
+                log(f"warning: {why_not}; falling back to onnxruntime")
                 self.backend = backend = "onnxruntime"
         if backend == "onnxruntime":
             self.providers, line = choose_providers(providers)
@@ -190,24 +207,6 @@ class Assembly:
             self.add_task(task)
 
     # -- modules -----------------------------------------------------------------
-    def _matching_engines(self, log) -> Optional[Dict[str, dict]]:
-        """Engines built for this device for the trunk and every task, or None (fallback)."""
-        engines = self.manifest.get("engines", [])
-        try:
-            from . import tensorrt as trt_backend
-
-            trt_backend.require_tensorrt()
-            slug = trt_backend.signature_slug(trt_backend.device_signature())
-        except KfError as exc:
-            log(f"warning: tensorrt backend unavailable ({exc}); falling back to onnxruntime")
-            return None
-        mine = {e["module"]: e for e in engines if e["builder"] == "tensorrt" and trt_backend.signature_slug(e["device"]) == slug}
-        if "trunk" not in mine:
-            log(f"warning: the bundle has no TensorRT engine for this device ({slug}); falling back to onnxruntime "
-                "(build them here with `kfdeploy build-engines`)")
-            return None
-        return mine
-
     def _make_module(self, name: str):
         record = self.manifest["trunk"] if name == "trunk" else self.bundle.task(name)
         if self.backend == "onnxruntime":

@@ -1,0 +1,289 @@
+"""Gradio demo: tick tasks, watch the assembled model answer.
+
+    kfdeploy demo runs/quickstart/bundle          # http://127.0.0.1:7860
+
+Ticking a task adds its module to the running assembly and unticking removes it; the
+trunk is loaded once per backend and never again. The work happens in `Demo.answer`,
+which the UI, the gradio_client API (`/predict_sprite`, `/predict_upload`) and the tests
+share; the UI only draws what it returns.
+"""
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import gradio as gr  # at import, so `kfdeploy demo` can name the missing extra
+import numpy as np
+
+from .bundle import Bundle
+from .errors import KfError
+
+DEFAULT_BUNDLE = Path("runs/quickstart/bundle")
+MAX_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
+
+
+@dataclass
+class Answer:
+    """What one prediction shows: scores per task, the input as the model saw it, notes."""
+
+    scores: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    seen: Optional[np.ndarray] = None  # 64x64 uint8, what the model was given
+    notes: List[str] = field(default_factory=list)
+    truth: Dict[str, str] = field(default_factory=dict)
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+    sizes: Dict[str, int] = field(default_factory=dict)
+
+
+def to_model_input(image: np.ndarray, size: int = 64) -> tuple[np.ndarray, List[str]]:
+    """Any picture -> a (1, 1, size, size) uint8 sprite-like image, with notes on what changed."""
+    from PIL import Image
+
+    notes = []
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 4:  # a sketch: strokes over a transparent canvas
+        alpha = array[..., 3:4].astype(np.float32) / 255.0
+        array = (array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if array.ndim == 3:
+        notes.append("colour image converted to grey")
+        array = np.asarray(Image.fromarray(array.astype(np.uint8)).convert("L"))
+    array = array.astype(np.uint8)
+    if array.max() == array.min():
+        raise KfError("the image is blank: draw or upload a shape first")
+    if array.shape != (size, size):
+        notes.append(f"resized from {array.shape[1]}x{array.shape[0]} to {size}x{size}")
+        array = np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR))
+    if array.mean() > 127:  # sprites are white on black; a drawing is usually dark on white
+        notes.append("inverted to white on black, as the sprites are")
+        array = 255 - array
+    return array[None, None], notes
+
+
+def read_upload(path: str) -> np.ndarray:
+    """Decode an uploaded file, refusing what is not an image or is absurdly large."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise KfError(f"the image is {image.width}x{image.height}; send one under {MAX_PIXELS // 1_000_000} megapixels")
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise KfError(f"{Path(path).name} is not an image that can be read (PNG, JPEG, ...)") from None
+
+
+class Demo:
+    """One bundle, one assembly per backend, re-composed to the ticked tasks on each call."""
+
+    def __init__(self, bundle_path: Path):
+        self.bundle = Bundle.open(bundle_path)  # checksums verified here, before any session
+        self.tasks = self.bundle.tasks
+        self._assemblies: Dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def backends(self) -> List[str]:
+        from .runtime import engines_for_this_device
+
+        engines, _ = engines_for_this_device(self.bundle.manifest)
+        return ["onnxruntime", "torch"] + (["tensorrt"] if engines else [])
+
+    def assembly(self, backend: str, tasks: List[str]):
+        """The backend's assembly with exactly `tasks` selected, by adding and removing only."""
+        from .runtime import Assembly
+
+        if backend not in self._assemblies:
+            self._assemblies[backend] = Assembly(self.bundle, backend, [], log=lambda s: None)
+        model = self._assemblies[backend]
+        for task in [t for t in model.tasks if t not in tasks]:
+            model.remove_task(task)
+        for task in [t for t in tasks if t not in model.tasks]:
+            model.add_task(task)
+        return model
+
+    def answer(self, image: np.ndarray, tasks: List[str], backend: str = "onnxruntime",
+               truth: Optional[Dict[str, str]] = None) -> Answer:
+        if not tasks:
+            raise KfError("tick at least one task")
+        x, notes = to_model_input(image)
+        with self._lock:  # one re-composition at a time; the assembly itself is thread-safe
+            model = self.assembly(backend, list(tasks))
+            scores = model(x)
+            timings = model.last_timings
+            sizes = model.module_bytes()
+        labelled = {t: {label: float(p) for label, p in zip(model.labels(t), scores[t][0])} for t in tasks}
+        return Answer(labelled, x[0, 0], notes, truth or {}, {"trunk": timings.trunk_ms, **timings.tasks_ms}, sizes)
+
+    def teacher_bytes(self) -> Optional[int]:
+        parameters = self.bundle.manifest.get("source", {}).get("teacher_parameters")
+        return None if parameters is None else parameters * 4
+
+
+def sprite(shape: str, scale: int, orientation: int, pos_x: int, pos_y: int) -> tuple[np.ndarray, Dict[str, str]]:
+    """Render one sprite from factor indices; returns the image and its true labels."""
+    from .data import SHAPES, TASK_LABELS, render
+
+    factors = [SHAPES.index(shape), int(scale), int(orientation), int(pos_x), int(pos_y)]
+    truth = {t: TASK_LABELS[t][i] for t, i in zip(TASK_LABELS, factors)}
+    return render(np.array([factors]))[0, 0], truth
+
+
+def bricks_picture(sizes: Dict[str, int], teacher_bytes: Optional[int]) -> np.ndarray:
+    """The modules in use as stacked bricks, sized by their bytes, beside the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(5.2, 2.6))
+    left = 0.0
+    colours = plt.cm.tab10.colors
+    for i, (name, count) in enumerate(sizes.items()):
+        width = count / 1e6
+        ax.barh(1, width, left=left, color="0.55" if name == "trunk" else colours[i % 10], edgecolor="black")
+        ax.text(left + width / 2, 1, f"{name}\n{width:.2f} MB", ha="center", va="center", fontsize=7)
+        left += width
+    if teacher_bytes:
+        ax.barh(0, teacher_bytes / 1e6, color="0.85", edgecolor="black")
+        ax.text(teacher_bytes / 2e6, 0, f"full teacher {teacher_bytes / 1e6:.2f} MB", ha="center", va="center", fontsize=7)
+    ax.set_yticks([0, 1], ["teacher", "assembled"])
+    ax.set_xlabel("MB (fp32 ONNX modules)")
+    ax.set_title(f"Bricks in use: trunk + {len(sizes) - 1} task module(s), {sum(sizes.values()) / 1e6:.2f} MB", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def summary_markdown(answer: Answer, teacher_bytes: Optional[int]) -> str:
+    blocks = []
+    if answer.truth:
+        rows = ["| task | true | predicted | |", "|---|---|---|---|"]
+        for task, scores in answer.scores.items():
+            predicted = max(scores, key=scores.get)
+            verdict = "**right**" if predicted == answer.truth[task] else "**wrong**"
+            rows.append(f"| {task} | {answer.truth[task]} | {predicted} | {verdict} |")
+        blocks.append("\n".join(rows))
+    split = ", ".join(f"{name} {ms:.2f} ms" for name, ms in answer.timings_ms.items())
+    blocks.append(f"**Latency** {sum(answer.timings_ms.values()):.2f} ms: {split}")
+    total = sum(answer.sizes.values())
+    teacher = f" (the full teacher: {teacher_bytes / 1e6:.2f} MB)" if teacher_bytes else ""
+    blocks.append(f"**Size** of the assembled modules: {total / 1e6:.2f} MB{teacher}")
+    if answer.notes:
+        blocks.append("*Input: " + "; ".join(answer.notes) + ".*")
+    return "\n\n".join(blocks)
+
+
+NO_BUNDLE = """### No bundle to show yet
+
+The demo needs a bundle of factor modules at `{path}`. Make the default one (about 14
+minutes on 2 CPU cores) and start the demo again:
+
+```
+kfdeploy quickstart
+kfdeploy demo runs/quickstart/bundle
+```
+
+Or export your own factorized run: `kfdeploy export RUN --out BUNDLE`, then `kfdeploy demo BUNDLE`.
+"""
+
+
+def build_app(bundle_path: Path = DEFAULT_BUNDLE):
+    """The Blocks app; a bundle that is missing or fails verification shows why, never a traceback."""
+    try:
+        demo = Demo(bundle_path)
+        problem = None
+    except KfError as exc:
+        demo, problem = None, str(exc)
+
+    with gr.Blocks(title="kfdeploy: Knowledge Factorization, assembled live") as app:
+        gr.Markdown("# Knowledge Factorization, assembled live\nOne shared **trunk** plus the **task modules** you tick: "
+                    "each task answers as `head(trunk(x) + task_network(x))`. Ticking adds a module; the trunk stays loaded.")
+        if demo is None:
+            if not Path(bundle_path).exists():
+                gr.Markdown(NO_BUNDLE.format(path=bundle_path), elem_id="no-bundle")
+            else:
+                gr.Markdown(f"### This bundle cannot be used\n\n{problem}\n\nRe-export it with `kfdeploy export RUN --out {bundle_path}`.",
+                            elem_id="bad-bundle")
+            return app
+
+        from .data import SHAPES, TASK_NAMES
+
+        with gr.Row():
+            with gr.Column(scale=1):
+                tasks = gr.CheckboxGroup(demo.tasks, value=demo.tasks[:2], label="Tasks (bricks) to assemble", elem_id="tasks")
+                backend = gr.Radio(demo.backends(), value="onnxruntime", label="Backend", elem_id="backend")
+                with gr.Tabs():
+                    with gr.Tab("Generate a sprite"):
+                        shape = gr.Radio(list(SHAPES), value="heart", label="shape")
+                        scale = gr.Slider(0, 5, value=5, step=1, label="scale (0.5 ... 1.0)")
+                        orientation = gr.Slider(0, 39, value=0, step=1, label="orientation (x 9°)")
+                        pos_x = gr.Slider(0, 31, value=8, step=1, label="pos_x")
+                        pos_y = gr.Slider(0, 31, value=20, step=1, label="pos_y")
+                        generate = gr.Button("Generate and predict", variant="primary", elem_id="generate")
+                    with gr.Tab("Draw"):
+                        sketch = gr.Sketchpad(type="numpy", image_mode="RGBA", label="Draw a shape", canvas_size=(256, 256))
+                        predict_sketch = gr.Button("Predict the drawing", elem_id="predict-sketch")
+                    with gr.Tab("Upload"):
+                        # No file_types filter: a wrong file gets our message, not a generic rejection.
+                        upload = gr.File(label="An image file (PNG, JPEG, ...)", type="filepath")
+                        predict_upload = gr.Button("Predict the upload", elem_id="predict-upload")
+            with gr.Column(scale=1):
+                status = gr.Markdown(elem_id="status")
+                seen = gr.Image(label="What the model sees (64x64)", height=160, elem_id="seen")
+                labels = {t: gr.Label(num_top_classes=3, label=t, visible=t in demo.tasks[:2], elem_id=f"label-{t}") for t in demo.tasks}
+                summary = gr.Markdown(elem_id="summary")
+                bricks = gr.Image(label="Bricks in use", elem_id="bricks")
+
+        outputs = [status, seen, *labels.values(), summary, bricks]
+
+        def show(answer_or_error) -> list:
+            if isinstance(answer_or_error, str):
+                return [f"⚠️ {answer_or_error}", gr.update(), *[gr.update() for _ in labels], gr.update(), gr.update()]
+            answer: Answer = answer_or_error
+            label_updates = [gr.update(value=answer.scores.get(t), visible=t in answer.scores) for t in labels]
+            return ["", answer.seen, *label_updates, summary_markdown(answer, demo.teacher_bytes()),
+                    bricks_picture(answer.sizes, demo.teacher_bytes())]
+
+        def guarded(work):
+            try:
+                return show(work())
+            except KfError as exc:
+                return show(str(exc))
+
+        def on_sprite(shape_name, scale_i, orientation_i, x_i, y_i, ticked, backend_name):
+            image, truth = sprite(shape_name, scale_i, orientation_i, x_i, y_i)
+            return guarded(lambda: demo.answer(image, ticked, backend_name, {t: truth[t] for t in ticked}))
+
+        def on_sketch(value, ticked, backend_name):
+            def work():
+                composite = None if value is None else value.get("composite")
+                if composite is None:
+                    raise KfError("the canvas is empty: draw a shape first")
+                return demo.answer(composite, ticked, backend_name)
+            return guarded(work)
+
+        def on_upload(path, ticked, backend_name):
+            def work():
+                if not path:
+                    raise KfError("choose an image file to upload first")
+                return demo.answer(read_upload(path), ticked, backend_name)
+            return guarded(work)
+
+        sprite_inputs = [shape, scale, orientation, pos_x, pos_y, tasks, backend]
+        generate.click(on_sprite, sprite_inputs, outputs, api_name="predict_sprite")
+        tasks.change(on_sprite, sprite_inputs, outputs, api_name=False)
+        predict_sketch.click(on_sketch, [sketch, tasks, backend], outputs, api_name="predict_sketch")
+        predict_upload.click(on_upload, [upload, tasks, backend], outputs, api_name="predict_upload")
+    return app
+
+
+def launch(bundle_path: Path = DEFAULT_BUNDLE, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           block: bool = True):
+    app = build_app(bundle_path)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=False)
+    return app

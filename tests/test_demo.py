@@ -1,0 +1,185 @@
+"""The Gradio demo, driven by the real gradio_client and by a real headless Chromium."""
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import kfdeploy
+from kfdeploy.data import render
+from kfdeploy.demo import build_app, launch, to_model_input
+from kfdeploy.errors import KfError
+
+SPRITE = ("heart", 5, 0, 8, 20)  # shape, scale index, orientation index, pos_x, pos_y
+OUTPUT_TASKS = ["shape", "scale", "orientation", "pos_x", "pos_y"]  # the Label outputs, in order
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    port = _free_port()
+    app = launch(bundle, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def _labels(result):
+    """Label outputs of the app -> {task: {label: probability}} for the visible ones."""
+    out = {}
+    for task, value in zip(OUTPUT_TASKS, result[2:7]):
+        if value.get("__type__") == "update":  # the app shows or hides each task's label
+            if not value["visible"]:
+                continue
+            value = value["value"]
+        out[task] = {c["label"]: c["confidence"] for c in value["confidences"]}
+    return out
+
+
+def _expected(bundle, tasks):
+    factors = np.array([[2, SPRITE[1], SPRITE[2], SPRITE[3], SPRITE[4]]])
+    model = kfdeploy.load(bundle, tasks=tasks, log=lambda s: None)
+    scores = model(render(factors))
+    return {t: dict(zip(model.labels(t), scores[t][0].tolist())) for t in tasks}
+
+
+@pytest.mark.slow
+def test_the_client_sees_answers_change_with_the_ticked_tasks(client, bundle):
+    first = client.predict(*SPRITE, ["shape", "scale"], "onnxruntime", api_name="/predict_sprite")
+    second = client.predict(*SPRITE, ["pos_x"], "onnxruntime", api_name="/predict_sprite")
+    assert set(_labels(first)) == {"shape", "scale"} and set(_labels(second)) == {"pos_x"}
+    for result, tasks in ((first, ["shape", "scale"]), (second, ["pos_x"])):
+        expected = _expected(bundle, tasks)
+        for task, confidences in _labels(result).items():
+            best = max(confidences, key=confidences.get)
+            assert best == max(expected[task], key=expected[task].get)
+            assert confidences[best] == pytest.approx(expected[task][best], abs=1e-4)
+    assert "true" in first[7] and "Latency" in first[7] and "trunk" in first[7]
+
+
+@pytest.mark.slow
+def test_the_torch_backend_answers_like_onnxruntime(client):
+    ort_result = _labels(client.predict(*SPRITE, ["scale"], "onnxruntime", api_name="/predict_sprite"))
+    torch_result = _labels(client.predict(*SPRITE, ["scale"], "torch", api_name="/predict_sprite"))
+    for label, p in ort_result["scale"].items():
+        assert torch_result["scale"][label] == pytest.approx(p, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, message", [
+    (lambda d: _text_file(d), "is not an image that can be read"),
+    (lambda d: _png(d, np.zeros((64, 64), np.uint8)), "the image is blank"),
+    (lambda d: _png(d, _big_colour_sprite()), "resized from 2000x2000 to 64x64"),
+    (lambda d: _png(d, _big_colour_sprite()), "colour image converted to grey"),
+])
+def test_bad_uploads_get_a_friendly_message_and_the_server_stays_up(client, tmp_path, make, message):
+    result = client.predict(handle_file(str(make(tmp_path))), ["shape"], "onnxruntime", api_name="/predict_upload")
+    status, summary = result[0], result[7] if isinstance(result[7], str) else ""  # errors leave the summary as it was
+    assert message in status + summary
+    assert _labels(client.predict(*SPRITE, ["shape"], "onnxruntime", api_name="/predict_sprite"))  # still serving
+
+
+@pytest.mark.slow
+def test_no_task_ticked_is_a_friendly_message(client):
+    result = client.predict(*SPRITE, [], "onnxruntime", api_name="/predict_sprite")
+    assert "tick at least one task" in result[0]
+
+
+def _text_file(folder: Path) -> Path:
+    path = folder / "notes.txt"
+    path.write_text("not a picture")
+    return path
+
+
+def _png(folder: Path, array: np.ndarray) -> Path:
+    path = folder / "in.png"
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _big_colour_sprite() -> np.ndarray:
+    grey = render(np.array([[0, 5, 0, 16, 16]]))[0, 0]
+    big = np.asarray(Image.fromarray(grey).resize((2000, 2000)))
+    return np.stack([big, big // 2, big // 3], axis=-1)
+
+
+def test_a_blank_canvas_is_refused():
+    with pytest.raises(KfError, match="blank"):
+        to_model_input(np.zeros((256, 256, 4), np.uint8))
+
+
+def test_a_sketch_of_dark_strokes_on_a_transparent_canvas_becomes_a_white_shape():
+    canvas = np.zeros((256, 256, 4), np.uint8)
+    canvas[100:150, 100:150] = (0, 0, 0, 255)  # a black square, drawn
+    image, notes = to_model_input(canvas)
+    assert image.shape == (1, 1, 64, 64) and image[0, 0, 30, 30] > 200 and image[0, 0, 5, 5] < 50
+    assert any("inverted" in n for n in notes)
+
+
+def _page_text(app) -> str:
+    return json.dumps(app.config)
+
+
+def test_without_a_bundle_the_page_says_how_to_make_one(tmp_path):
+    text = _page_text(build_app(tmp_path / "missing"))
+    assert "kfdeploy quickstart" in text and "kfdeploy export RUN --out BUNDLE" in text
+
+
+def test_a_bundle_failing_verification_is_explained_not_a_traceback(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "tasks" / "shape.onnx").write_bytes(b"tampered")
+    text = _page_text(build_app(copy))
+    assert "cannot be used" in text and "checksum mismatch for tasks/shape.onnx" in text
+
+
+@pytest.mark.slow
+def test_a_browser_ticks_tasks_generates_a_sprite_and_sees_the_labels(server, bundle, tmp_path):
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not Path("/usr/bin/chromium").exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update", "--window-size=1400,1900"):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    except WebDriverException as exc:
+        pytest.fail(f"chromium did not start: {exc.msg}")
+    try:
+        driver.get(server)
+        wait = WebDriverWait(driver, 60)
+        box = wait.until(lambda d: d.find_element(By.XPATH, "//*[@id='tasks']//label[.//span[text()='pos_x']]"))
+        box.click()  # shape and scale are ticked already: now three tasks
+        driver.find_element(By.ID, "generate").click()
+        expected = _expected(bundle, ["pos_x"])["pos_x"]
+        best = max(expected, key=expected.get)
+        wait.until(lambda d: best in d.find_element(By.ID, "label-pos_x").text)
+        assert "shape" in driver.find_element(By.ID, "label-shape").text
+        assert "Latency" in driver.find_element(By.ID, "summary").text
+        shot = Path(os.environ.get("KFDEPLOY_DEMO_SCREENSHOT", tmp_path / "demo.png"))
+        driver.save_screenshot(str(shot))
+        assert shot.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        driver.quit()
