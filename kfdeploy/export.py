@@ -304,10 +304,10 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
         _quiet_export(TrunkGraph(model), (example,), staging / trunk_file, ["image"], ["common"], profile)
         save_tensors_atomic(staging / "weights" / "trunk.safetensors", model.trunk.state_dict())
     task_files = {}
+    common = model.forward_features(example).detach()
     for task in tasks:
         task_files[task] = f"tasks/{task}.onnx"
         progress(f"exporting task {task} -> {task_files[task]}")
-        common = model.forward_features(example).detach()
         _quiet_export(model.tasks[task], (example, common), staging / task_files[task], ["image", "common"], ["logits"], profile)
         save_tensors_atomic(staging / "weights" / "tasks" / f"{task}.safetensors", model.tasks[task].state_dict())
     for file in [trunk_file, *task_files.values()]:

@@ -242,3 +242,22 @@ def test_build_engines_without_tensorrt_names_the_missing_package(bundle_copy, c
     if __import__("importlib").util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
     _fails(["build-engines", str(bundle_copy)], capsys, "'tensorrt'")
+
+
+def test_check_trt_passes_every_exported_graph(bundle, capsys):
+    assert main(["check-trt", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == 6 and "within what TensorRT's ONNX parser accepts" in out
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name = 'x'\nopset = ", "is invalid"),
+    ("name = 'x'\n[batch]\nmin = 8\nmax = 4\n", "batch needs 1 <= min <= opt <= max"),
+    ("name = 'x'\nprecision = 'int8'\n", "precision must be fp32 or fp16"),
+    ("name = 'x'\ncolour = 'red'\n", "is invalid"),
+])
+def test_a_broken_profile_file_is_refused_with_its_problem(factor_run, tmp_path, capsys, content, message):
+    profile = tmp_path / "mine.toml"
+    profile.write_text(content)
+    _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", str(profile)], capsys, message)
+    assert not (tmp_path / "b").exists()
