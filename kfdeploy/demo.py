@@ -179,7 +179,7 @@ def summary_markdown(answer: Answer, teacher_bytes: Optional[int]) -> str:
 
 NO_BUNDLE = """### No bundle to show yet
 
-The demo needs a bundle of factor modules at `{path}`. Make the default one (about 14
+The demo needs a bundle of factor modules at `{path}`. Make the default one (about 15
 minutes on 2 CPU cores) and start the demo again:
 
 ```
