@@ -5,7 +5,7 @@
 For k = 1..5 selected tasks, at batch 1 (latency) and batch 64 (throughput):
 - assembly          kfdeploy.load(bundle, tasks) - the trunk once, then k task modules;
                     the default thread_pool="per-session": each session its own pool,
-                    spinning off
+                    spinning only while its run lasts
 - shared pool       the same with thread_pool="shared": one pool for the process
                     (measured in a child process, since it changes the whole process)
 - spinning pools    the same modules with ONNX Runtime's default spinning per-session
