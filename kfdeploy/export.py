@@ -297,6 +297,11 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
         # Hard links: the trunk and the other tasks stay the very same files.
         for entry in existing.entries():
             os.link(existing.file(entry["file"]), staging / entry["file"])
+        # A task being re-exported must get new files: writing through its link would
+        # rewrite the live bundle's file before the swap.
+        for task in tasks:
+            for stale in (f"tasks/{task}.onnx", f"weights/tasks/{task}.safetensors"):
+                (staging / stale).unlink(missing_ok=True)
         trunk_file = manifest["trunk"]["file"]
     else:
         trunk_file = "trunk.onnx"

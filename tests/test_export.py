@@ -261,3 +261,14 @@ def test_a_broken_profile_file_is_refused_with_its_problem(factor_run, tmp_path,
     profile.write_text(content)
     _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", str(profile)], capsys, message)
     assert not (tmp_path / "b").exists()
+
+
+def test_re_exporting_a_task_into_a_bundle_writes_a_new_file_not_the_live_one(bundle_copy, factor_run, tmp_path):
+    live = bundle_copy / "tasks" / "shape.onnx"
+    witness = tmp_path / "old-shape.onnx"
+    os.link(live, witness)  # the inode the live bundle used before the export
+    before = (witness.stat().st_mtime_ns, witness.read_bytes())
+    assert main(["export", str(factor_run), "--out", str(bundle_copy), "--tasks", "shape", "--into"]) == 0
+    assert live.stat().st_ino != witness.stat().st_ino
+    assert (witness.stat().st_mtime_ns, witness.read_bytes()) == before
+    assert main(["verify", str(bundle_copy)]) == 0
