@@ -20,6 +20,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import KfError
+from .runtime import Assembly, Timings, engines_for_this_device
 
 DEFAULT_BUNDLE = Path("runs/quickstart/bundle")
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
@@ -33,7 +34,7 @@ class Answer:
     seen: Optional[np.ndarray] = None  # 64x64 uint8, what the model was given
     notes: List[str] = field(default_factory=list)
     truth: Dict[str, str] = field(default_factory=dict)
-    timings_ms: Dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     sizes: Dict[str, int] = field(default_factory=dict)
 
 
@@ -84,15 +85,11 @@ class Demo:
         self._lock = threading.Lock()
 
     def backends(self) -> List[str]:
-        from .runtime import engines_for_this_device
-
         engines, _ = engines_for_this_device(self.bundle.manifest)
         return ["onnxruntime", "torch"] + (["tensorrt"] if engines else [])
 
     def assembly(self, backend: str, tasks: List[str]):
         """The backend's assembly with exactly `tasks` selected, by adding and removing only."""
-        from .runtime import Assembly
-
         if backend not in self._assemblies:
             self._assemblies[backend] = Assembly(self.bundle, backend, [], log=lambda s: None)
         model = self._assemblies[backend]
@@ -113,7 +110,7 @@ class Demo:
             timings = model.last_timings
             sizes = model.module_bytes()
         labelled = {t: {label: float(p) for label, p in zip(model.labels(t), scores[t][0])} for t in tasks}
-        return Answer(labelled, x[0, 0], notes, truth or {}, {"trunk": timings.trunk_ms, **timings.tasks_ms}, sizes)
+        return Answer(labelled, x[0, 0], notes, truth or {}, timings, sizes)
 
     def teacher_bytes(self) -> Optional[int]:
         parameters = self.bundle.manifest.get("source", {}).get("teacher_parameters")
@@ -167,8 +164,9 @@ def summary_markdown(answer: Answer, teacher_bytes: Optional[int]) -> str:
             verdict = "**right**" if predicted == answer.truth[task] else "**wrong**"
             rows.append(f"| {task} | {answer.truth[task]} | {predicted} | {verdict} |")
         blocks.append("\n".join(rows))
-    split = ", ".join(f"{name} {ms:.2f} ms" for name, ms in answer.timings_ms.items())
-    blocks.append(f"**Latency** {sum(answer.timings_ms.values()):.2f} ms: {split}")
+    timings = answer.timings
+    split = ", ".join(f"{name} {ms:.2f} ms" for name, ms in {"trunk": timings.trunk_ms, **timings.tasks_ms}.items())
+    blocks.append(f"**Latency** {timings.total_ms:.2f} ms: {split}")
     total = sum(answer.sizes.values())
     teacher = f" (the full teacher: {teacher_bytes / 1e6:.2f} MB)" if teacher_bytes else ""
     blocks.append(f"**Size** of the assembled modules: {total / 1e6:.2f} MB{teacher}")
