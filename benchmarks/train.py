@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kfdeploy.cli import QUICKSTART_FACTORIZE_STEPS, QUICKSTART_TEACHER_STEPS

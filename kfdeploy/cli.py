@@ -164,7 +164,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_bundle, load_profile, verify_bundle
+    from .export import export_bundle, load_profile
 
     tasks = args.tasks.split(",") if args.tasks else None
     out = export_bundle(args.run, args.out, tasks=tasks, profile=load_profile(args.profile), into=args.into, archive=args.archive)

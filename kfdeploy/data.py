@@ -183,8 +183,6 @@ class DatasetSource:
         self.world_size = world_size
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
-        import torch
-
         n = len(self.dataset)
         per_step = batch_size * self.world_size
         steps_per_epoch = max(1, n // per_step)

@@ -208,7 +208,7 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE):
                             elem_id="bad-bundle")
             return app
 
-        from .data import SHAPES, TASK_NAMES
+        from .data import SHAPES
 
         with gr.Row():
             with gr.Column(scale=1):
