@@ -159,11 +159,12 @@ from runtime import rss_mb
 x = np.zeros((64, 1, 64, 64), np.float32)
 base = rss_mb()
 model = kfdeploy.load({bundle!r}, tasks=[], log=lambda s: None)
-model(x)
+call = lambda: (model(x[:1]), model(x))  # both sizes, as a live app sees them
+call()
 rows = [{{"tasks": 0, "rss_mb": rss_mb() - base}}]
 for task in {tasks!r}:
     model.add_task(task)
-    model(x)
+    call()
     rows.append({{"tasks": len(model.tasks), "rss_mb": rss_mb() - base}})
 print(json.dumps(rows))
 """
