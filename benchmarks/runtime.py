@@ -287,6 +287,47 @@ def print_report(result: dict) -> None:
     f = result["flops_per_image"]
     print(f"MFLOP per image: trunk {f['trunk'] / 1e6:.1f}, each task {f[next(k for k in f if k not in ('trunk', 'teacher'))] / 1e6:.1f}, teacher {f['teacher'] / 1e6:.1f}")
     print("resident memory above an idle process (MB): " + ", ".join(f"{m['tasks']} tasks {m['rss_mb']:.1f}" for m in result["memory_mb"]))
+    print("\ngoals (per-session default | shared pool):")
+    for line in goal_lines(result):
+        print("  " + line)
+    print("\nfor README.md:\n" + markdown_table(result))
+
+
+def goal_lines(result: dict) -> list:
+    """The issue's goals, each as the range over k of both thread setups and whether it holds."""
+    def span(batch, variant, baseline, invert=False):
+        ratios = []
+        for r in (r for r in result["rows"] if r["batch"] == batch):
+            ratio = r["ms"][variant] / r["ms"][baseline]
+            ratios.append(1 / ratio if invert else ratio)
+        return min(ratios), max(ratios)
+
+    def verdict(lo, hi, ok):
+        return f"{lo:.2f}-{hi:.2f}x ({'met' if ok(lo, hi) else 'NOT met'})"
+
+    lines = []
+    for batch, limit in ((64, 1.05), (1, 1.20)):
+        cells = [verdict(*span(batch, v, "fused"), lambda lo, hi: hi <= limit) for v in ("assembly", "shared pool")]
+        lines.append(f"time vs fused at batch {batch}, goal <= {limit:.2f}x: " + " | ".join(cells))
+    cells = [verdict(*span(1, "torch eager", v), lambda lo, hi: lo >= 8) for v in ("assembly", "shared pool")]
+    lines.append("speed-up over torch eager at batch 1, goal >= 8x: " + " | ".join(cells)
+                 + f"; the fused graph itself: {verdict(*span(1, 'torch eager', 'fused'), lambda lo, hi: lo >= 8)}")
+    last = [r for r in result["rows"] if r["batch"] == 64][-1]
+    gain = last["ms"]["independent"] / last["ms"]["assembly"]
+    lines.append(f"all tasks at batch 64 vs independent networks, goal >= 2x throughput: {gain:.2f}x ({'met' if gain >= 2 else 'NOT met'})")
+    return lines
+
+
+def markdown_table(result: dict, ks=(1, 3, 5)) -> str:
+    """The README's table: the assembly absolute, every other variant as time relative to it."""
+    others = [n for n in result["rows"][0]["ms"] if n != "assembly"]
+    lines = ["| k | batch | assembly | " + " | ".join(others) + " |", "|---" * (3 + len(others)) + "|"]
+    for batch in BATCHES:
+        for row in (r for r in result["rows"] if r["batch"] == batch and r["tasks"] in ks):
+            absolute = f"{row['ms']['assembly']:.2f} ms" if batch == 1 else f"{row['images_per_s']['assembly']:.0f} img/s"
+            lines.append(f"| {row['tasks']} | {batch} | {absolute} | "
+                         + " | ".join(f"{row['slowdown_vs_assembly'][n]:.2f}x" for n in others) + " |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -301,6 +342,7 @@ def plot(result: dict, path: Path) -> None:
         for name in rows[0]["ms"]:
             values = [r["ms"][name] if batch == 1 else r["images_per_s"][name] for r in rows]
             ax.plot([r["tasks"] for r in rows], values, marker="o", label=name)
+        ax.set_xticks([r["tasks"] for r in rows])
         ax.set_xlabel("selected tasks (k)")
         ax.set_ylabel("latency (ms)" if batch == 1 else "throughput (images/s)")
         ax.set_title(f"batch {batch}")
