@@ -115,9 +115,9 @@ class OrtModule:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # A per-session arena keeps the peak of every batch size it has seen: trunk + 5
-        # tasks grew to 143 MB after batches of 1 and 64, against 48 MB without it, and
-        # without it batch 64 ran 7% faster (benchmarks/runtime.py measures both).
+        # A per-session arena keeps the peak of every batch size it has served: trunk + 5
+        # tasks grew to ~140 MB after batches of 1 and 64, against ~50 MB without it, and
+        # batch 64 was no slower without it.
         options.enable_cpu_mem_arena = False
         if thread_pool == "shared" or _shared_pool:  # once shared, per-session pools are refused
             use_shared_thread_pool(threads)
