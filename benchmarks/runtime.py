@@ -277,10 +277,10 @@ def print_report(result: dict) -> None:
         metric = "latency ms" if batch == 1 else "images/s"
         print(f"\nbatch {batch} ({metric}; in brackets: time relative to the assembly)")
         print(f"{'k':>2} " + " ".join(f"{n:>20}" for n in names))
-        for row in (r for r in result["rows"] if r["batch"] == batch):
+        for row in rows_at(result, batch):
             values = row["ms"] if batch == 1 else row["images_per_s"]
             print(f"{row['tasks']:>2} " + " ".join(f"{values[n]:>11.2f} ({row['slowdown_vs_assembly'][n]:>5.2f}x)" for n in names))
-    last = [r for r in result["rows"] if r["batch"] == 64][-1]
+    last = rows_at(result, 64)[-1]
     peak = result["peak"]
     print(f"\nassembly at batch 64, 5 tasks: {last['assembly_gflops']:.1f} GFLOP/s; peak {peak['peak_gflops']:.0f} GFLOP/s "
           f"({peak['cores']} cores x {peak['clock_ghz']:.2f} GHz x 2 flops x {peak['fp32_lanes']} fp32 lanes x {peak['fma_ports']} FMA ports)")
@@ -293,28 +293,32 @@ def print_report(result: dict) -> None:
     print("\nfor README.md:\n" + markdown_table(result))
 
 
+def rows_at(result: dict, batch: int) -> list:
+    return [r for r in result["rows"] if r["batch"] == batch]
+
+
 def goal_lines(result: dict) -> list:
     """The issue's goals, each as the range over k of both thread setups and whether it holds."""
-    def span(batch, variant, baseline, invert=False):
-        ratios = []
-        for r in (r for r in result["rows"] if r["batch"] == batch):
-            ratio = r["ms"][variant] / r["ms"][baseline]
-            ratios.append(1 / ratio if invert else ratio)
+    def ratio_range(batch, numerator, denominator):
+        ratios = [r["ms"][numerator] / r["ms"][denominator] for r in rows_at(result, batch)]
         return min(ratios), max(ratios)
 
-    def verdict(lo, hi, ok):
-        return f"{lo:.2f}-{hi:.2f}x ({'met' if ok(lo, hi) else 'NOT met'})"
+    def verdict(value_range, met):
+        low, high = value_range
+        shown = f"{low:.2f}x" if low == high else f"{low:.2f}-{high:.2f}x"
+        return f"{shown} ({'met' if met else 'NOT met'})"
 
     lines = []
     for batch, limit in ((64, 1.05), (1, 1.20)):
-        cells = [verdict(*span(batch, v, "fused"), lambda lo, hi: hi <= limit) for v in ("assembly", "shared pool")]
+        cells = [verdict(r, r[1] <= limit) for r in (ratio_range(batch, v, "fused") for v in ("assembly", "shared pool"))]
         lines.append(f"time vs fused at batch {batch}, goal <= {limit:.2f}x: " + " | ".join(cells))
-    cells = [verdict(*span(1, "torch eager", v), lambda lo, hi: lo >= 8) for v in ("assembly", "shared pool")]
-    lines.append("speed-up over torch eager at batch 1, goal >= 8x: " + " | ".join(cells)
-                 + f"; the fused graph itself: {verdict(*span(1, 'torch eager', 'fused'), lambda lo, hi: lo >= 8)}")
-    last = [r for r in result["rows"] if r["batch"] == 64][-1]
+    speedups = {v: ratio_range(1, "torch eager", v) for v in ("assembly", "shared pool", "fused")}
+    cells = {v: verdict(r, r[0] >= 8) for v, r in speedups.items()}
+    lines.append(f"speed-up over torch eager at batch 1, goal >= 8x: {cells['assembly']} | {cells['shared pool']}; "
+                 f"the fused graph itself: {cells['fused']}")
+    last = rows_at(result, 64)[-1]
     gain = last["ms"]["independent"] / last["ms"]["assembly"]
-    lines.append(f"all tasks at batch 64 vs independent networks, goal >= 2x throughput: {gain:.2f}x ({'met' if gain >= 2 else 'NOT met'})")
+    lines.append(f"all tasks at batch 64 vs independent networks, goal >= 2x throughput: {verdict((gain, gain), gain >= 2)}")
     return lines
 
 
@@ -323,7 +327,7 @@ def markdown_table(result: dict, ks=(1, 3, 5)) -> str:
     others = [n for n in result["rows"][0]["ms"] if n != "assembly"]
     lines = ["| k | batch | assembly | " + " | ".join(others) + " |", "|---" * (3 + len(others)) + "|"]
     for batch in BATCHES:
-        for row in (r for r in result["rows"] if r["batch"] == batch and r["tasks"] in ks):
+        for row in (r for r in rows_at(result, batch) if r["tasks"] in ks):
             absolute = f"{row['ms']['assembly']:.2f} ms" if batch == 1 else f"{row['images_per_s']['assembly']:.0f} img/s"
             lines.append(f"| {row['tasks']} | {batch} | {absolute} | "
                          + " | ".join(f"{row['slowdown_vs_assembly'][n]:.2f}x" for n in others) + " |")
@@ -338,7 +342,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, batch in zip(axes, BATCHES):
-        rows = [r for r in result["rows"] if r["batch"] == batch]
+        rows = rows_at(result, batch)
         for name in rows[0]["ms"]:
             values = [r["ms"][name] if batch == 1 else r["images_per_s"][name] for r in rows]
             ax.plot([r["tasks"] for r in rows], values, marker="o", label=name)
