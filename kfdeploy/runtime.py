@@ -294,13 +294,15 @@ class Assembly:
         common = self._trunk.run({"image": x})
         timings.trunk_ms = (time.perf_counter() - started) * 1e3
         out = {}
+        # Runs back to back, softmax after: an ONNX Runtime pool woken again soon finds its
+        # threads still awake, while numpy work in between let them sleep (at batch 1 with
+        # 5 tasks, softmax in between cost 0.08 ms of wake-ups for 0.02 ms of arithmetic).
         for task, module in selected.items():
             started = time.perf_counter()
-            result = module.run({"image": x, "common": common})
+            out[task] = module.run({"image": x, "common": common})
             timings.tasks_ms[task] = (time.perf_counter() - started) * 1e3
-            out[task] = result if logits else _softmax(result)
         self._local.timings = timings
-        return out
+        return out if logits else {task: _softmax(scores) for task, scores in out.items()}
 
     __call__ = run
 
