@@ -14,7 +14,9 @@ For k = 1..5 selected tasks, at batch 1 (latency) and batch 64 (throughput):
 - independent       k separate factor networks, each a full trunk + its task
 - teacher           the monolithic 5-task teacher as one ONNX graph (same cost for any k)
 - torch eager       the same trunk + k tasks in PyTorch
-Ratios are to the assembly. Also: achieved GFLOP/s at batch 64 against the CPU's peak
+Ratios are to the assembly, each measured with the variant and the assembly taking turns
+(time_in_turns): this VM drifts 10-20% within seconds, which timing one after the other
+turned into differences of that size. Also: achieved GFLOP/s at batch 64 against the CPU's peak
 FP32 rate, and resident memory as tasks are added. Writes results/runtime-<device>.json
 and .png. Run it alone: another busy process on 2 cores distorts everything.
 """
@@ -37,6 +39,7 @@ import torch
 import kfdeploy
 from kfdeploy.bundle import Bundle
 from kfdeploy.data import SpritesSource
+from kfdeploy.fuse import fuse_bundle
 from kfdeploy.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
 from kfdeploy.runs import load_teacher
 from kfdeploy.runtime import OrtModule, physical_cores
@@ -45,16 +48,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
 
 
-def time_call(fn, seconds: float = 0.8, min_calls: int = 10) -> float:
-    """Median seconds per call after a warm-up."""
-    for _ in range(3):
-        fn()
-    samples, started = [], time.perf_counter()
-    while time.perf_counter() - started < seconds or len(samples) < min_calls:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def time_in_turns(variants: dict, seconds: float, turn_seconds: float = 0.25, settle_seconds: float = 0.05) -> dict:
+    """Median seconds per call of each variant, the variants taking turns.
+
+    This VM's speed drifts by 10-20% within seconds. Timed one after another, variants
+    would differ by whenever they happened to run; taking turns spreads the drift over
+    all of them, so their ratios hold still. Turns are long and their first calls are
+    not counted: the variant before may leave its threads spinning for milliseconds
+    (PyTorch's OpenMP pool, ONNX Runtime's default pools), and the caches hold its data.
+    """
+    samples = {name: [] for name in variants}
+    for _ in range(max(2, round(seconds / turn_seconds))):
+        for name, fn in variants.items():
+            turn_started = time.perf_counter()
+            fn()  # never counted: it meets the previous variant's spinning threads
+            calls = []  # (when it started in the turn, how long it took)
+            while not calls or calls[-1][0] < turn_seconds:
+                started = time.perf_counter()
+                fn()
+                calls.append((started - turn_started, time.perf_counter() - started))
+            settled = [took for at, took in calls if at >= settle_seconds]
+            samples[name] += settled or [calls[-1][1]]
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
@@ -103,32 +118,35 @@ print(json.dumps(child_rows({bundle!r}, {mode!r}, {seconds!r})))
 
 
 def child_rows(bundle_path: str, mode: str, seconds: float) -> dict:
-    """ms per call of trunk + k tasks in a fresh process: mode "shared" or "spinning"."""
+    """Seconds per call of trunk + k tasks in a fresh process, mode "shared" or "spinning",
+    each next to the fused graph on the same thread setup (so the pair shares the drift)."""
     import onnxruntime as ort
 
     bundle = Bundle.open(bundle_path)
     images = SpritesSource().heldout(64)[0].numpy()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
     if mode == "shared":
         model = kfdeploy.load(bundle, tasks=[], thread_pool="shared", log=lambda s: None)
+        options.use_per_session_threads = False  # the only kind of session ONNX Runtime allows now
         add, call = model.add_task, lambda x: model(x)
     else:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         options.intra_op_num_threads = physical_cores()
-        session = lambda file: ort.InferenceSession(str(bundle.file(file)), options, providers=["CPUExecutionProvider"])  # noqa: E731
-        trunk, selected = session(bundle.manifest["trunk"]["file"]), {}
-        add = lambda task: selected.update({task: session(bundle.task(task)["file"])})  # noqa: E731
+        trunk, selected = session_with(options, bundle.file(bundle.manifest["trunk"]["file"])), {}
+        add = lambda task: selected.update({task: session_with(options, bundle.file(bundle.task(task)["file"]))})  # noqa: E731
 
         def call(x):
             common = trunk.run(None, {"image": x})[0]
             return [s.run(None, {"image": x, "common": common}) for s in selected.values()]
 
+    work = Path(tempfile.mkdtemp(prefix="kf-runtime-bench-"))
     rows = {}
     for k, task in enumerate(bundle.tasks, start=1):
         add(task)
+        fused = session_with(options, fuse_bundle(bundle, bundle.tasks[:k], work / f"fused-{k}.onnx"))
         for batch in BATCHES:
             x = np.ascontiguousarray(images[:batch])
-            rows[f"{k},{batch}"] = time_call(lambda: call(x), seconds)
+            rows[f"{k},{batch}"] = time_in_turns({"variant": lambda: call(x), "fused": lambda: fused.run(None, {"image": x})}, seconds)
     return rows
 
 
@@ -138,13 +156,19 @@ def in_child(bundle: Path, mode: str, seconds: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def session_with(options, path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def default_session(path: Path):
     """A single session as ONNX Runtime sets it up by default: its best when alone."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session_with(options, path)
 
 
 def rss_mb() -> float:
@@ -206,8 +230,8 @@ def main() -> None:
     threads = physical_cores()
     torch.set_num_threads(threads)
     # One at a time: nothing may run beside a measurement.
-    child_ms = {"shared pool": in_child(args.bundle, "shared", args.seconds),
-                "spinning pools": in_child(args.bundle, "spinning", args.seconds)}
+    child_seconds = {"shared pool": in_child(args.bundle, "shared", args.seconds),
+                     "spinning pools": in_child(args.bundle, "spinning", args.seconds)}
     bundle = Bundle.open(args.bundle)
     tasks = bundle.tasks
     images = SpritesSource().heldout(64)[0].numpy()
@@ -237,8 +261,7 @@ def main() -> None:
                 c = reference.forward_features(xt)
                 return [reference.tasks[t](xt, c) for t in selected]
 
-        variants = {
-            "assembly": lambda x: assembly(x),
+        others = {
             "fused": lambda x: fused.run(None, {"image": x}),
             "independent": lambda x: [standalone[t].run({"image": x}) for t in selected],
             "teacher": lambda x: teacher_session.run(None, {"image": x}),
@@ -247,8 +270,16 @@ def main() -> None:
         flops = trunk_flops + sum(task_flops[t] for t in selected)
         for batch in BATCHES:
             x = np.ascontiguousarray(images[:batch])
-            seconds = {name: time_call(lambda: fn(x), args.seconds) for name, fn in variants.items()}
-            seconds.update({name: rows_ms[f"{k},{batch}"] for name, rows_ms in child_ms.items()})
+            # Each variant takes turns with the assembly alone, so that a variant's spinning
+            # threads (PyTorch's, a default ONNX Runtime pool's) never touch a third one's times.
+            pairs = {name: time_in_turns({"assembly": lambda: assembly(x), name: lambda fn=fn: fn(x)}, args.seconds)
+                     for name, fn in others.items()}
+            seconds = {"assembly": statistics.median(pair["assembly"] for pair in pairs.values())}
+            seconds.update({name: pair[name] / pair["assembly"] * seconds["assembly"] for name, pair in pairs.items()})
+            # A child's variant, scaled by its own fused graph to this process's fused graph.
+            for name, child in child_seconds.items():
+                pair = child[f"{k},{batch}"]
+                seconds[name] = pair["variant"] / pair["fused"] * seconds["fused"]
             row = {"tasks": k, "batch": batch, "ms": {n: s * 1e3 for n, s in seconds.items()},
                    "images_per_s": {n: batch / s for n, s in seconds.items()},
                    "slowdown_vs_assembly": {n: s / seconds["assembly"] for n, s in seconds.items()},
