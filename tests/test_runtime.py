@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 import kfdeploy
-from kfdeploy import KfError
+from kfdeploy import KfError, runtime
 from kfdeploy.cli import main
 from kfdeploy.data import TASK_NAMES, render
 
@@ -72,6 +72,46 @@ def test_backends_agree_within_the_export_tolerance(bundle, images):
         assert np.abs(torch_out[task] - reference[task]).max() <= 1e-4
         assert (torch_out[task].argmax(1) == reference[task].argmax(1)).all()
         np.testing.assert_array_equal(tensorrt_out[task], reference[task])
+
+
+GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("installed, gpu, expected, why", [
+    (GPU_EPS, True, GPU_EPS, "a CUDA GPU is visible"),
+    (GPU_EPS, False, ["CPUExecutionProvider"], "installed, but no CUDA GPU is visible"),
+    (GPU_EPS[1:], True, GPU_EPS[1:], "a CUDA GPU is visible"),
+    (["CPUExecutionProvider"], True, ["CPUExecutionProvider"], "no CUDA or TensorRT provider is installed"),
+])
+def test_providers_follow_what_is_installed_and_whether_a_gpu_is_there(monkeypatch, installed, gpu, expected, why):
+    # What this machine cannot show for real (onnxruntime-gpu, a GPU), faked at the two
+    # places the choice asks: the installed providers and the CUDA driver.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: installed)
+    monkeypatch.setattr(runtime, "_gpu_visible", lambda: gpu)
+    providers, line = runtime.choose_providers()
+    assert providers == expected
+    assert why in line and ", ".join(expected) in line
+
+
+def test_asking_for_a_provider_that_is_not_installed_names_the_installed_ones():
+    with pytest.raises(KfError, match="CUDAExecutionProvider.*not available here; available: .*CPUExecutionProvider"):
+        runtime.choose_providers(["CUDAExecutionProvider"])
+
+
+def test_the_tensorrt_backend_takes_only_engines_built_for_this_gpu(monkeypatch):
+    from kfdeploy import tensorrt as trt_backend
+
+    orin = {"gpu": "Orin", "compute_capability": "8.7", "tensorrt": "10.3.0.30", "cuda": "12.6"}
+    h100 = {"gpu": "NVIDIA H100", "compute_capability": "9.0", "tensorrt": "10.3.0.30", "cuda": "12.6"}
+    monkeypatch.setattr(trt_backend, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_backend, "device_signature", lambda: orin)
+    engine = lambda module, device, builder="tensorrt": {"module": module, "device": device, "builder": builder, "file": f"{module}.plan"}  # noqa: E731
+    manifest = {"engines": [engine("trunk", h100), engine("shape", h100), engine("trunk", orin), engine("shape", orin),
+                            engine("scale", orin, builder="torch-tensorrt")]}
+    engines, why = runtime.engines_for_this_device(manifest)
+    assert why == "" and set(engines) == {"trunk", "shape"} and all(e["device"] == orin for e in engines.values())
+    engines, why = runtime.engines_for_this_device({"engines": manifest["engines"][:2]})
+    assert engines is None and "no TensorRT engine for this device (orin-sm87-trt10.3)" in why and "kfdeploy build-engines" in why
 
 
 def test_the_fused_graph_runs_in_plain_onnxruntime_and_matches_the_assembly(model, images, tmp_path):
