@@ -73,7 +73,9 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[st
 
 
 THREAD_POOLS = ("per-session", "shared")
-_shared_pool: Dict[str, int] = {}
+# {"threads": n} once this process runs on ONNX Runtime's global pool: made by
+# use_shared_thread_pool (n threads), or found made by the app itself (n = None).
+_shared_pool: Dict[str, Optional[int]] = {}
 
 
 def use_shared_thread_pool(threads: int) -> None:
@@ -84,10 +86,17 @@ def use_shared_thread_pool(threads: int) -> None:
     refuses sessions that ask for a pool of their own.
     """
     import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-    if not _shared_pool:
+    if _shared_pool:
+        return
+    try:
         ort.set_global_thread_pool_sizes(threads, 1)
         _shared_pool["threads"] = threads
+    except Fail as exc:
+        if "already been created" not in str(exc):
+            raise
+        _shared_pool["threads"] = None  # the app made the pool first; share the app's
 
 
 def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], str]:
@@ -131,7 +140,17 @@ class OrtModule:
             # the fast wake-ups (0.71 ms at batch 1 vs 0.85 with spinning off) without that.
             options.add_session_config_entry("session.intra_op.allow_spinning", "1")
             options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except RuntimeError as exc:
+            if "global thread pool" not in str(exc):
+                raise
+            # The app set up ONNX Runtime's global pool itself (set_global_thread_pool_sizes),
+            # so sessions of their own are refused: join the app's pool, now and from now on.
+            _shared_pool.setdefault("threads", None)
+            options.use_per_session_threads = False
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.joined_global_pool = not options.use_per_session_threads
         self.providers = self.session.get_providers()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -209,6 +228,9 @@ class Assembly:
             self.providers = ["tensorrt"]
             log(f"tensorrt: using engines built for {self._engines['trunk']['device'].get('gpu')}")
         self._trunk = self._make_module("trunk")
+        if getattr(self._trunk, "joined_global_pool", False) and self.thread_pool == "per-session":
+            self.thread_pool = "shared"
+            log("onnxruntime: this process already runs ONNX Runtime's global thread pool; the sessions join it")
         for task in tasks:
             self.add_task(task)
 
@@ -356,7 +378,8 @@ def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxrunt
     fingerprint differs from the bundle's trunk is refused. `thread_pool="shared"` runs all
     sessions of the process on one ONNX Runtime pool: fastest (see benchmarks/runtime.py),
     but from then on every ONNX Runtime session in the process, yours too, must set
-    `use_per_session_threads = False`. The default gives each session its own pool.
+    `use_per_session_threads = False`. The default gives each session its own pool, unless
+    the app already made ONNX Runtime's global pool itself: then the sessions join that.
     """
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     log = log or (lambda line: print(line, file=sys.stderr))

@@ -243,16 +243,24 @@ def test_run_command_refuses_an_unreadable_file(bundle, tmp_path, capsys):
 
 
 SHARED_POOL = """
-import sys, numpy as np, kfdeploy
-bundle, images = sys.argv[1], np.load(sys.argv[2])
-shared = kfdeploy.load(bundle, tasks=["shape", "pos_y"], thread_pool="shared", log=lambda s: None)
+import sys, numpy as np, onnxruntime, kfdeploy
+bundle, images, made_by, asked = sys.argv[1], np.load(sys.argv[2]), sys.argv[4], sys.argv[5]
+if made_by == "app":  # an app that tunes ONNX Runtime itself, before it loads a bundle
+    onnxruntime.set_global_thread_pool_sizes(2, 1)
+lines = []
+shared = kfdeploy.load(bundle, tasks=["shape", "pos_y"], thread_pool=asked, log=lines.append)
+assert shared.thread_pool == "shared", lines
+if asked == "per-session":
+    assert any("already runs ONNX Runtime's global thread pool" in line for line in lines), lines
 np.save(sys.argv[3], shared(images, logits=True)["pos_y"])
 """
 
 
-def test_a_shared_thread_pool_gives_the_same_answers(bundle, model, images, tmp_path):
+@pytest.mark.parametrize("made_by, asked", [("kfdeploy", "shared"), ("app", "per-session"), ("app", "shared")])
+def test_a_shared_thread_pool_gives_the_same_answers(bundle, model, images, tmp_path, made_by, asked):
     np.save(tmp_path / "in.npy", images)
-    subprocess.run([sys.executable, "-c", SHARED_POOL, str(bundle), str(tmp_path / "in.npy"), str(tmp_path / "out.npy")], check=True)
+    subprocess.run([sys.executable, "-c", SHARED_POOL, str(bundle), str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), made_by, asked],
+                   check=True)
     reference = kfdeploy.load(bundle, tasks=["pos_y"], **QUIET)(images, logits=True)["pos_y"]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference, atol=1e-5)
 
