@@ -293,8 +293,17 @@ class Assembly:
         if array.dtype == np.uint8:
             return array.astype(np.float32) / 255.0  # as the manifest's input.uint8 says
         array = array.astype(np.float32, copy=False)
-        if not np.isfinite(array).all():
-            raise KfError("images contain NaN or infinite values")
+        if array.size:
+            # min and max carry any NaN or inf with them: one check for both mistakes.
+            low, high = float(array.min()), float(array.max())
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise KfError("images contain NaN or infinite values")
+            lowest, highest = spec.get("range", (-np.inf, np.inf))
+            slack = 1e-3 * (highest - lowest)  # resampling may overshoot by a rounding error
+            if low < lowest - slack or high > highest + slack:
+                raise KfError(
+                    f"images must lie in [{lowest:g}, {highest:g}] (the manifest's input.range), got values from "
+                    f"{low:g} to {high:g}; scale them first (uint8 images are divided by 255 for you)")
         return np.ascontiguousarray(array)
 
     def run(self, images, tasks: Optional[Iterable[str]] = None, logits: bool = False) -> Dict[str, np.ndarray]:

@@ -175,6 +175,8 @@ def test_many_threads_get_the_same_answers_while_tasks_come_and_go(bundle, image
     (np.array([[["a"]]]), "must be numeric"),
     (np.full((1, 1, 64, 64), np.nan, np.float32), "NaN or infinite"),
     (np.full((1, 1, 64, 64), np.inf, np.float32), "NaN or infinite"),
+    (np.full((1, 1, 64, 64), 255.0, np.float32), r"must lie in \[0, 1\].*got values from 255 to 255; scale them"),
+    (np.full((1, 1, 64, 64), -0.5), r"must lie in \[0, 1\].*from -0.5 to -0.5"),
 ])
 def test_bad_images_are_refused_with_a_clear_message(model, bad, message):
     with pytest.raises(KfError, match=message.replace("(", r"\(").replace(")", r"\)")):
