@@ -14,7 +14,8 @@ For k = 1..5 selected tasks, at batch 1 (latency) and batch 64 (throughput):
 - independent       k separate factor networks, each a full trunk + its task
 - teacher           the monolithic 5-task teacher as one ONNX graph (same cost for any k)
 - torch eager       the same trunk + k tasks in PyTorch
-Ratios are to the assembly, each measured with the variant and the assembly taking turns
+Every variant returns logits, so all do the same work (the assembly's default softmax adds
+about 0.005 ms per task). Ratios are to the assembly, each measured with the variant and the assembly taking turns
 (time_in_turns): this VM drifts 10-20% within seconds, which timing one after the other
 turned into differences of that size. Also: achieved GFLOP/s at batch 64 against the CPU's peak
 FP32 rate, and resident memory as tasks are added. Writes results/runtime-<device>.json
@@ -142,7 +143,7 @@ def child_rows(bundle_path: str, mode: str, seconds: float) -> dict:
     if mode == "shared":
         model = kfdeploy.load(bundle, tasks=[], thread_pool="shared", log=lambda s: None)
         options.use_per_session_threads = False  # the only kind of session ONNX Runtime allows now
-        add, call = model.add_task, lambda x: model(x)
+        add, call = model.add_task, lambda x: model(x, logits=True)
     else:
         options.intra_op_num_threads = physical_cores()
         trunk, selected = session_with(options, bundle.file(bundle.manifest["trunk"]["file"])), {}
@@ -285,7 +286,7 @@ def main() -> None:
             x = np.ascontiguousarray(images[:batch])
             # Each variant takes turns with the assembly alone, so that a variant's spinning
             # threads (PyTorch's, a default ONNX Runtime pool's) never touch a third one's times.
-            pairs = {name: time_in_turns({"assembly": lambda: assembly(x), name: lambda fn=fn: fn(x)}, args.seconds)
+            pairs = {name: time_in_turns({"assembly": lambda: assembly(x, logits=True), name: lambda fn=fn: fn(x)}, args.seconds)
                      for name, fn in others.items()}
             seconds = {"assembly": statistics.median(pair["assembly"] for pair in pairs.values())}
             seconds.update({name: pair[name] / pair["assembly"] * seconds["assembly"] for name, pair in pairs.items()})
