@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .errors import KfError
 
@@ -129,6 +129,16 @@ class Bundle:
         if name not in self.manifest["tasks"]:
             raise KfError(f"unknown task {name!r} in bundle {self.root}; available: {', '.join(self.tasks) or 'none'}")
         return self.manifest["tasks"][name]
+
+    def input_shapes(self, module: str) -> Dict[str, Tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) shape of each input of a module ("trunk" or a task), from the batch range:
+        what a TensorRT optimization profile needs."""
+        spec = self.manifest["input"]
+        batch = spec["batch"]
+        inputs = {"image": tuple(spec["shape"][1:])}
+        if module != "trunk":
+            inputs["common"] = (self.manifest["trunk"]["output"]["width"],)
+        return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
 
 
 _REQUIRED = ("format", "format_version", "producer", "input", "trunk", "tasks")

@@ -390,17 +390,6 @@ def verify_bundle(path: Path, seed: Optional[int] = None, progress=print) -> Dic
     return parity
 
 
-def engine_shapes(bundle: Bundle, module: str) -> Dict[str, Tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) shape per input of a module, from the bundle's batch range."""
-    spec = bundle.manifest["input"]
-    batch = spec["batch"]
-    image = tuple(spec["shape"][1:])
-    inputs = {"image": image}
-    if module != "trunk":
-        inputs["common"] = (bundle.manifest["trunk"]["output"]["width"],)
-    return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
-
-
 def build_engines(path: Path, precision: str = "fp16", builders: Sequence[str] = ("tensorrt",), progress=print) -> List[dict]:
     """Build a TensorRT engine per module on this machine's GPU and record it in the manifest.
 
@@ -420,7 +409,7 @@ def build_engines(path: Path, precision: str = "fp16", builders: Sequence[str] =
     records = []
     for builder in builders:
         for module, onnx_file in modules.items():
-            shapes = engine_shapes(bundle, module)
+            shapes = bundle.input_shapes(module)
             suffix = "plan" if builder == "tensorrt" else "ep"
             relative = f"engines/{module}.{slug}.{precision}.{suffix}"
             progress(f"{builder}: building {relative}")

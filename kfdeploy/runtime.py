@@ -118,7 +118,7 @@ def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], 
 class OrtModule:
     """One ONNX Runtime session; `run(feeds) -> first output`."""
 
-    def __init__(self, path: Path, providers: Sequence[str], threads: int, thread_pool: str = "per-session"):
+    def __init__(self, path: Path, providers: Sequence, threads: int, thread_pool: str = "per-session"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -219,6 +219,12 @@ class Assembly:
         if backend == "onnxruntime":
             self.providers, line = choose_providers(providers)
             log(line)
+            if "TensorrtExecutionProvider" in self.providers:
+                from . import tensorrt as trt_backend
+
+                self._trt_cache = trt_backend.ep_cache_dir(self.manifest["trunk"]["fingerprint"])
+                self._trt_cache.mkdir(parents=True, exist_ok=True)
+                log(f"onnxruntime: TensorRT engines cached in {self._trt_cache} (the first load of each module builds them)")
         elif backend == "torch":
             from .export import torch_modules
 
@@ -238,7 +244,7 @@ class Assembly:
     def _make_module(self, name: str):
         record = self.manifest["trunk"] if name == "trunk" else self.bundle.task(name)
         if self.backend == "onnxruntime":
-            return OrtModule(self.bundle.file(record["file"]), self.providers, self.threads, self.thread_pool)
+            return OrtModule(self.bundle.file(record["file"]), self._providers_for(name), self.threads, self.thread_pool)
         if self.backend == "torch":
             model = self._torch_model
             return TorchModule(model.forward_features if name == "trunk" else model.tasks[name])
@@ -248,6 +254,16 @@ class Assembly:
         if engine is None:
             raise KfError(f"no TensorRT engine for task {name!r} on this device; build it with `kfdeploy build-engines`")
         return EngineModule(trt_backend.load_engine(self.bundle.file(engine["file"])))
+
+    def _providers_for(self, module: str) -> list:
+        """The providers, with the TensorRT EP's options for this module's input shapes."""
+        if "TensorrtExecutionProvider" not in self.providers:
+            return self.providers
+        from . import tensorrt as trt_backend
+
+        precision = self.manifest.get("profile", {}).get("precision", "fp32")
+        options = trt_backend.ep_options(self.bundle.input_shapes(module), precision, self._trt_cache)
+        return [("TensorrtExecutionProvider", options) if p == "TensorrtExecutionProvider" else p for p in self.providers]
 
     def add_task(self, name: str) -> None:
         """Select one more task; the trunk is not reloaded."""

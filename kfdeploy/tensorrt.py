@@ -119,6 +119,40 @@ def signature_slug(sig: dict) -> str:
     return f"{gpu}-sm{sm}-trt{trt}"
 
 
+# -- ONNX Runtime's TensorRT execution provider ------------------------------------------
+
+def ep_cache_dir(trunk_fingerprint: str) -> Path:
+    """Where ONNX Runtime's TensorRT EP keeps engines and timings for one bundle's modules.
+
+    Not inside the bundle, which is checksummed and may be read-only: $KFDEPLOY_CACHE, else
+    the user's cache folder. ONNX Runtime names its files by graph and GPU, so one folder
+    per trunk serves every device and task that shares it.
+    """
+    root = os.environ.get("KFDEPLOY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kfdeploy"
+    return Path(root) / "trt-ep" / trunk_fingerprint[:16]
+
+
+def ep_options(shapes: Dict[str, Shapes], precision: str, cache_dir: Path) -> dict:
+    """Provider options for ONNX Runtime's TensorrtExecutionProvider (names as documented for
+    onnxruntime-gpu 1.18+).
+
+    Without an engine cache the EP builds every module's engine again in each new session,
+    minutes on a Jetson; without explicit profile shapes it builds one for the first batch
+    size it meets and again for each larger one.
+    """
+    _check_precision(precision)
+
+    def profile(which: int) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, dims[which]))}" for name, dims in shapes.items())
+
+    return {
+        "trt_fp16_enable": precision == "fp16",
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": profile(0), "trt_profile_opt_shapes": profile(1), "trt_profile_max_shapes": profile(2),
+    }
+
+
 # -- building ---------------------------------------------------------------------------
 
 def _write_atomic(path: Path, data) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 import kfdeploy
 from kfdeploy import KfError, runtime
+from kfdeploy.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.data import TASK_NAMES, render
 
@@ -91,6 +92,33 @@ def test_providers_follow_what_is_installed_and_whether_a_gpu_is_there(monkeypat
     providers, line = runtime.choose_providers()
     assert providers == expected
     assert why in line and ", ".join(expected) in line
+
+
+def test_the_tensorrt_ep_gets_an_engine_cache_and_each_modules_batch_profile(bundle, monkeypatch, tmp_path):
+    # The EP itself cannot run here: record what each session is asked for, run it on the CPU.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: GPU_EPS)
+    monkeypatch.setattr(runtime, "_gpu_visible", lambda: True)
+    monkeypatch.setenv("KFDEPLOY_CACHE", str(tmp_path / "cache"))
+    asked, real_session = {}, ort.InferenceSession
+
+    def recording_session(path, options, providers):
+        asked[path.rsplit("/", 1)[-1]] = providers
+        return real_session(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    lines = []
+    kfdeploy.load(bundle, tasks=["shape"], log=lines.append)
+    (trt, trunk_options), *rest = asked["trunk.onnx"]
+    (_, task_options), *_ = asked["shape.onnx"]
+    assert trt == "TensorrtExecutionProvider" and rest == GPU_EPS[1:]
+    manifest = Bundle.open(bundle).manifest
+    batch, width = manifest["input"]["batch"], manifest["trunk"]["output"]["width"]
+    assert trunk_options["trt_profile_min_shapes"] == f"image:{batch['min']}x1x64x64"
+    assert trunk_options["trt_profile_max_shapes"] == f"image:{batch['max']}x1x64x64"
+    assert task_options["trt_profile_opt_shapes"] == f"image:{batch['opt']}x1x64x64,common:{batch['opt']}x{width}"
+    cache = trunk_options["trt_engine_cache_path"]
+    assert trunk_options["trt_engine_cache_enable"] and cache.startswith(str(tmp_path / "cache")) and any(cache in line for line in lines)
+    assert trunk_options["trt_fp16_enable"] is False  # the bundle's profile is fp32
 
 
 def test_asking_for_a_provider_that_is_not_installed_names_the_installed_ones():
