@@ -223,7 +223,11 @@ class Assembly:
                 from . import tensorrt as trt_backend
 
                 self._trt_cache = trt_backend.ep_cache_dir(self.manifest["trunk"]["fingerprint"])
-                self._trt_cache.mkdir(parents=True, exist_ok=True)
+                try:
+                    self._trt_cache.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise KfError(f"cannot make the TensorRT engine cache {self._trt_cache} ({exc.strerror}); "
+                                  "set KFDEPLOY_CACHE to a writable folder") from None
                 log(f"onnxruntime: TensorRT engines cached in {self._trt_cache} (the first load of each module builds them)")
         elif backend == "torch":
             from .export import torch_modules

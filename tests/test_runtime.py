@@ -121,6 +121,15 @@ def test_the_tensorrt_ep_gets_an_engine_cache_and_each_modules_batch_profile(bun
     assert trunk_options["trt_fp16_enable"] is False  # the bundle's profile is fp32
 
 
+def test_an_unwritable_tensorrt_cache_is_refused_with_the_setting_that_fixes_it(bundle, monkeypatch, tmp_path):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: GPU_EPS)
+    monkeypatch.setattr(runtime, "_gpu_visible", lambda: True)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KFDEPLOY_CACHE", str(tmp_path / "file"))  # a file where the folder should go
+    with pytest.raises(KfError, match="cannot make the TensorRT engine cache .*set KFDEPLOY_CACHE to a writable folder"):
+        kfdeploy.load(bundle, tasks=["shape"], **QUIET)
+
+
 def test_asking_for_a_provider_that_is_not_installed_names_the_installed_ones():
     with pytest.raises(KfError, match="CUDAExecutionProvider.*not available here; available: .*CPUExecutionProvider"):
         runtime.choose_providers(["CUDAExecutionProvider"])
