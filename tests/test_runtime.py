@@ -151,6 +151,20 @@ def test_the_tensorrt_backend_takes_only_engines_built_for_this_gpu(monkeypatch)
     assert engines is None and "no TensorRT engine for this device (orin-sm87-trt10.3)" in why and "kfdeploy build-engines" in why
 
 
+def test_the_gpu_path_binds_inputs_once_and_keeps_common_on_the_device(bundle, images, monkeypatch):
+    # On a GPU each call uploads the image once and the trunk's common stays on the device
+    # (IOBinding). No GPU here: the same code runs with the CPU standing in for the device.
+    reference = kfdeploy.load(bundle, **QUIET)(images, logits=True)
+    monkeypatch.setattr(runtime, "io_device_for", lambda providers: "cpu")
+    bound = kfdeploy.load(bundle, **QUIET)
+    kept = bound._trunk.run_kept({"image": bound._place(images)})
+    assert isinstance(kept, ort.OrtValue) and kept.device_name().lower() == "cpu"
+    answers = bound(images, logits=True)
+    for task, logits in reference.items():
+        np.testing.assert_array_equal(answers[task], logits)
+    assert bound._trunk.run({"image": images}).shape == (len(images), kept.shape()[1])  # numpy feeds still work
+
+
 def test_the_fused_graph_runs_in_plain_onnxruntime_and_matches_the_assembly(model, images, tmp_path):
     path = model.save_fused(tmp_path / "shape_scale.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
