@@ -118,8 +118,7 @@ def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], 
 def io_device_for(providers: Sequence) -> Optional[str]:
     """Where the sessions' inputs and outputs should stay between modules: "cuda" when the
     first provider computes on an NVIDIA GPU; None keeps plain numpy runs (CPU)."""
-    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-    return "cuda" if first in _PROVIDER_PREFERENCE[:2] else None
+    return "cuda" if providers[0] in _PROVIDER_PREFERENCE[:2] else None
 
 
 class OrtModule:
