@@ -234,12 +234,17 @@ def export_teacher(bundle: Bundle, folder: Path) -> tuple[Path, torch.nn.Module]
     return path, teacher
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_arguments(doc: str, seconds: float) -> argparse.Namespace:
+    """What every runtime benchmark takes: the bundle, the timing window, where results go."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=Path("runs/quickstart/bundle"))
-    parser.add_argument("--seconds", type=float, default=0.8, help="timing window per measurement")
+    parser.add_argument("--seconds", type=float, default=seconds, help="timing window per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments(__doc__, seconds=0.8)
 
     threads = physical_cores()
     torch.set_num_threads(threads)

@@ -14,8 +14,8 @@ Prints the table and writes results/runtime-breakdown-cpu.json. Run it alone.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +23,16 @@ import numpy as np
 import kfdeploy
 from kfdeploy.bundle import Bundle
 from kfdeploy.data import SpritesSource
-from runtime import BATCHES, RESULTS, default_session, time_in_turns
+from runtime import BATCHES, default_session, parse_arguments, time_in_turns
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=Path("runs/quickstart/bundle"))
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing window per variant")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parse_arguments(__doc__, seconds=3.0)
 
     bundle = Bundle.open(args.bundle)
     assembly = kfdeploy.load(bundle, log=lambda s: None)
-    fused = default_session(assembly.save_fused(args.out / ".breakdown-fused.onnx"))
-    (args.out / ".breakdown-fused.onnx").unlink()
+    with tempfile.TemporaryDirectory() as work:
+        fused = default_session(assembly.save_fused(Path(work) / "fused.onnx"))
     trunk, tasks = assembly._trunk, list(assembly._tasks.values())
     images = SpritesSource().heldout(64)[0].numpy()
     rows = []
