@@ -15,10 +15,10 @@ For k = 1..5 selected tasks, at batch 1 (latency) and batch 64 (throughput):
 - teacher           the monolithic 5-task teacher as one ONNX graph (same cost for any k)
 - torch eager       the same trunk + k tasks in PyTorch
 Every variant returns logits, so all do the same work (the assembly's default softmax adds
-about 0.005 ms per task). Ratios are to the assembly, each measured with the variant and the assembly taking turns
-(time_in_turns): this VM drifts 10-20% within seconds, which timing one after the other
-turned into differences of that size. Also: achieved GFLOP/s at batch 64 against the CPU's peak
-FP32 rate, and resident memory as tasks are added. Writes results/runtime-<device>.json
+0.04-0.07 ms for 5 tasks at batch 1: benchmarks/runtime_breakdown.py). Ratios are to the
+assembly, each measured with the variant and the assembly taking turns (time_in_turns):
+this VM drifts 10-20% within seconds, which timing one after the other turned into
+differences of that size. Also: achieved GFLOP/s at batch 64 against the CPU's peak FP32 rate, and resident memory as tasks are added. Writes results/runtime-<device>.json
 and .png. Run it alone: another busy process on 2 cores distorts everything.
 """
 from __future__ import annotations
