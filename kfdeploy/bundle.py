@@ -121,6 +121,30 @@ class Bundle:
                     "was modified after export; re-export the bundle or restore the file"
                 )
 
+    def modules(self) -> Dict[str, dict]:
+        """The trunk's record, then each task's, by module name ("trunk" or the task)."""
+        return {"trunk": self.manifest["trunk"], **self.manifest["tasks"]}
+
+    def graph(self, module: str):
+        """The parsed ONNX graph of one module ("trunk" or a task), self-contained or refused.
+
+        A tensor stored as external data would be read from a path the graph names, outside
+        any checksum: the format forbids it, so it is refused here, before any session.
+        """
+        import onnx
+
+        record = self.manifest["trunk"] if module == "trunk" else self.task(module)
+        path = self.file(record["file"])
+        try:
+            model = onnx.load_model_from_string(path.read_bytes())
+        except Exception as exc:  # protobuf raises its own DecodeError, not a common base
+            raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph ({exc}); re-export the bundle") from None
+        external = next((t.name for t in _graph_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL), None)
+        if external is not None:
+            raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {external!r} in an external file, which "
+                          "bundles do not allow (it would be read outside the checksums); re-export the bundle")
+        return model
+
     @property
     def tasks(self) -> List[str]:
         return list(self.manifest["tasks"])
@@ -139,6 +163,19 @@ class Bundle:
         if module != "trunk":
             inputs["common"] = (self.manifest["trunk"]["output"]["width"],)
         return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
+
+
+def _graph_tensors(graph) -> Iterator:
+    """Every tensor a graph stores: initializers, and attribute tensors of nodes and subgraphs."""
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+                yield from _graph_tensors(subgraph)
 
 
 _REQUIRED = ("format", "format_version", "producer", "input", "trunk", "tasks")
