@@ -202,10 +202,3 @@ def collate(items, tasks: Sequence[str]) -> Batch:
         for t in tasks
     }
     return images, dict(labels)
-
-
-def iterate_dataset(dataset, tasks: Sequence[str], batch_size: int = 512):
-    """Batches over a whole (held-out) dataset, in order."""
-    for start in range(0, len(dataset), batch_size):
-        stop = min(start + batch_size, len(dataset))
-        yield collate([dataset[i] for i in range(start, stop)], tasks)
