@@ -66,10 +66,9 @@ def resolve_inside(root: Path, relative: str) -> Path:
 class Bundle:
     """A bundle folder opened for reading; `manifest` is the parsed manifest.json."""
 
-    def __init__(self, root: Path, manifest: dict, extracted_from: Optional[Path] = None):
+    def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
-        self.extracted_from = extracted_from
 
     @classmethod
     def open(cls, path: Path | str, verify: bool = True) -> "Bundle":
@@ -90,12 +89,10 @@ class Bundle:
         atexit.register(shutil.rmtree, target, True)  # the extraction lives as long as the process
         try:
             extract_archive(archive, target)
-            bundle = cls.open(target, verify)
+            return cls.open(target, verify)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
-        bundle.extracted_from = archive
-        return bundle
 
     def file(self, relative: str) -> Path:
         return resolve_inside(self.root, relative)
