@@ -63,6 +63,11 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return current
 
 
+def _checksum_mismatch(relative: str, root: Path) -> KfError:
+    return KfError(f"checksum mismatch for {relative} in bundle {root}: the file is corrupted or "
+                   "was modified after export; re-export the bundle or restore the file")
+
+
 class Bundle:
     """A bundle folder opened for reading; `manifest` is the parsed manifest.json."""
 
@@ -113,10 +118,7 @@ class Bundle:
         for entry in self.entries():
             path = self.file(entry["file"])
             if sha256_file(path) != entry["sha256"]:
-                raise KfError(
-                    f"checksum mismatch for {entry['file']} in bundle {self.root}: the file is corrupted or "
-                    "was modified after export; re-export the bundle or restore the file"
-                )
+                raise _checksum_mismatch(entry["file"], self.root)
 
     def modules(self) -> Dict[str, dict]:
         """The trunk's record, then each task's, by module name ("trunk" or the task)."""
@@ -132,8 +134,12 @@ class Bundle:
 
         record = self.manifest["trunk"] if module == "trunk" else self.task(module)
         path = self.file(record["file"])
+        data = path.read_bytes()
+        # The bytes parsed are the bytes checked: the file may have changed since open().
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise _checksum_mismatch(record["file"], self.root)
         try:
-            model = onnx.load_model_from_string(path.read_bytes())
+            model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf raises its own DecodeError, not a common base
             raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph ({exc}); re-export the bundle") from None
         external = next((t.name for t in _graph_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL), None)
