@@ -20,7 +20,7 @@ import tomllib
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,6 @@ class ExportProfile:
     batch_min: int = 1
     batch_opt: int = 64
     batch_max: int = 256
-    targets: Tuple[str, ...] = ("onnxruntime",)
 
 
 def available_profiles() -> List[str]:
@@ -68,8 +67,7 @@ def load_profile(name_or_path: str) -> ExportProfile:
         batch = data.pop("batch", {})
         profile = ExportProfile(
             name=data.pop("name", path.stem),
-            batch_min=batch.get("min", 1), batch_opt=batch.get("opt", 64), batch_max=batch.get("max", 256),
-            targets=tuple(data.pop("targets", ("onnxruntime",))), **data,
+            batch_min=batch.get("min", 1), batch_opt=batch.get("opt", 64), batch_max=batch.get("max", 256), **data,
         )
     except (tomllib.TOMLDecodeError, TypeError) as exc:
         raise KfError(f"export profile {path} is invalid ({exc}); see export/cpu-fp32.toml for the fields") from None
