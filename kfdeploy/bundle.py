@@ -10,13 +10,13 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
-import os
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from .atomic import atomic_write
 from .errors import KfError
 
 FORMAT = "kfdeploy-bundle"
@@ -229,10 +229,8 @@ def extract_archive(archive: Path, target: Path) -> None:
 
 def write_archive(bundle_dir: Path, archive: Path) -> None:
     """Pack a bundle folder into a .tar.gz whose members are all relative, regular files."""
-    tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_write(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(bundle_dir.rglob("*")):
             if path.is_file() and not path.is_symlink():
                 tar.add(path, arcname=path.relative_to(bundle_dir).as_posix(), recursive=False)
-    os.replace(tmp, archive)
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import KfError
 
 PRECISIONS = ("fp32", "fp16")
@@ -155,21 +156,6 @@ def ep_options(shapes: Dict[str, Shapes], precision: str, cache_dir: Path) -> di
 
 # -- building ---------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data) -> None:
-    """Write bytes so that `path` holds the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_engine(
     onnx_path: Path | str,
     engine_path: Path | str,
@@ -233,9 +219,11 @@ def build_engine(
     if plan is None:
         raise KfError(f"TensorRT could not build an engine from {onnx_path.name} (its log above says why); if it "
                       f"ran out of memory, give it more workspace than {workspace_bytes >> 20} MiB or lower the batch max")
-    _write_atomic(Path(engine_path), plan)
+    with atomic_write(engine_path) as tmp:
+        tmp.write_bytes(plan)
     if timing_cache_path is not None:
-        _write_atomic(timing_cache_path, config.get_timing_cache().serialize())
+        with atomic_write(timing_cache_path) as tmp:
+            tmp.write_bytes(config.get_timing_cache().serialize())
 
 
 def build_torch_tensorrt(module, example_shapes: Sequence[Shapes], precision: str, path: Path | str) -> None:
@@ -259,14 +247,8 @@ def build_torch_tensorrt(module, example_shapes: Sequence[Shapes], precision: st
         compiled = torch_tensorrt.compile(module, ir="dynamo", inputs=inputs, enabled_precisions=precisions)
         # Saving retraces the compiled module; its examples must lie in the profile's range.
         examples = [torch.rand(opt, device="cuda") for _, opt, _ in example_shapes]
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-        try:
+        with atomic_write(path) as tmp:
             torch_tensorrt.save(compiled, str(tmp), output_format="exported_program", inputs=examples)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 # -- running ----------------------------------------------------------------------------
