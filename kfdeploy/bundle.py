@@ -8,13 +8,19 @@ device with only numpy can read a bundle.
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import functools
 import hashlib
 import json
+import math
+import re
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import (Annotated, Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union, get_args,
+                    get_origin, get_type_hints)
 
 from .atomic import atomic_write
 from .errors import KfError
@@ -181,32 +187,345 @@ def _graph_tensors(graph) -> Iterator:
                 yield from _graph_tensors(subgraph)
 
 
-_REQUIRED = ("format", "format_version", "producer", "input", "trunk", "tasks")
+# -- what a manifest must hold ----------------------------------------------------------
+#
+# The schema: one small dataclass per JSON object of the format (export/BUNDLE_FORMAT.md).
+# A field's annotation is its JSON type: str, int (never a bool), float (any JSON number,
+# never a bool), bool, Optional[X] (X or null), List[X], Dict[str, X], Literal[...], a
+# nested dataclass, or plain dict/Any where readers look no deeper; Annotated[X, Rule(...)]
+# adds what a type cannot say. A field without a default must be present, one with a
+# default may be absent (and when present must match its annotation); an `invariant` ties
+# fields of one object together. Fields not named here are ignored, as the format says.
+# The classes only describe: `_validate` checks a parsed manifest against them and readers
+# keep the plain dict. A field a later format version adds comes in with a default, so
+# manifests written before it still read.
+
+TASK_NAME_RULE = "letters, digits, '_', '.' and '-', not '.' or '..'"
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_task_name(name: object) -> bool:
+    """Whether `name` may name a task: it becomes part of file names (tasks/<name>.onnx,
+    engines/<name>...), so the one rule that writers and readers share is here."""
+    return isinstance(name, str) and _TASK_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be beyond its type: `problem` returns None when it is, else a
+    detail for the message ("" for none)."""
+
+    expected: str
+    problem: Callable[[Any], Optional[str]]
+
+
+def _rule(expected: str, ok: Callable[[Any], bool]) -> Rule:
+    return Rule(expected, lambda value: None if ok(value) else "")
+
+
+Sha256 = Annotated[str, _rule("64 lowercase hex digits (a SHA-256)", lambda v: _HEX64.fullmatch(v) is not None)]
+TaskName = Annotated[str, _rule(f"a task name ({TASK_NAME_RULE})", is_task_name)]
+InsidePath = Annotated[str, Rule("a relative path inside the bundle", lambda v: _escape_reason(v))]
+Positive = Annotated[int, _rule("at least 1", lambda v: v >= 1)]
+Size = Annotated[int, _rule("at least 0", lambda v: v >= 0)]
+Shape = Annotated[list, _rule('["batch", C, H, W] with C, H and W positive integers', lambda v: (
+    len(v) == 4 and v[0] == "batch" and all(type(d) is int and d >= 1 for d in v[1:])))]
+Range = Annotated[List[float], _rule("[low, high] with finite low < high", lambda v: (
+    len(v) == 2 and all(math.isfinite(x) for x in v) and v[0] < v[1]))]
+Precision = Literal["fp32", "fp16"]
+
+
+@dataclass(kw_only=True)
+class FileRecord:
+    file: InsidePath
+    sha256: Sha256
+    bytes: Size
+
+
+@dataclass(kw_only=True)
+class Batch:
+    min: Positive
+    opt: Positive
+    max: Positive
+
+    @staticmethod
+    def invariant(batch: dict) -> Optional[Tuple[str, str]]:
+        if not batch["min"] <= batch["opt"] <= batch["max"]:
+            return "", f"must have min <= opt <= max, got {batch['min']}, {batch['opt']}, {batch['max']}"
+        return None
+
+
+@dataclass(kw_only=True)
+class Parity:
+    max_abs_err: float
+    max_rel_err: float
+    images: Size = None
+
+
+@dataclass(kw_only=True)
+class TaskParity(Parity):
+    argmax_agreement: float
+
+
+@dataclass(kw_only=True)
+class Output:
+    name: str
+    width: Positive
+
+
+@dataclass(kw_only=True)
+class Trunk(FileRecord):
+    inputs: List[str] = None
+    output: Output
+    fingerprint: Sha256
+    weights: FileRecord
+    parity: Parity
+
+
+@dataclass(kw_only=True)
+class Task(FileRecord):
+    inputs: List[str] = None
+    output: str = None
+    classes: Positive
+    labels: List[str]
+    trunk_fingerprint: Sha256
+    heldout_accuracy: Optional[float]
+    parity: TaskParity
+    weights: FileRecord
+
+    @staticmethod
+    def invariant(task: dict) -> Optional[Tuple[str, str]]:
+        if len(task["labels"]) != task["classes"]:
+            return "labels", f"must hold one label per class ({task['classes']}), got {len(task['labels'])}"
+        return None
+
+
+@dataclass(kw_only=True)
+class Device:
+    gpu: Optional[str] = None
+    compute_capability: Optional[str] = None
+    tensorrt: Optional[str] = None
+    cuda: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class Engine(FileRecord):
+    module: TaskName  # "trunk" or a task; Manifest.invariant checks which
+    builder: Literal["tensorrt", "torch-tensorrt"]
+    precision: Precision
+    device: Device
+    batch: Batch = None
+
+
+@dataclass(kw_only=True)
+class InputSpec:
+    name: Literal["image"]
+    shape: Shape
+    dtype: Literal["float32"]
+    layout: Literal["NCHW"]
+    range: Range
+    uint8: str
+    batch: Batch
+
+
+@dataclass(kw_only=True)
+class Producer:
+    kfdeploy: str = None
+    torch: str = None
+    onnx: str = None
+    onnxruntime: str = None
+    opset: int = None
+
+
+@dataclass(kw_only=True)
+class Profile:
+    name: str = None
+    description: str = None
+    opset: int = None
+    precision: Precision = None
+    batch_min: Positive = None
+    batch_opt: Positive = None
+    batch_max: Positive = None
+
+
+@dataclass(kw_only=True)
+class Source:
+    run: str = None
+    teacher_run: Optional[str] = None
+    data: str = None
+    teacher_parameters: Optional[Size] = None
+
+
+@dataclass(kw_only=True)
+class ParityTolerance:
+    max_abs_err: float = None
+    max_rel_err: float = None
+    argmax_agreement: float = None
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    format: Literal["kfdeploy-bundle"]
+    format_version: Positive
+    created: str = None
+    producer: Producer
+    profile: Profile = None
+    source: Source = None
+    input: InputSpec
+    model: dict = None  # FactorConfig.from_dict reads it (export.torch_modules)
+    parity_tolerance: ParityTolerance = None
+    trunk: Trunk
+    tasks: Dict[TaskName, Task]
+    engines: List[Engine] = None
+
+    @staticmethod
+    def invariant(manifest: dict) -> Optional[Tuple[str, str]]:
+        for i, engine in enumerate(manifest.get("engines", [])):
+            if engine["module"] != "trunk" and engine["module"] not in manifest["tasks"]:
+                return f"engines[{i}].module", f"must be 'trunk' or a task of this bundle, got {_describe(engine['module'])}"
+        return None
+
+
+class _Invalid(Exception):
+    """A manifest that does not fit the schema: a field path and what is wrong with it.
+    `wrong_type` is the path when the value there has the wrong JSON type."""
+
+    def __init__(self, message: str, wrong_type: Optional[str] = None):
+        super().__init__(message)
+        self.wrong_type = wrong_type
+
+
+def _wrong_type(where: str, hint: Any, value: Any) -> _Invalid:
+    return _Invalid(f"{where} must be {_expected(hint)}, got {_describe(value)}", wrong_type=where)
+
+
+def _describe(value: Any) -> str:
+    """A value as the message shows it: its JSON type, and the value where it is short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return f"the {'integer' if isinstance(value, int) else 'number'} {text if len(text) <= 24 else text[:20] + '...'}"
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    if isinstance(value, list):
+        text = json.dumps(value)
+        return text if len(text) <= 40 else f"an array of {len(value)} items"
+    return "an object"
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def _expected(hint: Any) -> str:
+    """How a message names the type `hint` stands for."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        return _expected(args[0])
+    if origin is Union:
+        return " or ".join(_expected(arg) for arg in args)
+    if origin is Literal:
+        return " or ".join(json.dumps(arg) for arg in args)
+    if hint is type(None):
+        return "null"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "an object"}
+    return names.get(origin or hint, "an object")
+
+
+@functools.cache
+def _hints(cls: type) -> Dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+def _validate(value: Any, hint: Any, where: str) -> None:
+    """Raise _Invalid at the first place where `value` does not fit `hint`."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        _validate(value, args[0], where)
+        for rule in args[1:]:
+            detail = rule.problem(value)
+            if detail is not None:
+                raise _Invalid(f"{where} must be {rule.expected}, got {_describe(value)}{f' ({detail})' if detail else ''}")
+        return
+    if origin is Union:
+        if value is None and type(None) in args:
+            return
+        choices = [arg for arg in args if arg is not type(None)]
+        if len(choices) == 1:  # Optional[X]: X's own message, unless the type is wrong
+            try:
+                return _validate(value, choices[0], where)
+            except _Invalid as exc:
+                raise _wrong_type(where, hint, value) if exc.wrong_type == where else exc
+        for arg in choices:
+            try:
+                return _validate(value, arg, where)
+            except _Invalid:
+                pass
+        raise _wrong_type(where, hint, value)
+    if origin is Literal:
+        if not any(type(value) is type(arg) and value == arg for arg in args):
+            raise _wrong_type(where, hint, value)
+        return
+    base = origin or hint
+    json_type = dict if dataclasses.is_dataclass(base) else {float: (int, float), Any: object}.get(base, base)
+    if not isinstance(value, json_type) or (isinstance(value, bool) and json_type not in (bool, object)):
+        raise _wrong_type(where, hint, value)
+    if origin is list:
+        for i, item in enumerate(value):
+            _validate(item, args[0], f"{where}[{i}]")
+    elif origin is dict:
+        for key, item in value.items():
+            _validate(key, args[0], f"the key {_short(key)} of {where}")
+            _validate(item, args[1], f"{where}[{json.dumps(key) if len(key) <= 40 else _short(key)}]")
+    elif dataclasses.is_dataclass(base):
+        hints = _hints(base)
+        for f in dataclasses.fields(base):
+            path = f"{where}.{f.name}" if where else f.name
+            if f.name in value:
+                _validate(value[f.name], hints[f.name], path)
+            elif f.default is dataclasses.MISSING:
+                raise _Invalid(f"{path} is missing")
+        invariant = getattr(base, "invariant", None)
+        problem = invariant(value) if invariant else None
+        if problem:
+            field_path, text = problem
+            path = ".".join(p for p in (where, field_path) if p)
+            raise _Invalid(f"{path} {text}")
 
 
 def read_manifest(root: Path) -> dict:
+    """manifest.json of the bundle at `root`, parsed and checked against the schema above;
+    anything that does not fit is a KfError naming the field."""
     path = root / MANIFEST
     if path.is_symlink() or not path.is_file():
         raise KfError(f"{root} is not a kfdeploy bundle (no {MANIFEST}); make one with `kfdeploy export RUN --out {root}`")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise KfError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; this is not a kfdeploy manifest")
+    damaged = "the bundle is damaged — re-export it"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KfError(f"{path} is not valid JSON ({exc}); the bundle is damaged — re-export it") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # bad JSON or UTF-8, and integers too long to convert
+        raise KfError(f"{path} is not valid JSON ({exc}); {damaged}") from None
+    except RecursionError:
+        raise KfError(f"{path} nests its JSON deeper than Python can parse; {damaged}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KfError(f"{path} is not a kfdeploy bundle manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise KfError(f"{path} has an invalid format_version {version!r}")
+    if type(version) is not int or version < 1:
+        raise KfError(f"{path}: format_version must be an integer of at least 1, got {_describe(version)}; {damaged}")
     if version > FORMAT_VERSION:
         raise KfError(
             f"bundle {root} has format version {version}, newer than this kfdeploy reads "
             f"(up to {FORMAT_VERSION}); upgrade kfdeploy (pip install -U kfdeploy)"
         )
-    missing = [key for key in _REQUIRED if key not in manifest]
-    if missing:
-        raise KfError(f"{path} lacks required field(s) {', '.join(missing)}; the bundle is damaged — re-export it")
+    try:
+        _validate(manifest, Manifest, "")
+    except _Invalid as exc:
+        raise KfError(f"{path}: {exc}; {damaged}") from None
     return manifest
 
 

@@ -14,7 +14,6 @@ import datetime
 import io
 import logging
 import os
-import re
 import shutil
 import tomllib
 import warnings
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_archive
+from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, TASK_NAME_RULE, Bundle, is_task_name, sha256_file, write_archive
 from .errors import KfError
 from .models import FactorConfig, FactorNet
 from .runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
@@ -247,8 +246,8 @@ def export_bundle(
     model, info = load_factor_run(run_dir)
     tasks = parse_tasks(",".join(tasks) if tasks else None, list(model.task_classes), f"the factorized run {run_dir}")
     for task in tasks:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", task) or task in (".", ".."):
-            raise KfError(f"task name {task!r} cannot name a file in a bundle; use letters, digits, '_', '.' and '-'")
+        if not is_task_name(task):
+            raise KfError(f"task name {task!r} cannot name a file in a bundle; use {TASK_NAME_RULE}")
     fingerprint = weights_digest(model.trunk)
     existing = None
     if into:
@@ -360,7 +359,11 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
 
 def torch_modules(bundle: Bundle) -> FactorNet:
     """The PyTorch factor network (trunk and the bundle's tasks) from the weights it carries."""
-    config = FactorConfig.from_dict(bundle.manifest["model"])
+    try:
+        config = FactorConfig.from_dict(bundle.manifest["model"])
+    except (KeyError, TypeError, ValueError) as exc:  # the schema checks the object, not what it configures
+        raise KfError(f"{bundle.root / MANIFEST}: model is not a factor network configuration this kfdeploy can "
+                      f"build ({type(exc).__name__}: {exc}); re-export the bundle with this kfdeploy") from None
     model = FactorNet(replace(config, task_classes={t: bundle.task(t)["classes"] for t in bundle.tasks}))
     apply_weights(model.trunk, load_weights(bundle.file(bundle.manifest["trunk"]["weights"]["file"]), "trunk weights"), "trunk weights")
     for task in bundle.tasks:

@@ -1,0 +1,175 @@
+"""Reading a bundle trusts nothing in it: the manifest's types and strings, the graphs'
+storage, the archive's size. Every refusal is one line that names the problem."""
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from kfdeploy.bundle import Bundle, is_task_name
+from kfdeploy.errors import KfError
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def _tamper(folder, change):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _refused(path, expected: str) -> str:
+    with pytest.raises(KfError) as caught:
+        Bundle.open(path)
+    message = str(caught.value)
+    assert expected in message, message
+    assert "\n" not in message, message
+    return message
+
+
+# -- the manifest's schema ----------------------------------------------------------------
+
+def test_a_trunk_that_is_not_an_object_is_refused_naming_the_field(bundle_copy):
+    _tamper(bundle_copy, lambda m: m.update(trunk="t"))
+    message = _refused(bundle_copy, "manifest.json: trunk must be an object, got the string 't'")
+    assert message.endswith("the bundle is damaged — re-export it")
+
+
+def test_a_boolean_format_version_is_not_taken_for_an_integer(bundle_copy):
+    _tamper(bundle_copy, lambda m: m.update(format_version=True))
+    _refused(bundle_copy, "format_version must be an integer of at least 1, got the boolean true")
+
+
+def test_json_nested_deeper_than_python_parses_is_refused_not_a_recursion_error(bundle_copy):
+    (bundle_copy / "manifest.json").write_text(
+        '{"format": "kfdeploy-bundle", "format_version": 1, "model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _refused(bundle_copy, "nests its JSON deeper than Python can parse")
+
+
+def test_an_integer_too_long_to_convert_is_refused_as_invalid_json(bundle_copy):
+    _tamper(bundle_copy, lambda m: m.update(created=0))
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text.replace('"created": 0', '"created": ' + "9" * 5000))
+    _refused(bundle_copy, "is not valid JSON")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update(classes="3"), 'tasks["shape"].classes must be an integer, got the string \'3\''),
+    (lambda t: t.update(classes=0), 'tasks["shape"].classes must be at least 1, got the integer 0'),
+    (lambda t: t.update(labels=[0, 1, 2]), 'tasks["shape"].labels[0] must be a string, got the integer 0'),
+    (lambda t: t.update(labels="square"), 'tasks["shape"].labels must be an array'),
+    (lambda t: t.update(labels=["square", "ellipse"]), 'tasks["shape"].labels must hold one label per class (3), got 2'),
+    (lambda t: t.update(heldout_accuracy="0.9"), 'tasks["shape"].heldout_accuracy must be a number or null, got the string \'0.9\''),
+    (lambda t: t.pop("heldout_accuracy"), 'tasks["shape"].heldout_accuracy is missing'),
+    (lambda t: t["parity"].update(argmax_agreement=None), 'tasks["shape"].parity.argmax_agreement must be a number, got null'),
+    (lambda t: t.update(weights=[]), 'tasks["shape"].weights must be an object, got []'),
+], ids=["classes-str", "classes-0", "labels-int", "labels-str", "labels-count", "accuracy-str", "accuracy-missing",
+        "parity-null", "weights-list"])
+def test_wrong_types_in_a_task_are_refused_naming_the_field(bundle_copy, change, message):
+    _tamper(bundle_copy, lambda m: change(m["tasks"]["shape"]))
+    _refused(bundle_copy, message)
+
+
+def test_tasks_that_are_not_an_object_are_refused(bundle_copy):
+    _tamper(bundle_copy, lambda m: m.update(tasks=["shape"]))
+    _refused(bundle_copy, 'tasks must be an object, got ["shape"]')
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i.update(shape=["batch", 1, 64]), 'input.shape must be ["batch", C, H, W] with C, H and W positive integers, got ["batch", 1, 64]'),
+    (lambda i: i.update(shape=["batch", 1, "64", 64]), "input.shape must be"),
+    (lambda i: i.update(range="0..1"), "input.range must be an array, got the string '0..1'"),
+    (lambda i: i.update(range=[1.0, 0.0]), "input.range must be [low, high] with finite low < high, got [1.0, 0.0]"),
+    (lambda i: i.update(range=[0, True]), "input.range[1] must be a number, got the boolean true"),
+    (lambda i: i["batch"].update(max=0), "input.batch.max must be at least 1, got the integer 0"),
+    (lambda i: i["batch"].update(min=64, opt=8), "input.batch must have min <= opt <= max, got 64, 8, 256"),
+    (lambda i: i.pop("batch"), "input.batch is missing"),
+    (lambda i: i.update(dtype="uint8"), "input.dtype must be \"float32\", got the string 'uint8'"),
+], ids=["shape-rank", "shape-str", "range-str", "range-order", "range-bool", "batch-0", "batch-order", "batch-missing", "dtype"])
+def test_a_malformed_input_spec_is_refused_naming_the_field(bundle_copy, change, message):
+    _tamper(bundle_copy, lambda m: change(m["input"]))
+    _refused(bundle_copy, message)
+
+
+def test_range_with_nan_is_refused(bundle_copy):
+    _tamper(bundle_copy, lambda m: m["input"].update(range=[0.0, 1.0]))
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text.replace('"range": [0.0, 1.0]', '"range": [NaN, 1.0]'))
+    _refused(bundle_copy, "input.range must be [low, high] with finite low < high, got [NaN, 1.0]")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(file=3), "trunk.weights.file must be a string, got the integer 3"),
+    (lambda r: r.update(file="../../etc/passwd"), "trunk.weights.file must be a relative path inside the bundle, got the string '../../etc/passwd' (it climbs out with '..')"),
+    (lambda r: r.update(sha256=r["sha256"].upper()), "trunk.weights.sha256 must be 64 lowercase hex digits (a SHA-256)"),
+    (lambda r: r.update(sha256="abc"), "trunk.weights.sha256 must be 64 lowercase hex digits (a SHA-256), got the string 'abc'"),
+    (lambda r: r.update(bytes=-1), "trunk.weights.bytes must be at least 0, got the integer -1"),
+    (lambda r: r.update(bytes=1.5), "trunk.weights.bytes must be an integer, got the number 1.5"),
+], ids=["file-int", "file-escapes", "sha-upper", "sha-short", "bytes-negative", "bytes-float"])
+def test_a_malformed_file_record_is_refused_naming_the_field(bundle_copy, change, message):
+    _tamper(bundle_copy, lambda m: change(m["trunk"]["weights"]))
+    _refused(bundle_copy, message)
+
+
+def _engine(**changes):
+    return {"module": "trunk", "file": "trunk.onnx", "sha256": "0" * 64, "bytes": 1, "builder": "tensorrt",
+            "precision": "fp16", "device": {"gpu": "Orin", "compute_capability": "8.7", "tensorrt": "10.3", "cuda": "12.6"},
+            "batch": {"min": 1, "opt": 4, "max": 32}, **changes}
+
+
+@pytest.mark.parametrize("engines, message", [
+    ({}, "engines must be an array, got an object"),
+    ([_engine(module="colour")], "engines[0].module must be 'trunk' or a task of this bundle, got the string 'colour'"),
+    ([_engine(module="../trunk")], "engines[0].module must be a task name"),
+    ([_engine(builder="trtexec")], "engines[0].builder must be \"tensorrt\" or \"torch-tensorrt\", got the string 'trtexec'"),
+    ([_engine(precision="int8")], "engines[0].precision must be \"fp32\" or \"fp16\""),
+    ([_engine(device="orin")], "engines[0].device must be an object, got the string 'orin'"),
+    ([_engine(device={"gpu": 87})], "engines[0].device.gpu must be a string or null, got the integer 87"),
+], ids=["object", "unknown-module", "module-path", "builder", "precision", "device-str", "gpu-int"])
+def test_malformed_engine_records_are_refused_naming_the_field(bundle_copy, engines, message):
+    _tamper(bundle_copy, lambda m: m.update(engines=engines))
+    _refused(bundle_copy, message)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../../x", "a b", ""])
+def test_a_task_name_that_cannot_be_a_file_name_is_refused_on_read(bundle_copy, name):
+    assert not is_task_name(name)
+    _tamper(bundle_copy, lambda m: m["tasks"].update({name: m["tasks"].pop("shape")}))
+    _refused(bundle_copy, f"the key {name!r} of tasks must be a task name (letters, digits, '_', '.' and '-', not '.' or '..')")
+
+
+@pytest.mark.parametrize("where", ["trunk", "task"])
+def test_a_fingerprint_that_climbs_out_of_the_cache_is_refused(bundle_copy, where):
+    # The TensorRT EP cache joins the fingerprint into a folder path under $KFDEPLOY_CACHE.
+    if where == "trunk":
+        _tamper(bundle_copy, lambda m: m["trunk"].update(fingerprint="../../../../tmp/owned"))
+        _refused(bundle_copy, "trunk.fingerprint must be 64 lowercase hex digits (a SHA-256), got the string '../../../../tmp/owned'")
+    else:
+        _tamper(bundle_copy, lambda m: m["tasks"]["scale"].update(trunk_fingerprint="../.."))
+        _refused(bundle_copy, 'tasks["scale"].trunk_fingerprint must be 64 lowercase hex digits (a SHA-256), got the string \'../..\'')
+
+
+def test_unknown_fields_and_absent_optional_fields_are_accepted(bundle_copy):
+    def change(m):
+        m["added_by_a_newer_writer"] = {"anything": [1, 2]}
+        m["trunk"]["notes"] = "kept"
+        for optional in ("created", "profile", "source", "parity_tolerance", "engines"):
+            m.pop(optional)
+        m["tasks"]["shape"]["heldout_accuracy"] = None
+    _tamper(bundle_copy, change)
+    opened = Bundle.open(bundle_copy)
+    assert opened.manifest["added_by_a_newer_writer"] == {"anything": [1, 2]}  # the plain dict, as parsed
+    assert opened.tasks and opened.input_shapes("shape")["image"][0][1:] == tuple(opened.manifest["input"]["shape"][1:])
+
+
+def test_inspect_on_a_malformed_manifest_prints_one_line_and_exits_2(bundle_copy):
+    _tamper(bundle_copy, lambda m: m.update(trunk="t"))
+    result = run_cli("inspect", str(bundle_copy))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("kfdeploy: error: ") and "trunk must be an object, got the string 't'" in result.stderr
