@@ -3,7 +3,7 @@
 Reading never executes code (JSON, ONNX protobuf and safetensors only) and never touches
 a path outside the bundle: every file the manifest names, and every member of an archive,
 is checked before use. This module imports neither torch nor onnxruntime, so an edge
-device with only numpy can read a bundle.
+device with only numpy and onnx (the base install) can read a bundle.
 """
 from __future__ import annotations
 
@@ -83,7 +83,9 @@ class Bundle:
 
     @classmethod
     def open(cls, path: Path | str, verify: bool = True) -> "Bundle":
-        """Open a bundle folder or archive; with `verify`, check every checksum first."""
+        """Open a bundle folder or archive. The manifest is always checked against its schema;
+        with `verify`, every checksum too, and every module graph parsed and refused if it
+        is not self-contained: all of it before anything makes a session."""
         path = Path(path)
         if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
             return cls._open_archive(path, verify)
@@ -91,7 +93,7 @@ class Bundle:
             raise KfError(f"no bundle at {path}; make one with `kfdeploy export RUN --out {path}`")
         bundle = cls(path, read_manifest(path))
         if verify:
-            bundle.verify_checksums()
+            bundle.verify()
         return bundle
 
     @classmethod
@@ -120,10 +122,14 @@ class Bundle:
                 yield task["weights"]
         yield from self.manifest.get("engines", [])
 
-    def verify_checksums(self) -> None:
+    def verify(self) -> None:
+        """Every file record's checksum; module graphs through graph(), which also refuses
+        tensors kept in external files."""
+        modules = {id(record): module for module, record in self.modules().items()}
         for entry in self.entries():
-            path = self.file(entry["file"])
-            if sha256_file(path) != entry["sha256"]:
+            if id(entry) in modules:
+                self.graph(modules[id(entry)])
+            elif sha256_file(self.file(entry["file"])) != entry["sha256"]:
                 raise _checksum_mismatch(entry["file"], self.root)
 
     def modules(self) -> Dict[str, dict]:
@@ -148,7 +154,7 @@ class Bundle:
             model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf raises its own DecodeError, not a common base
             raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph ({exc}); re-export the bundle") from None
-        external = next((t.name for t in _graph_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL), None)
+        external = next((t.name for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL), None)
         if external is not None:
             raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {external!r} in an external file, which "
                           "bundles do not allow (it would be read outside the checksums); re-export the bundle")
@@ -174,11 +180,22 @@ class Bundle:
         return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
 
 
+def _model_tensors(model) -> Iterator:
+    """Every tensor a model stores: its graph's, and those in the bodies of its local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
 def _graph_tensors(graph) -> Iterator:
     """Every tensor a graph stores: initializers, and attribute tensors of nodes and subgraphs."""
     yield from graph.initializer
     yield from (sparse.values for sparse in graph.sparse_initializer)
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator:
+    for node in nodes:
         for attribute in node.attribute:
             if attribute.HasField("t"):
                 yield attribute.t

@@ -221,15 +221,14 @@ def cmd_build_engines(args) -> None:
 
 def cmd_check_trt(args) -> int:
     from .bundle import Bundle
-    from .trt_check import check_file
+    from .trt_check import check_model
 
     bundle = Bundle.open(args.bundle)
-    files = [bundle.manifest["trunk"]["file"]] + [bundle.task(t)["file"] for t in bundle.tasks]
     offenders = 0
-    for file in files:
-        issues = check_file(bundle.file(file))
+    for module, record in bundle.modules().items():
+        issues = check_model(bundle.graph(module))  # the checked bytes, never external data
         offenders += len(issues)
-        print(f"{file}: {'ok' if not issues else f'{len(issues)} problem(s)'}")
+        print(f"{record['file']}: {'ok' if not issues else f'{len(issues)} problem(s)'}")
         for issue in issues:
             print(f"  {issue.where}: {issue.problem}")
     if offenders:

@@ -108,21 +108,23 @@ def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[
             log.setLevel(level)
 
 
-def check_graph(path: Path) -> None:
+def check_graph(model, name: str) -> None:
+    """onnx.checker (full) on a parsed graph (an onnx.ModelProto) that `name` names in messages."""
     import onnx
 
     try:
-        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise KfError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise KfError(f"{name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def ort_session(path: Path):
+def ort_session(graph: Path | bytes):
+    """A CPU session of a graph file, or of a serialized graph (bytes already checked)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=["CPUExecutionProvider"])
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
@@ -144,18 +146,18 @@ def parity_images(config: FactorConfig, data: str, seed: int, count: int = PARIT
 
 
 @torch.no_grad()
-def module_parity(model: FactorNet, bundle_root: Path, trunk_file: str, task_files: Dict[str, str], images: torch.Tensor) -> Dict[str, dict]:
-    """Compare each ONNX module with its PyTorch module on the same inputs.
+def module_parity(model: FactorNet, trunk: Path | bytes, tasks: Dict[str, Path | bytes], images: torch.Tensor) -> Dict[str, dict]:
+    """Compare each ONNX module (a graph file or serialized graph) with its PyTorch module on the same inputs.
 
     Task modules get the PyTorch common feature so each module's error is its own; the
     argmax agreement is end to end (ONNX trunk feeding ONNX task vs PyTorch).
     """
     common = model.forward_features(images)
-    trunk_session = ort_session(bundle_root / trunk_file)
+    trunk_session = ort_session(trunk)
     onnx_common = trunk_session.run(None, {"image": images.numpy()})[0]
     result = {"trunk": {**compare(common.numpy(), onnx_common), "images": len(images)}}
-    for task, file in task_files.items():
-        session = ort_session(bundle_root / file)
+    for task, graph in tasks.items():
+        session = ort_session(graph)
         reference = model.forward_head(images, common, task).numpy()
         isolated = session.run(None, {"image": images.numpy(), "common": common.numpy()})[0]
         end_to_end = session.run(None, {"image": images.numpy(), "common": onnx_common})[0]
@@ -313,9 +315,10 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
         _quiet_export(model.tasks[task], (example, common), staging / task_files[task], ["image", "common"], ["logits"], profile)
         save_tensors_atomic(staging / "weights" / "tasks" / f"{task}.safetensors", model.tasks[task].state_dict())
     for file in [trunk_file, *task_files.values()]:
-        check_graph(staging / file)
+        check_graph(onnx.load(str(staging / file)), file)
     progress(f"checking parity with PyTorch on {PARITY_IMAGES} held-out images")
-    parity = module_parity(model, staging, trunk_file, task_files, parity_images(config, data, seed=0))
+    task_graphs = {task: staging / file for task, file in task_files.items()}
+    parity = module_parity(model, staging / trunk_file, task_graphs, parity_images(config, data, seed=0))
     _check_parity(parity)
     accuracy = _heldout_accuracy(staging, trunk_file, task_files, data)
     if existing is None:
@@ -373,17 +376,22 @@ def torch_modules(bundle: Bundle) -> FactorNet:
 
 
 def verify_bundle(path: Path, seed: Optional[int] = None, progress=print) -> Dict[str, dict]:
-    """Checksums, onnx.checker, and ONNX Runtime vs PyTorch on fresh inputs; raises on any mismatch."""
+    """Checksums, onnx.checker, and ONNX Runtime vs PyTorch on fresh inputs; raises on any mismatch.
+
+    Every graph is read once, through Bundle.graph (checksum of the bytes parsed, no external
+    data), and the checker and the sessions get those very bytes, never the path again.
+    """
     bundle = Bundle.open(path)
     progress(f"checksums: {sum(1 for _ in bundle.entries())} files match the manifest")
-    files = {"trunk": bundle.manifest["trunk"]["file"], **{t: bundle.task(t)["file"] for t in bundle.tasks}}
-    for file in files.values():
-        check_graph(bundle.file(file))
-    progress(f"onnx.checker (full): {len(files)} graphs pass")
+    graphs = {module: bundle.graph(module) for module in bundle.modules()}
+    for module, graph in graphs.items():
+        check_graph(graph, bundle.modules()[module]["file"])
+    progress(f"onnx.checker (full): {len(graphs)} graphs pass")
     model = torch_modules(bundle)
     seed = int.from_bytes(os.urandom(2), "little") if seed is None else seed
-    images = parity_images(model.config, bundle.manifest["source"].get("data", "sprites"), seed=seed)
-    parity = module_parity(model, bundle.root, files["trunk"], {t: files[t] for t in bundle.tasks}, images)
+    images = parity_images(model.config, bundle.manifest.get("source", {}).get("data", "sprites"), seed=seed)
+    serialized = {module: graph.SerializeToString() for module, graph in graphs.items()}
+    parity = module_parity(model, serialized.pop("trunk"), serialized, images)
     _check_parity(parity)
     for module, p in parity.items():
         agreement = f", argmax agreement {p['argmax_agreement']:.4f}" if "argmax_agreement" in p else ""

@@ -62,9 +62,11 @@ class TrtIssue:
 
 
 def check_file(path: Path | str) -> List[TrtIssue]:
+    """check_model on a graph file; tensors it keeps in external files are not read (the
+    check needs their types, not their values). Bundles go through Bundle.graph instead."""
     import onnx
 
-    return check_model(onnx.load(str(path)))
+    return check_model(onnx.load(str(path), load_external_data=False))
 
 
 def check_model(model) -> List[TrtIssue]:

@@ -3,10 +3,13 @@ storage, the archive's size. Every refusal is one line that names the problem.""
 import json
 import shutil
 
+import onnx
 import pytest
+from onnx import external_data_helper
 
 from conftest import run_cli
-from kfdeploy.bundle import Bundle, is_task_name
+from kfdeploy.bundle import Bundle, is_task_name, sha256_file
+from kfdeploy.cli import main
 from kfdeploy.errors import KfError
 
 
@@ -173,3 +176,39 @@ def test_inspect_on_a_malformed_manifest_prints_one_line_and_exits_2(bundle_copy
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("kfdeploy: error: ") and "trunk must be an object, got the string 't'" in result.stderr
+
+
+# -- graphs keep their tensors inside ------------------------------------------------------
+
+def _move_weight_outside(folder, location: str):
+    """Rewrite the trunk's largest initializer as external data at `location` (relative to
+    the graph), and re-record the graph's checksum so that only the external-data rule can
+    catch it."""
+    model = onnx.load(str(folder / "trunk.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    data = tensor.raw_data
+    assert data
+    (folder / location).write_bytes(data)
+    external_data_helper.set_external_data(tensor, location=location, offset=0, length=len(data))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    (folder / "trunk.onnx").write_bytes(model.SerializeToString())
+    _tamper(folder, lambda m: m["trunk"].update(sha256=sha256_file(folder / "trunk.onnx"), bytes=(folder / "trunk.onnx").stat().st_size))
+    return tensor.name
+
+
+@pytest.mark.parametrize("location", ["trunk.data", "../outside.data"], ids=["inside", "outside"])
+def test_a_graph_with_tensors_in_an_external_file_is_refused_before_any_session(bundle_copy, location, monkeypatch, capsys):
+    import onnxruntime
+
+    tensor = _move_weight_outside(bundle_copy, location)
+    expected = f"trunk.onnx in bundle {bundle_copy} keeps tensor {tensor!r} in an external file"
+    _refused(bundle_copy, expected)
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was made from a graph with external data")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    for command in ("verify", "check-trt", "inspect"):
+        assert main([command, str(bundle_copy)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (command, err)
