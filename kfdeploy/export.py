@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import importlib.resources
 import io
 import logging
 import os
@@ -32,7 +33,9 @@ from .models import FactorConfig, FactorNet
 from .runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
 from .train import weights_digest
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "export"
+# export/*.toml, installed inside the package as kfdeploy.profiles (setup.cfg): read from
+# there, an installed kfdeploy finds them without the source tree.
+PROFILES = importlib.resources.files("kfdeploy.profiles")
 PARITY_IMAGES = 256
 PARITY_MAX_ABS_ERR = 1e-4
 PARITY_MIN_ARGMAX_AGREEMENT = 0.999
@@ -51,21 +54,21 @@ class ExportProfile:
 
 
 def available_profiles() -> List[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+    return sorted(p.name.removesuffix(".toml") for p in PROFILES.iterdir() if p.name.endswith(".toml"))
 
 
 def load_profile(name_or_path: str) -> ExportProfile:
     """A profile by name (export/NAME.toml) or by path to a TOML file."""
     path = Path(name_or_path)
     if not path.is_file():
-        path = PROFILES_DIR / f"{name_or_path}.toml"
+        path = PROFILES / f"{name_or_path}.toml"
     if not path.is_file():
         raise KfError(f"unknown export profile {name_or_path!r}; available: {', '.join(available_profiles())} (or a path to a .toml file)")
     try:
         data = tomllib.loads(path.read_text())
         batch = data.pop("batch", {})
         profile = ExportProfile(
-            name=data.pop("name", path.stem),
+            name=data.pop("name", Path(path.name).stem),
             batch_min=batch.get("min", 1), batch_opt=batch.get("opt", 64), batch_max=batch.get("max", 256), **data,
         )
     except (tomllib.TOMLDecodeError, TypeError) as exc:
