@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import (Annotated, Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union, get_args,
@@ -30,6 +31,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+# Limits on what an archive may unpack to, checked before anything is written: far above
+# a real bundle (a few files per module), far below what fills a disk.
+MAX_ARCHIVE_BYTES = 4 << 30
+MAX_ARCHIVE_MEMBERS = 10_000
 
 
 def sha256_file(path: Path) -> str:
@@ -547,19 +552,55 @@ def read_manifest(root: Path) -> dict:
 
 
 def extract_archive(archive: Path, target: Path) -> None:
-    """Extract a bundle archive into `target`, refusing any member that could escape it."""
+    """Extract a bundle archive into the new, empty folder `target`.
+
+    Every header is read and checked before anything is written: members that could escape
+    `target` (absolute, '..', links, devices), the same file twice, and more than
+    MAX_ARCHIVE_MEMBERS members or MAX_ARCHIVE_BYTES unpacked (a decompression bomb would
+    fill the temporary folder) are refused. Then this function writes the folders and
+    regular files itself, with the user's ownership and default permissions, instead of
+    tarfile.extractall: nothing rests on tarfile's filter="data", which Pythons before
+    3.11.4 lack; where that filter exists, it runs on every member as a second guard.
+    """
+    data_filter = getattr(tarfile, "data_filter", None)
+
+    def refuse(problem: str) -> KfError:
+        return KfError(f"archive {archive} {problem}; refusing to extract it")
+
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for member in members:
-                reason = _escape_reason(member.name.removeprefix("./")) if member.name not in (".", "./") else None
+            files, folders, unpacked = {}, set(), 0
+            for count, member in enumerate(tar, 1):  # headers one at a time: a bomb stops at the limit
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise refuse(f"has more than {MAX_ARCHIVE_MEMBERS} members, more than any bundle")
+                if member.name in (".", "./"):
+                    continue
+                name = member.name.removeprefix("./")
+                reason = _escape_reason(name)
                 if reason is None and not (member.isfile() or member.isdir()):
                     reason = "it is a link or special file, not a regular file or folder"
                 if reason:
-                    raise KfError(f"archive {archive} has the member {member.name!r}, which could escape the bundle ({reason}); refusing to extract it")
-            # The checks above refuse everything the 'data' filter would; it stays as a second guard.
-            tar.extractall(target, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise refuse(f"has the member {member.name!r}, which could escape the bundle ({reason})")
+                if member.isfile() and PurePosixPath(name) in files:
+                    raise refuse(f"has the file {member.name!r} twice (which one is the bundle's?)")
+                if data_filter is not None:
+                    data_filter(member, str(target))
+                if member.isdir():
+                    folders.add(PurePosixPath(name))
+                    continue
+                unpacked += member.size
+                if unpacked > MAX_ARCHIVE_BYTES:
+                    raise refuse(f"unpacks to more than {MAX_ARCHIVE_BYTES} bytes, more than any bundle (if it "
+                                 "really is one, extract it yourself and open the folder)")
+                files[PurePosixPath(name)] = member
+            for folder in sorted(folders):
+                target.joinpath(*folder.parts).mkdir(parents=True, exist_ok=True)
+            for name, member in files.items():
+                path = target.joinpath(*name.parts)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as source, open(path, "xb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise KfError(f"{archive} is not a readable .tar.gz bundle archive ({exc}); re-create it with `kfdeploy export --archive`") from None
 
 

@@ -1,14 +1,17 @@
 """Reading a bundle trusts nothing in it: the manifest's types and strings, the graphs'
 storage, the archive's size. Every refusal is one line that names the problem."""
+import io
 import json
 import shutil
+import tarfile
 
 import onnx
 import pytest
 from onnx import external_data_helper
 
 from conftest import run_cli
-from kfdeploy.bundle import Bundle, is_task_name, sha256_file
+from kfdeploy import bundle as bundle_module
+from kfdeploy.bundle import Bundle, extract_archive, is_task_name, sha256_file
 from kfdeploy.cli import main
 from kfdeploy.errors import KfError
 
@@ -212,3 +215,64 @@ def test_a_graph_with_tensors_in_an_external_file_is_refused_before_any_session(
         assert main([command, str(bundle_copy)]) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, (command, err)
+
+
+# -- archives ----------------------------------------------------------------------------
+
+def _archive(path, members):
+    """A .tar.gz of (name, payload bytes) regular files."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_an_archive_that_unpacks_beyond_the_size_limit_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", 1 << 20)
+    bomb = _archive(tmp_path / "bomb.tar.gz", [("manifest.json", b"{}"), ("zeros.bin", bytes(16 << 20))])
+    assert bomb.stat().st_size < 100_000  # 16 MiB of zeros packs into a few kB
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(KfError, match=r"unpacks to more than 1048576 bytes, more than any bundle .*refusing to extract it"):
+        extract_archive(bomb, target)
+    assert list(target.iterdir()) == []
+    assert main(["inspect", str(bomb)]) == 2
+    assert "unpacks to more than 1048576 bytes" in capsys.readouterr().err
+
+
+def test_an_archive_with_too_many_members_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_MEMBERS", 10)
+    many = _archive(tmp_path / "many.tar.gz", [(f"f{i}", b"") for i in range(50)])
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(KfError, match="has more than 10 members, more than any bundle; refusing to extract it"):
+        extract_archive(many, target)
+    assert list(target.iterdir()) == []
+
+
+def test_an_archive_holding_the_same_file_twice_is_refused(tmp_path):
+    twice = _archive(tmp_path / "twice.tar.gz", [("manifest.json", b"{}"), ("./manifest.json", b"{}")])
+    with pytest.raises(KfError, match="has the file './manifest.json' twice"):
+        extract_archive(twice, tmp_path / "out")
+
+
+def test_archives_open_on_a_python_whose_tarfile_lacks_the_data_filter(bundle, tmp_path, monkeypatch):
+    # Python 3.11.0-3.11.3: no tarfile.data_filter, and extractall takes no `filter`.
+    extractall = tarfile.TarFile.extractall
+
+    def old_extractall(self, path=".", members=None, *, numeric_owner=False, **kwargs):
+        if kwargs:
+            raise TypeError(f"extractall() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        return extractall(self, path, members, numeric_owner=numeric_owner)
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+
+    opened = Bundle.open(str(bundle) + ".tar.gz")
+    assert opened.tasks == Bundle.open(bundle).tasks
+    escape = _archive(tmp_path / "evil.tar.gz", [("../escape.txt", b"x")])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KfError, match="climbs out with '..'"):
+        extract_archive(escape, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()  # where '../escape.txt' would have landed
