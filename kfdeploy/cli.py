@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import KfError
+from .extras import check
 
 EXAMPLES = {
     "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000",
@@ -302,10 +303,8 @@ def quickstart_answers(bundle_dir: Path) -> None:
 
 
 def cmd_demo(args) -> None:
-    try:
-        from .demo import launch
-    except ImportError as exc:
-        raise KfError(f"the demo needs Gradio ({exc.name} is missing): pip install 'kfdeploy[demo]'") from None
+    from .demo import launch
+
     launch(args.bundle, host=args.host, port=args.port, share=args.share)
 
 
@@ -348,9 +347,19 @@ COMMANDS = {
 }
 
 
+# The extras (setup.cfg) each command imports, checked before it starts: a missing one is a
+# one-line install hint instead of a traceback from deep inside. inspect and check-trt need
+# only the base install; run's backends ask for theirs when the assembly is made.
+NEEDS = {
+    "teacher": ("train",), "factorize": ("train",), "evaluate": ("train",), "build-engines": ("train",),
+    "export": ("train", "cpu"), "verify": ("train", "cpu"), "quickstart": ("train", "cpu"), "demo": ("demo", "cpu"),
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check(*NEEDS.get(args.command, ()))
         code = COMMANDS[args.command](args)
     except KfError as exc:
         print(f"kfdeploy: error: {exc}", file=sys.stderr)
