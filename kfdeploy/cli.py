@@ -293,11 +293,7 @@ def quickstart_answers(bundle_dir: Path) -> None:
         for i, row in enumerate(factors):
             truth = {t: TASK_LABELS[t][row[TASK_NAMES.index(t)]] for t in model.tasks}
             print("  " + "  ".join(f"{t}: {top[t][i][0][0]} (true {truth[t]})" for t in model.tasks))
-        for _ in range(3):  # a session's first runs plan and allocate: show a warm call's split
-            model(images)
-        timings = model.last_timings
-        split = ", ".join(f"{t} {ms:.2f} ms" for t, ms in timings.tasks_ms.items())
-        print(f"  latency for 4 images (warm): trunk {timings.trunk_ms:.2f} ms, {split}")
+        print(f"  latency for 4 images, ONNX Runtime's profiler (median of warm calls): {model.profile(images).split()}")
         if step.startswith("shape"):
             model.add_task("pos_x")
 

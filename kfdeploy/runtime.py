@@ -16,14 +16,17 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .bundle import Bundle
 from .errors import KfError
+from .extras import require
+from .fuse import compose, probs_output
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 _PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -38,8 +41,8 @@ def physical_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _gpu_visible() -> bool:
-    """Whether a CUDA device is there, asked of the driver (no torch, no CUDA toolkit)."""
+def _cuda_driver():
+    """The CUDA driver library, initialised, or None where no driver answers (no torch, no toolkit)."""
     import ctypes
 
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
@@ -47,14 +50,35 @@ def _gpu_visible() -> bool:
             cuda = ctypes.CDLL(name)
         except OSError:
             continue
-        count = ctypes.c_int(0)
-        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-    return False
+        return cuda if cuda.cuInit(0) == 0 else None
+    return None
+
+
+def _gpu_visible() -> bool:
+    """Whether a CUDA device is there, asked of the driver."""
+    import ctypes
+
+    cuda, count = _cuda_driver(), ctypes.c_int(0)
+    return cuda is not None and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def gpu_name() -> str:
+    """The first CUDA device's name and compute capability ("NVIDIA H100 80GB HBM3 sm90"), from the driver."""
+    import ctypes
+
+    cuda = _cuda_driver()
+    device, major, minor, name = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0), ctypes.create_string_buffer(256)
+    if cuda is None or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0 or cuda.cuDeviceGetName(name, 256, device) != 0:
+        return "no-gpu"
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)
+    return f"{name.value.decode(errors='replace')} sm{major.value}{minor.value}"
 
 
 def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[str], str]:
     """ONNX Runtime providers to use, and a line saying which and why."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "cpu")
 
     available = ort.get_available_providers()
     if requested:
@@ -70,33 +94,6 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[st
         # onnxruntime-gpu without a GPU would log an error per session, then fall back anyway.
         return ["CPUExecutionProvider"], f"onnxruntime: using CPUExecutionProvider ({', '.join(gpu_providers)} installed, but no CUDA GPU is visible)"
     return ["CPUExecutionProvider"], "onnxruntime: using CPUExecutionProvider (no CUDA or TensorRT provider is installed)"
-
-
-THREAD_POOLS = ("per-session", "shared")
-# {"threads": n} once this process runs on ONNX Runtime's global pool: made by
-# use_shared_thread_pool (n threads), or found made by the app itself (n = None).
-_shared_pool: Dict[str, Optional[int]] = {}
-
-
-def use_shared_thread_pool(threads: int) -> None:
-    """Make one ONNX Runtime intra-op pool for the whole process (thread_pool="shared").
-
-    Every session then runs on the same threads instead of each owning a pool that
-    competes for the cores. It is for the whole process: from then on ONNX Runtime
-    refuses sessions that ask for a pool of their own.
-    """
-    import onnxruntime as ort
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
-
-    if _shared_pool:
-        return
-    try:
-        ort.set_global_thread_pool_sizes(threads, 1)
-        _shared_pool["threads"] = threads
-    except Fail as exc:
-        if "already been created" not in str(exc):
-            raise
-        _shared_pool["threads"] = None  # the app made the pool first; share the app's
 
 
 def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], str]:
@@ -115,79 +112,72 @@ def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], 
     return mine, ""
 
 
-def io_device_for(providers: Sequence) -> Optional[str]:
-    """Where the sessions' inputs and outputs should stay between modules: "cuda" when the
-    first provider computes on an NVIDIA GPU; None keeps plain numpy runs (CPU)."""
+def io_device_for(providers: Sequence[str]) -> Optional[str]:
+    """Where a call's inputs and outputs are bound: "cuda" when the first provider computes
+    on an NVIDIA GPU; None keeps plain numpy runs (CPU)."""
     return "cuda" if providers[0] in _PROVIDER_PREFERENCE[:2] else None
 
 
-class OrtModule:
-    """One ONNX Runtime session; `run(feeds) -> first output` on the host.
+# -- sessions -------------------------------------------------------------------------
+# Set once this process turns out to run ONNX Runtime's global thread pool (the app called
+# set_global_thread_pool_sizes): from then on sessions with pools of their own are refused.
+_global_pool: List[bool] = []
 
-    With an `io_device` ("cuda"), feeds are OrtValues already on that device and
-    `run_kept` leaves its output there: the image goes to the GPU once per call and the
-    trunk's `common` never leaves it, where plain session.run would copy both up again for
-    every task and `common` down and up in between. Untested on a GPU here (none is lent
-    to this project's CPU machines); tests run the same bound path with io_device="cpu".
-    """
 
-    def __init__(self, path: Path, providers: Sequence, threads: int, thread_pool: str = "per-session",
-                 io_device: Optional[str] = None):
-        import onnxruntime as ort
+def _session(model: bytes, providers: Sequence, threads: int, profile_prefix: Optional[str] = None):
+    """An ONNX Runtime session over a serialized graph, configured the one way kfdeploy runs graphs."""
+    import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # A per-session arena keeps the peak of every batch size it has served: trunk + 5
-        # tasks grew to ~140 MB after batches of 1 and 64, against ~50 MB without it, and
-        # batch 64 was no slower without it.
-        options.enable_cpu_mem_arena = False
-        if thread_pool == "shared" or _shared_pool:  # once shared, per-session pools are refused
-            use_shared_thread_pool(threads)
-            options.use_per_session_threads = False
-        else:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            # Sessions of one assembly share the cores. By default a session's pool keeps
-            # spinning after its run and steals them from the next session: trunk + 5 tasks
-            # ran 6x slower at batch 64 on 2 cores. Spinning only while a run lasts keeps
-            # the fast wake-ups (0.71 ms at batch 1 vs 0.85 with spinning off) without that.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The arena keeps the peak of every batch size a session has served (trunk + 5 tasks
+    # grew to ~140 MB after batches of 1 and 64, against ~50 MB without it); batch 64 was
+    # no slower without it.
+    options.enable_cpu_mem_arena = False
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    if not _global_pool:
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+            return ort.InferenceSession(model, options, providers=list(providers))
         except RuntimeError as exc:
             if "global thread pool" not in str(exc):
                 raise
-            # The app set up ONNX Runtime's global pool itself (set_global_thread_pool_sizes),
-            # so sessions of their own are refused: join the app's pool, now and from now on.
-            _shared_pool.setdefault("threads", None)
-            options.use_per_session_threads = False
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        self.joined_global_pool = not options.use_per_session_threads
-        self.providers = self.session.get_providers()
+            _global_pool.append(True)
+    # The app made ONNX Runtime's global pool itself, so pools of our own are refused: join it.
+    options.use_per_session_threads = False
+    return ort.InferenceSession(model, options, providers=list(providers))
+
+
+class Composition:
+    """One ONNX Runtime session computing the trunk once and a set of tasks from it.
+
+    With `io_device` ("cuda"), a call goes through IOBinding: the image is uploaded once
+    and only the requested outputs come back. Untested on a GPU here (none is lent to this
+    project's CPU machines); the tests run the same bound path with io_device="cpu".
+    """
+
+    def __init__(self, tasks: FrozenSet[str], model: bytes, session, io_device: Optional[str]):
+        self.tasks = tasks
+        self.model = model  # serialized, for profiling sessions and the TensorRT EP
+        self.session = session
         self.io_device = io_device
-        self._output = self.session.get_outputs()[0].name
 
-    def run(self, feeds: Mapping) -> np.ndarray:
+    def run(self, x: np.ndarray, tasks: Sequence[str], logits: bool, timings: "Timings") -> Dict[str, np.ndarray]:
+        names = [task if logits else probs_output(task) for task in tasks]
         if self.io_device is None:
-            return self.session.run(None, dict(feeds))[0]
-        return self._run_bound(feeds, "cpu").numpy()
-
-    def run_kept(self, feeds: Mapping):
-        """The output where the next module reads it: a numpy array, or an OrtValue on io_device."""
-        return self.run(feeds) if self.io_device is None else self._run_bound(feeds, self.io_device)
-
-    def _run_bound(self, feeds: Mapping, output_device: str):
-        binding = self.session.io_binding()  # one per call: bindings are not shared between threads
-        for name, value in feeds.items():
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        binding.bind_output(self._output, output_device)
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+            values = self.session.run(names, {"image": x})
+        else:
+            binding = self.session.io_binding()  # one per call: bindings are not shared between threads
+            binding.bind_cpu_input("image", x)
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        return dict(zip(tasks, values))
 
 
 class TorchModule:
@@ -203,11 +193,9 @@ class TorchModule:
         with self._torch.inference_mode():
             return self._forward(*(self._torch.from_numpy(v) for v in feeds.values())).numpy()
 
-    run_kept = run
-
 
 class EngineModule:
-    """A TensorRT engine behind the same `run(feeds) -> first output` as the other backends."""
+    """A TensorRT engine behind the same `run(feeds) -> first output` as TorchModule."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -215,38 +203,105 @@ class EngineModule:
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.engine.run(dict(feeds))[self.engine.outputs[0]]
 
-    run_kept = run
+
+class ModuleChain:
+    """Module by module (torch, native TensorRT engines): the trunk once, then each task.
+
+    No CPU thread pools hand work to each other here: PyTorch runs its own ops, and
+    TensorRT engines queue on one CUDA stream, so a chain costs what its modules cost.
+    """
+
+    def __init__(self, trunk, tasks: Mapping[str, object]):
+        self.trunk = trunk
+        self.tasks = dict(tasks)
+
+    def run(self, x: np.ndarray, tasks: Sequence[str], logits: bool, timings: "Timings") -> Dict[str, np.ndarray]:
+        started = time.perf_counter()
+        common = self.trunk.run({"image": x})
+        timings.trunk_ms = (time.perf_counter() - started) * 1e3
+        out = {}
+        for task in tasks:
+            started = time.perf_counter()
+            out[task] = self.tasks[task].run({"image": x, "common": common})
+            timings.tasks_ms[task] = (time.perf_counter() - started) * 1e3
+        return out if logits else {task: _softmax(scores) for task, scores in out.items()}
 
 
 @dataclass
 class Timings:
-    """Where the last call's time went, in milliseconds."""
+    """Where a call's time went, in milliseconds: its wall time, and per module where known.
 
-    trunk_ms: float = 0.0
+    A composed ONNX Runtime call runs as one graph, so its split comes from the profiler
+    (`Assembly.profile`); module-by-module backends measure it on every call.
+    """
+
+    total_ms: float = 0.0
+    trunk_ms: Optional[float] = None
     tasks_ms: Dict[str, float] = field(default_factory=dict)
 
-    @property
-    def total_ms(self) -> float:
-        return self.trunk_ms + sum(self.tasks_ms.values())
+    def split(self) -> str:
+        parts = ([f"trunk {self.trunk_ms:.2f} ms"] if self.trunk_ms is not None else []) + \
+            [f"{task} {ms:.2f} ms" for task, ms in self.tasks_ms.items()]
+        return f"{self.total_ms:.2f} ms" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> Timings:
+    """Median per-module kernel time per run from an ONNX Runtime profile (its JSON trace).
+
+    Node names carry their module as a prefix (`trunk/...`, `<task>/...`), as the composition
+    names them; the first `warmup` runs are left out.
+    """
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")[warmup:]
+    per_run = [dict.fromkeys(modules, 0.0) for _ in runs]
+    for event in trace:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        # ONNX Runtime names a node it fused from ours "fused <name>"; layout conversions
+        # it inserts (ReorderOutput...) belong to no module and stay in the total only.
+        module = event["name"].removeprefix("fused ").split("/", 1)[0]
+        for index, (start, end) in enumerate(runs):
+            if start <= event["ts"] <= end:
+                if module in per_run[index]:
+                    per_run[index][module] += event["dur"] / 1e3
+                break
+    median = lambda values: float(np.median(values)) if len(values) else 0.0  # noqa: E731
+    return Timings(
+        total_ms=median([(end - start) / 1e3 for start, end in runs]),
+        trunk_ms=median([run["trunk"] for run in per_run]),
+        tasks_ms={m: median([run[m] for run in per_run]) for m in modules if m != "trunk"},
+    )
 
 
 class Assembly:
-    """A trunk plus selected task modules of one bundle, callable like a model."""
+    """A trunk plus selected task modules of one bundle, callable like a model.
+
+    With ONNX Runtime the selected modules run composed into one graph (see kfdeploy/fuse.py)
+    as one session. `add_task`/`remove_task` build the new composition in the calling
+    thread while other threads keep calling the current one, then swap it in; calls in
+    flight finish on the graph they started with. The `cache_size` most recently used
+    compositions are kept, so switching back to a task set seen before is instant; any
+    other composition is released once no call uses it.
+    """
 
     def __init__(self, bundle: Bundle, backend: str, tasks: Sequence[str], providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, thread_pool: str = "per-session", log=print):
+                 threads: Optional[int] = None, cache_size: int = 4, log=print):
         if backend not in BACKENDS:
             raise KfError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if thread_pool not in THREAD_POOLS:
-            raise KfError(f"unknown thread_pool {thread_pool!r}; choose one of {', '.join(THREAD_POOLS)}")
-        self.thread_pool = thread_pool
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.threads = threads or physical_cores()
-        self._lock = threading.Lock()
+        self.cache_size = cache_size
+        self._log = log
         self._local = threading.local()
-        self._tasks: Dict[str, object] = {}
-        self._engines = None
+        self._mutation = threading.Lock()  # one add/remove at a time; calls never take it
+        self._cache_lock = threading.Lock()
+        self._cache: "OrderedDict[FrozenSet[str], Composition]" = OrderedDict()
+        self._pending: set = set()
+        self._builder = None
+        self._graphs: Dict[str, object] = {}
+        self._modules: Dict[str, object] = {}
+        self._state: Tuple[Tuple[str, ...], object] = ((), None)  # (selected tasks, what runs them), swapped whole
+        self.last_switch_ms: Optional[float] = None
         self.backend = backend
         if backend == "tensorrt":
             self._engines, why_not = engines_for_this_device(self.manifest)
@@ -256,16 +311,7 @@ class Assembly:
         if backend == "onnxruntime":
             self.providers, line = choose_providers(providers)
             log(line)
-            if "TensorrtExecutionProvider" in self.providers:
-                from . import tensorrt as trt_backend
-
-                self._trt_cache = trt_backend.ep_cache_dir(self.manifest["trunk"]["fingerprint"])
-                try:
-                    self._trt_cache.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise KfError(f"cannot make the TensorRT engine cache {self._trt_cache} ({exc.strerror}); "
-                                  "set KFDEPLOY_CACHE to a writable folder") from None
-                log(f"onnxruntime: TensorRT engines cached in {self._trt_cache} (the first load of each module builds them)")
+            self._io_device = io_device_for(self.providers)
         elif backend == "torch":
             from .export import torch_modules
 
@@ -274,19 +320,61 @@ class Assembly:
         else:
             self.providers = ["tensorrt"]
             log(f"tensorrt: using engines built for {self._engines['trunk']['device'].get('gpu')}")
-        self._trunk = self._make_module("trunk")
-        if getattr(self._trunk, "joined_global_pool", False) and self.thread_pool == "per-session":
-            self.thread_pool = "shared"
-            log("onnxruntime: this process already runs ONNX Runtime's global thread pool; the sessions join it")
         for task in tasks:
-            self.add_task(task)
+            self._check_task(task)
+        if backend != "onnxruntime":
+            self._modules["trunk"] = self._make_module("trunk")
+        with self._mutation:
+            self._switch(tuple(dict.fromkeys(tasks)))
 
-    # -- modules -----------------------------------------------------------------
+    # -- task selection ---------------------------------------------------------------
+    def _check_task(self, name: str) -> None:
+        record = self.bundle.task(name)
+        if record["trunk_fingerprint"] != self.manifest["trunk"]["fingerprint"]:
+            raise KfError(
+                f"task {name!r} was trained with another trunk (fingerprint {record['trunk_fingerprint'][:12]}, "
+                f"bundle trunk {self.manifest['trunk']['fingerprint'][:12]}); it cannot be composed with this trunk"
+            )
+
+    def add_task(self, name: str) -> None:
+        """Select one more task; calls in other threads go on meanwhile."""
+        self._check_task(name)
+        with self._mutation:
+            selected, _ = self._state
+            if name not in selected:
+                self._switch(selected + (name,))
+
+    def remove_task(self, name: str) -> None:
+        with self._mutation:
+            selected, _ = self._state
+            if name not in selected:
+                raise KfError(f"task {name!r} is not selected; selected: {', '.join(selected) or 'none'}")
+            self._switch(tuple(t for t in selected if t != name))
+
+    def _switch(self, tasks: Tuple[str, ...]) -> None:
+        started = time.perf_counter()
+        runner = None
+        if tasks and self.backend == "onnxruntime":
+            runner = self._composition(frozenset(tasks))
+        elif tasks:
+            runner = ModuleChain(self._modules["trunk"], {t: self._module(t) for t in tasks})
+        self._state = (tasks, runner)  # one assignment: a call sees the old pair or the new one
+        self.last_switch_ms = (time.perf_counter() - started) * 1e3
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._state[0])
+
+    def labels(self, task: str) -> List[str]:
+        return self.bundle.task(task)["labels"]
+
+    # -- module by module (torch, tensorrt) ---------------------------------------------
+    def _module(self, name: str):
+        if name not in self._modules:
+            self._modules[name] = self._make_module(name)
+        return self._modules[name]
+
     def _make_module(self, name: str):
-        record = self.manifest["trunk"] if name == "trunk" else self.bundle.task(name)
-        if self.backend == "onnxruntime":
-            return OrtModule(self.bundle.file(record["file"]), self._providers_for(name), self.threads, self.thread_pool,
-                             io_device_for(self.providers))
         if self.backend == "torch":
             model = self._torch_model
             return TorchModule(model.forward_features if name == "trunk" else model.tasks[name])
@@ -297,42 +385,80 @@ class Assembly:
             raise KfError(f"no TensorRT engine for task {name!r} on this device; build it with `kfdeploy build-engines`")
         return EngineModule(trt_backend.load_engine(self.bundle.file(engine["file"])))
 
-    def _providers_for(self, module: str) -> list:
-        """The providers, with the TensorRT EP's options for this module's input shapes."""
+    # -- compositions (onnxruntime) -------------------------------------------------------
+    def _composition(self, key: FrozenSet[str]) -> Composition:
+        """The composition for a task set: from the cache, or built now (in this thread)."""
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        composition = self._build(key)
+        with self._cache_lock:
+            self._cache[key] = composition
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return composition
+
+    def _build(self, key: FrozenSet[str]) -> Composition:
+        tasks = [t for t in self.bundle.tasks if t in key]  # bundle order: one graph per set
+        for module in ["trunk", *tasks]:
+            if module not in self._graphs:
+                self._graphs[module] = self.bundle.graph(module)  # parsed once, checksum of the bytes checked
+        model = compose(self._graphs, tasks).SerializeToString()
+        return Composition(key, model, _session(model, self._providers_for(key), self.threads), self._io_device)
+
+    def _cached_or_scheduled(self, key: FrozenSet[str]) -> Optional[Composition]:
+        """A cached composition for a subset of the tasks; else build one in the background
+        for the next calls, and None for this one (it runs on the full composition)."""
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            if key in self._pending:
+                return None
+            self._pending.add(key)
+        if self._builder is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._builder = ThreadPoolExecutor(1, thread_name_prefix="kfdeploy-compose")
+        self._builder.submit(self._build_in_background, key)
+        return None
+
+    def _build_in_background(self, key: FrozenSet[str]) -> None:
+        try:
+            self._composition(key)
+        except Exception as exc:  # the calls go on with the full composition; say why it stays so
+            self._log(f"warning: could not compose {', '.join(sorted(key))} on its own ({exc}); "
+                      "calls for it keep running the full composition")
+        finally:
+            with self._cache_lock:
+                self._pending.discard(key)
+
+    def _providers_for(self, key: FrozenSet[str]) -> list:
+        """The providers, with the TensorRT EP's options: this graph's batch profile, and an
+        engine cache of its own, keyed by what makes the engine (tasks, module checksums,
+        precision, GPU), so a task set seen before loads without a build."""
         if "TensorrtExecutionProvider" not in self.providers:
             return self.providers
+        import hashlib
+        import json
+
         from . import tensorrt as trt_backend
 
         precision = self.manifest.get("profile", {}).get("precision", "fp32")
-        options = trt_backend.ep_options(self.bundle.input_shapes(module), precision, self._trt_cache)
+        modules = self.bundle.modules()
+        identity = {"tasks": sorted(key), "sha256": {m: modules[m]["sha256"] for m in ["trunk", *sorted(key)]},
+                    "precision": precision, "gpu": gpu_name()}
+        cache = trt_backend.ep_cache_dir(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24])
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KfError(f"cannot make the TensorRT engine cache {cache} ({exc.strerror}); "
+                          "set KFDEPLOY_CACHE to a writable folder") from None
+        self._log(f"onnxruntime: TensorRT engine for {', '.join(sorted(key))} cached in {cache} (built on its first load)")
+        options = trt_backend.ep_options({"image": self.bundle.input_shapes("trunk")["image"]}, precision, cache)
         return [("TensorrtExecutionProvider", options) if p == "TensorrtExecutionProvider" else p for p in self.providers]
-
-    def add_task(self, name: str) -> None:
-        """Select one more task; the trunk is not reloaded."""
-        record = self.bundle.task(name)
-        if record["trunk_fingerprint"] != self.manifest["trunk"]["fingerprint"]:
-            raise KfError(
-                f"task {name!r} was trained with another trunk (fingerprint {record['trunk_fingerprint'][:12]}, "
-                f"bundle trunk {self.manifest['trunk']['fingerprint'][:12]}); it cannot be composed with this trunk"
-            )
-        if name in self._tasks:
-            return
-        module = self._make_module(name)
-        with self._lock:
-            self._tasks = {**self._tasks, name: module}
-
-    def remove_task(self, name: str) -> None:
-        with self._lock:
-            if name not in self._tasks:
-                raise KfError(f"task {name!r} is not selected; selected: {', '.join(self._tasks) or 'none'}")
-            self._tasks = {t: m for t, m in self._tasks.items() if t != name}
-
-    @property
-    def tasks(self) -> List[str]:
-        return list(self._tasks)
-
-    def labels(self, task: str) -> List[str]:
-        return self.bundle.task(task)["labels"]
 
     # -- inference -----------------------------------------------------------------
     def prepare(self, images) -> np.ndarray:
@@ -365,50 +491,68 @@ class Assembly:
         return np.ascontiguousarray(array)
 
     def run(self, images, tasks: Optional[Iterable[str]] = None, logits: bool = False) -> Dict[str, np.ndarray]:
-        """Scores per task (softmax probabilities, or logits) for a batch of images."""
-        with self._lock:
-            selected = dict(self._tasks)  # a snapshot: add/remove elsewhere cannot disturb this call
-        if tasks is not None:
-            tasks = list(tasks)
-            unknown = [t for t in tasks if t not in selected]
-            if unknown:
-                raise KfError(f"task {unknown[0]!r} is not selected; selected: {', '.join(selected) or 'none'}")
-            selected = {t: selected[t] for t in tasks}
+        """Scores per task (softmax probabilities, or logits) for a batch of images.
+
+        `tasks` picks a subset of the selected tasks for this call; it does not pay for the
+        others once their own composition is built (in the background, on first use).
+        """
+        selected, runner = self._state  # a snapshot: add/remove elsewhere cannot disturb this call
+        wanted = selected if tasks is None else tuple(dict.fromkeys(tasks))
+        unknown = [t for t in wanted if t not in selected]
+        if unknown:
+            raise KfError(f"task {unknown[0]!r} is not selected; selected: {', '.join(selected) or 'none'}")
+        if isinstance(runner, Composition) and set(wanted) != set(selected) and wanted:
+            runner = self._cached_or_scheduled(frozenset(wanted)) or runner
         x = self.prepare(images)
         timings = Timings()
-        if len(x) == 0:
-            self._local.timings = timings
-            return {t: np.zeros((0, self.bundle.task(t)["classes"]), np.float32) for t in selected}
-        started = time.perf_counter()
-        image = self._place(x)
-        common = self._trunk.run_kept({"image": image})
-        timings.trunk_ms = (time.perf_counter() - started) * 1e3
-        out = {}
-        # Runs back to back, softmax after: an ONNX Runtime pool woken again soon finds its
-        # threads still awake, while numpy work in between let them sleep (at batch 1 with
-        # 5 tasks, softmax in between cost 0.08 ms of wake-ups for 0.02 ms of arithmetic).
-        for task, module in selected.items():
-            started = time.perf_counter()
-            out[task] = module.run({"image": image, "common": common})
-            timings.tasks_ms[task] = (time.perf_counter() - started) * 1e3
         self._local.timings = timings
-        return out if logits else {task: _softmax(scores) for task, scores in out.items()}
+        if not wanted or len(x) == 0:
+            return {t: np.zeros((len(x), self.bundle.task(t)["classes"]), np.float32) for t in wanted}
+        started = time.perf_counter()
+        out = runner.run(x, wanted, logits, timings)
+        timings.total_ms = (time.perf_counter() - started) * 1e3
+        return out
 
     __call__ = run
 
-    def _place(self, x: np.ndarray):
-        """The image where the modules read it: numpy on the host, or once onto the GPU."""
-        device = getattr(self._trunk, "io_device", None)
-        if device is None:
-            return x
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(x, device, 0)
-
     @property
     def last_timings(self) -> Timings:
-        """Timings of this thread's last call."""
+        """Timings of this thread's last call (wall time; per module on module-by-module backends)."""
         return getattr(self._local, "timings", Timings())
+
+    def profile(self, images, tasks: Optional[Sequence[str]] = None, runs: int = 20, warmup: int = 3) -> Timings:
+        """Where a call's time goes, per module: median over `runs` calls on `images`.
+
+        For ONNX Runtime this is its own profiler on a twin of the running composition
+        (node names carry their module), not a split of the graph, which would change what
+        is measured; module-by-module backends time each module directly.
+        """
+        selected, runner = self._state
+        wanted = list(selected if tasks is None else tasks)
+        if not wanted:
+            raise KfError("select at least one task to profile")
+        x = self.prepare(images)
+        if not isinstance(runner, Composition):
+            calls = []
+            for _ in range(warmup + runs):
+                self.run(x, wanted)
+                calls.append(self.last_timings)
+            calls = calls[warmup:]
+            return Timings(float(np.median([c.total_ms for c in calls])), float(np.median([c.trunk_ms for c in calls])),
+                           {t: float(np.median([c.tasks_ms[t] for c in calls])) for t in wanted})
+        import json
+        import tempfile
+
+        composition = self._composition(frozenset(wanted))
+        with tempfile.TemporaryDirectory(prefix="kfdeploy-profile-") as folder:
+            session = _session(composition.model, self._providers_for(composition.tasks), self.threads,
+                               profile_prefix=str(Path(folder) / "run"))
+            twin = Composition(composition.tasks, composition.model, session, composition.io_device)
+            for _ in range(warmup + runs):
+                twin.run(x, wanted, False, Timings())
+            with open(session.end_profiling()) as f:
+                trace = json.load(f)
+        return profile_timings(trace, ["trunk", *wanted], warmup)
 
     def top(self, scores: Dict[str, np.ndarray], k: int = 1) -> Dict[str, List[List[tuple]]]:
         """Per task, per image: the k best (label, probability) pairs."""
@@ -440,27 +584,26 @@ class Assembly:
         return "\n".join(lines)
 
     def save_fused(self, path, tasks: Optional[Sequence[str]] = None) -> Path:
-        """Write one ONNX graph computing the selected tasks' logits (outputs named by task)."""
+        """Write the composition of the selected tasks (or `tasks`) as one ONNX file: what
+        this assembly runs, outputs `<task>` (logits) and `<task>:probs`."""
         from .fuse import fuse_bundle
 
         return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path))
 
 
 def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxruntime",
-         providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, thread_pool: str = "per-session",
+         providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, cache_size: int = 4,
          verify: bool = True, log=None) -> Assembly:
     """Open a bundle (folder or .tar.gz), check it, and compose the trunk with `tasks` (default all).
 
     Every checksum is verified before any session is created; a task whose trunk
-    fingerprint differs from the bundle's trunk is refused. `thread_pool="shared"` runs all
-    sessions of the process on one ONNX Runtime pool: fastest (see benchmarks/runtime.py),
-    but from then on every ONNX Runtime session in the process, yours too, must set
-    `use_per_session_threads = False`. The default gives each session its own pool, unless
-    the app already made ONNX Runtime's global pool itself: then the sessions join that.
+    fingerprint differs from the bundle's trunk is refused. `threads` sizes ONNX Runtime's
+    intra-op pool (default: the cores this process may use); `cache_size` how many recently
+    used task-set compositions stay loaded.
     """
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     log = log or (lambda line: print(line, file=sys.stderr))
     selected = list(tasks) if tasks is not None else opened.tasks
     for task in selected:
         opened.task(task)  # unknown names fail here, listing the available ones
-    return Assembly(opened, backend, selected, providers=providers, threads=threads, thread_pool=thread_pool, log=log)
+    return Assembly(opened, backend, selected, providers=providers, threads=threads, cache_size=cache_size, log=log)

@@ -122,15 +122,16 @@ def signature_slug(sig: dict) -> str:
 
 # -- ONNX Runtime's TensorRT execution provider ------------------------------------------
 
-def ep_cache_dir(trunk_fingerprint: str) -> Path:
-    """Where ONNX Runtime's TensorRT EP keeps engines and timings for one bundle's modules.
+def ep_cache_dir(key: str) -> Path:
+    """Where ONNX Runtime's TensorRT EP keeps the engine and timings of one composition.
 
     Not inside the bundle, which is checksummed and may be read-only: $KFDEPLOY_CACHE, else
-    the user's cache folder. ONNX Runtime names its files by graph and GPU, so one folder
-    per trunk serves every device and task that shares it.
+    the user's cache folder. `key` names what the engine was built from (the runtime
+    hashes the task set, module checksums, precision and GPU into it), so a task set seen
+    before finds its engine.
     """
     root = os.environ.get("KFDEPLOY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kfdeploy"
-    return Path(root) / "trt-ep" / trunk_fingerprint[:16]
+    return Path(root) / "trt-ep" / key
 
 
 def ep_options(shapes: Dict[str, Shapes], precision: str, cache_dir: Path) -> dict:

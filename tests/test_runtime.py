@@ -1,11 +1,14 @@
 """The runtime: compose trunk + selected tasks, thread-safe, validated, torch-free."""
+import gc
 import json
 import shutil
 import subprocess
 import sys
 import threading
+import weakref
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -16,6 +19,24 @@ from kfdeploy.cli import main
 from kfdeploy.data import TASK_NAMES, render
 
 QUIET = {"log": lambda line: None}
+
+
+class ExcThread(threading.Thread):
+    """A thread whose exception reaches the test that joins it (plain threads only warn)."""
+
+    error = None
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as exc:  # noqa: BLE001 - handed to join_and_raise
+            self.error = exc
+
+    def join_and_raise(self, timeout):
+        self.join(timeout)
+        assert not self.is_alive(), f"{self.name} still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +66,79 @@ def test_logits_on_request_match_the_probabilities(model, images):
     np.testing.assert_allclose(model(images)["scale"], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_the_trunk_runs_once_per_call_however_many_tasks(bundle, images):
+def test_one_session_runs_the_trunk_once_for_every_selected_task(bundle, images):
     model = kfdeploy.load(bundle, **QUIET)
-    calls = []
-    trunk_run = model._trunk.run
-    model._trunk.run = lambda feeds: calls.append(1) or trunk_run(feeds)
-    model(images)
-    assert len(model.tasks) == 5 and len(calls) == 1
+    composition = model._state[1]
+    graph = onnx.load_model_from_string(composition.model).graph
+    trunk_nodes = len(Bundle.open(bundle).graph("trunk").graph.node)
+    assert sum(node.name.startswith("trunk/") for node in graph.node) == trunk_nodes
+    assert [o.name for o in graph.output] == [name for t in model.tasks for name in (t, f"{t}:probs")]
+    assert set(model(images)) == set(model.tasks) == set(TASK_NAMES)
 
 
-def test_tasks_are_added_and_removed_without_reloading_the_trunk(bundle, images):
+def test_adding_and_removing_swaps_compositions_and_switching_back_reuses_one(bundle, images):
     model = kfdeploy.load(bundle, tasks=["shape"], **QUIET)
-    trunk_session = model._trunk.session
+    first = model._state[1]
     model.add_task("pos_x")
+    assert model.tasks == ["shape", "pos_x"] and model._state[1] is not first
+    model.remove_task("pos_x")
+    assert model._state[1] is first  # the recently used composition, not a rebuild
     model.remove_task("shape")
-    assert model.tasks == ["pos_x"] and model._trunk.session is trunk_session
-    assert set(model(images)) == {"pos_x"}
+    assert model.tasks == [] and model(images) == {}
+
+
+def test_a_call_is_answered_while_a_new_composition_is_being_built(bundle, images):
+    model = kfdeploy.load(bundle, tasks=["shape"], **QUIET)
+    building, release, build = threading.Event(), threading.Event(), model._build
+
+    def slow_build(key):
+        building.set()
+        assert release.wait(30)
+        return build(key)
+
+    model._build = slow_build
+    adder = ExcThread(target=model.add_task, args=("scale",))
+    adder.start()
+    assert building.wait(30)
+    assert set(model(images)) == {"shape"}  # answered by the current composition, not blocked
+    release.set()
+    adder.join_and_raise(30)
+    assert set(model(images)) == {"shape", "scale"}
+
+
+def test_a_subset_call_answers_alike_and_gets_its_own_composition(bundle, images):
+    model = kfdeploy.load(bundle, tasks=["shape", "scale", "pos_x"], **QUIET)
+    full = model(images, logits=True)
+    first = model(images, tasks=["pos_x", "shape"], logits=True)  # full graph now, its own built meanwhile
+    model._builder.shutdown(wait=True)
+    subset = model._cache[frozenset({"pos_x", "shape"})]
+    second = model(images, tasks=["pos_x", "shape"], logits=True)
+    assert list(first) == list(second) == ["pos_x", "shape"]
+    assert [o.name for o in subset.session.get_outputs()] == ["shape", "shape:probs", "pos_x", "pos_x:probs"]
+    for task in ("pos_x", "shape"):
+        np.testing.assert_array_equal(first[task], full[task])
+        np.testing.assert_allclose(second[task], full[task], atol=1e-5)
+
+
+def test_old_compositions_are_released_and_the_cache_stays_bounded(bundle):
+    model = kfdeploy.load(bundle, tasks=["shape"], cache_size=2, **QUIET)
+    seen = []
+    for _ in range(3):
+        for task in ("scale", "pos_x", "pos_y", "orientation"):
+            model.add_task(task)
+            seen.append(weakref.ref(model._state[1]))
+            model.remove_task(task)
+    gc.collect()
+    alive = [ref for ref in seen if ref() is not None]
+    assert len(model._cache) == 2 and len(alive) <= 2
+
+
+def test_profile_splits_a_call_between_the_trunk_and_each_task(model, images):
+    timings = model.profile(images, runs=5, warmup=1)
+    assert set(timings.tasks_ms) == {"shape", "scale"} and timings.trunk_ms > 0
+    assert all(ms > 0 for ms in timings.tasks_ms.values())
+    assert timings.total_ms >= timings.trunk_ms + sum(timings.tasks_ms.values())
+    assert "trunk" in timings.split() and "scale" in timings.split()
 
 
 def test_backends_agree_within_the_export_tolerance(bundle, images):
@@ -94,31 +172,34 @@ def test_providers_follow_what_is_installed_and_whether_a_gpu_is_there(monkeypat
     assert why in line and ", ".join(expected) in line
 
 
-def test_the_tensorrt_ep_gets_an_engine_cache_and_each_modules_batch_profile(bundle, monkeypatch, tmp_path):
+def test_the_tensorrt_ep_gets_an_engine_cache_per_composition_and_the_batch_profile(bundle, monkeypatch, tmp_path):
     # The EP itself cannot run here: record what each session is asked for, run it on the CPU.
     monkeypatch.setattr(ort, "get_available_providers", lambda: GPU_EPS)
     monkeypatch.setattr(runtime, "_gpu_visible", lambda: True)
     monkeypatch.setenv("KFDEPLOY_CACHE", str(tmp_path / "cache"))
-    asked, real_session = {}, ort.InferenceSession
+    asked, real_session = [], ort.InferenceSession
 
-    def recording_session(path, options, providers):
-        asked[path.rsplit("/", 1)[-1]] = providers
-        return real_session(path, options, providers=["CPUExecutionProvider"])
+    def recording_session(model, options, providers):
+        asked.append(providers)
+        return real_session(model, options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(ort, "InferenceSession", recording_session)
     lines = []
-    kfdeploy.load(bundle, tasks=["shape"], log=lines.append)
-    (trt, trunk_options), *rest = asked["trunk.onnx"]
-    (_, task_options), *_ = asked["shape.onnx"]
+    model = kfdeploy.load(bundle, tasks=["shape"], log=lines.append)
+    model.add_task("scale")
+    model.remove_task("scale")  # seen before: no new session, no new engine
+    assert len(asked) == 2
+    (trt, options), *rest = asked[0]
+    (_, scale_options), *_ = asked[1]
     assert trt == "TensorrtExecutionProvider" and rest == GPU_EPS[1:]
-    manifest = Bundle.open(bundle).manifest
-    batch, width = manifest["input"]["batch"], manifest["trunk"]["output"]["width"]
-    assert trunk_options["trt_profile_min_shapes"] == f"image:{batch['min']}x1x64x64"
-    assert trunk_options["trt_profile_max_shapes"] == f"image:{batch['max']}x1x64x64"
-    assert task_options["trt_profile_opt_shapes"] == f"image:{batch['opt']}x1x64x64,common:{batch['opt']}x{width}"
-    cache = trunk_options["trt_engine_cache_path"]
-    assert trunk_options["trt_engine_cache_enable"] and cache.startswith(str(tmp_path / "cache")) and any(cache in line for line in lines)
-    assert trunk_options["trt_fp16_enable"] is False  # the bundle's profile is fp32
+    batch = Bundle.open(bundle).manifest["input"]["batch"]
+    assert options["trt_profile_min_shapes"] == f"image:{batch['min']}x1x64x64"
+    assert options["trt_profile_opt_shapes"] == f"image:{batch['opt']}x1x64x64"
+    assert options["trt_profile_max_shapes"] == f"image:{batch['max']}x1x64x64"
+    cache = options["trt_engine_cache_path"]
+    assert options["trt_engine_cache_enable"] and cache.startswith(str(tmp_path / "cache")) and any(cache in line for line in lines)
+    assert scale_options["trt_engine_cache_path"] != cache  # another task set, another engine
+    assert options["trt_fp16_enable"] is False  # the bundle's profile is fp32
 
 
 def test_an_unwritable_tensorrt_cache_is_refused_with_the_setting_that_fixes_it(bundle, monkeypatch, tmp_path):
@@ -151,28 +232,28 @@ def test_the_tensorrt_backend_takes_only_engines_built_for_this_gpu(monkeypatch)
     assert engines is None and "no TensorRT engine for this device (orin-sm87-trt10.3)" in why and "kfdeploy build-engines" in why
 
 
-def test_the_gpu_path_binds_inputs_once_and_keeps_common_on_the_device(bundle, images, monkeypatch):
-    # On a GPU each call uploads the image once and the trunk's common stays on the device
-    # (IOBinding). No GPU here: the same code runs with the CPU standing in for the device.
+def test_the_gpu_path_binds_the_image_once_and_fetches_only_the_requested_outputs(bundle, images, monkeypatch):
+    # On a GPU a call goes through IOBinding. No GPU here: the same code runs with the CPU
+    # standing in for the device.
     reference = kfdeploy.load(bundle, **QUIET)(images, logits=True)
     monkeypatch.setattr(runtime, "io_device_for", lambda providers: "cpu")
     bound = kfdeploy.load(bundle, **QUIET)
-    kept = bound._trunk.run_kept({"image": bound._place(images)})
-    assert isinstance(kept, ort.OrtValue) and kept.device_name().lower() == "cpu"
+    assert bound._state[1].io_device == "cpu"
     answers = bound(images, logits=True)
     for task, logits in reference.items():
         np.testing.assert_array_equal(answers[task], logits)
-    assert bound._trunk.run({"image": images}).shape == (len(images), kept.shape()[1])  # numpy feeds still work
+    np.testing.assert_allclose(bound(images)["shape"].sum(1), 1.0, rtol=1e-5)
 
 
 def test_the_fused_graph_runs_in_plain_onnxruntime_and_matches_the_assembly(model, images, tmp_path):
     path = model.save_fused(tmp_path / "shape_scale.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["shape", "scale"]
-    fused = dict(zip(["shape", "scale"], session.run(None, {"image": images})))
-    assembled = model(images, logits=True)
+    assert [o.name for o in session.get_outputs()] == ["shape", "shape:probs", "scale", "scale:probs"]
+    fused = dict(zip(["shape", "shape:probs", "scale", "scale:probs"], session.run(None, {"image": images})))
+    logits, probs = model(images, logits=True), model(images)
     for task in ("shape", "scale"):
-        np.testing.assert_allclose(fused[task], assembled[task], atol=1e-5)
+        np.testing.assert_array_equal(fused[task], logits[task])
+        np.testing.assert_array_equal(fused[f"{task}:probs"], probs[task])
 
 
 def test_importing_and_running_the_runtime_never_imports_torch(bundle):
@@ -207,16 +288,26 @@ def test_many_threads_get_the_same_answers_while_tasks_come_and_go(bundle, image
             model.remove_task("pos_x")
             model.add_task("pos_x")
 
-    churner = threading.Thread(target=churn)
+    churner = ExcThread(target=churn)
     churner.start()
-    callers = [threading.Thread(target=caller, args=(seed,)) for seed in range(8)]
+    callers = [ExcThread(target=caller, args=(seed,)) for seed in range(8)]
     for thread in callers:
         thread.start()
-    for thread in callers:
-        thread.join()
-    stop.set()
-    churner.join()
+    try:
+        for thread in callers:
+            thread.join_and_raise(300)
+    finally:
+        stop.set()
+        churner.join_and_raise(60)
     assert not failures, failures[:5]
+
+
+def test_a_worker_that_raises_fails_the_test_that_started_it():
+    # The thread-safety test above relies on this: an exception in a thread only warns.
+    worker = ExcThread(target=lambda: 1 / 0)
+    worker.start()
+    with pytest.raises(ZeroDivisionError):
+        worker.join_and_raise(10)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -295,41 +386,28 @@ def test_run_command_refuses_an_unreadable_file(bundle, tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-SHARED_POOL = """
+APP_POOL = """
 import sys, numpy as np, onnxruntime, kfdeploy
-bundle, images, made_by, asked = sys.argv[1], np.load(sys.argv[2]), sys.argv[4], sys.argv[5]
-if made_by == "app":  # an app that tunes ONNX Runtime itself, before it loads a bundle
-    onnxruntime.set_global_thread_pool_sizes(2, 1)
-lines = []
-shared = kfdeploy.load(bundle, tasks=["shape", "pos_y"], thread_pool=asked, log=lines.append)
-assert shared.thread_pool == "shared", lines
-if asked == "per-session":
-    assert any("already runs ONNX Runtime's global thread pool" in line for line in lines), lines
-np.save(sys.argv[3], shared(images, logits=True)["pos_y"])
+bundle, images = sys.argv[1], np.load(sys.argv[2])
+onnxruntime.set_global_thread_pool_sizes(2, 1)  # an app that tunes ONNX Runtime itself, before it loads a bundle
+model = kfdeploy.load(bundle, tasks=["shape", "pos_y"], log=lambda line: None)
+model.add_task("scale")
+np.save(sys.argv[3], model(images, logits=True)["pos_y"])
 """
 
 
-@pytest.mark.parametrize("made_by, asked", [("kfdeploy", "shared"), ("app", "per-session"), ("app", "shared")])
-def test_a_shared_thread_pool_gives_the_same_answers(bundle, model, images, tmp_path, made_by, asked):
+def test_an_app_that_made_onnxruntimes_global_pool_gets_the_same_answers(bundle, images, tmp_path):
     np.save(tmp_path / "in.npy", images)
-    subprocess.run([sys.executable, "-c", SHARED_POOL, str(bundle), str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), made_by, asked],
-                   check=True)
+    subprocess.run([sys.executable, "-c", APP_POOL, str(bundle), str(tmp_path / "in.npy"), str(tmp_path / "out.npy")], check=True)
     reference = kfdeploy.load(bundle, tasks=["pos_y"], **QUIET)(images, logits=True)["pos_y"]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference, atol=1e-5)
 
 
-def test_after_a_shared_pool_later_assemblies_join_it(bundle):
-    code = (
-        "import numpy as np, kfdeploy\n"
-        f"kfdeploy.load({str(bundle)!r}, tasks=['shape'], thread_pool='shared', log=print)\n"
-        f"later = kfdeploy.load({str(bundle)!r}, tasks=['scale'], log=print)\n"
-        "assert later(np.zeros((1, 1, 64, 64), np.float32))['scale'].shape == (1, 6)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_an_unknown_thread_pool_or_backend_is_refused(bundle):
-    with pytest.raises(KfError, match="unknown thread_pool 'global'"):
-        kfdeploy.load(bundle, thread_pool="global", **QUIET)
-    with pytest.raises(KfError, match="unknown backend 'tflite'"):
+def test_an_unknown_backend_is_refused(bundle):
+    with pytest.raises(KfError, match="unknown backend 'tflite'; choose one of onnxruntime, tensorrt, torch"):
         kfdeploy.load(bundle, backend="tflite", **QUIET)
+
+
+def test_a_task_outside_the_selection_is_refused_per_call(model, images):
+    with pytest.raises(KfError, match="task 'pos_x' is not selected; selected: shape, scale"):
+        model(images, tasks=["pos_x"])
