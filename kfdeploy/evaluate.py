@@ -164,7 +164,10 @@ def evaluate_run(
             raise KfError(f"{run_dir} factorized your own teacher; evaluate it from Python with evaluate_run(run, teacher=..., heldout_data=...)")
         teacher, _ = load_teacher(Path(info["teacher_run"]))
     if heldout_data is None:
+        from .pipeline import resize_images
+
         x, all_labels = SpritesSource(tasks=TASK_NAMES).heldout(images)
+        x = resize_images(x, student.config.trunk.image_size)  # sprites render at 64x64
     else:
         x, all_labels = collate([heldout_data[i] for i in range(min(images, len(heldout_data)))], tasks)
     labels = {t: all_labels[t] for t in tasks}

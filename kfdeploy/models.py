@@ -1,8 +1,10 @@
-"""Networks: the conv backbone, the multi-task teacher, and the factor network.
+"""Networks: the multi-task teacher and the factor network, on backbones from architectures.py.
 
 The split follows timm: `forward_features` is the trunk, `forward_head` a task. A factor
 network's task i computes `head_i(CKN(x) + TSN_i(x))`; a task module is deployable on
-its own as `(image, common feature) -> logits`.
+its own as `(image, common feature) -> logits`. The trunk and the teacher are any
+backbone by name (`simpleconv` for sprites, or a timm architecture); so is each task
+network, whose pooled feature is projected to a Gaussian code of the trunk's width.
 
 Any teacher works if it follows `TeacherProtocol`; `SpritesTeacher` is ours.
 """
@@ -12,59 +14,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, Mapping, Protocol, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .architectures import SIMPLECONV, BackboneConfig, ConvBackbone, build_backbone
 
-@dataclass
-class BackboneConfig:
-    in_channels: int = 1
-    image_size: int = 64
-    width: int = 32  # channels of the first conv; later convs double it once
-    feature_dim: int = 256
-    # Two constant coordinate channels (CoordConv) make position a linear read-out
-    # instead of something the convs must discover; position is 2 of our 5 tasks.
-    coord_channels: bool = True
-    # BatchNorm after each conv: measured to reach >= 0.99 on shape/scale/position in
-    # half the steps; in inference it folds into the convs, so it costs nothing deployed.
-    batch_norm: bool = True
-
-
-class ConvBackbone(nn.Module):
-    """SimpleConv64 (the beta-VAE encoder): 4 stride-2 convs, then 2 linear layers.
-
-    The output is the pooled feature the heads read: (N, feature_dim).
-    """
-
-    def __init__(self, config: BackboneConfig, out_dim: int | None = None):
-        super().__init__()
-        if config.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16, got {config.image_size}")
-        self.config = config
-        w = config.width
-        in_ch = config.in_channels + (2 if config.coord_channels else 0)
-        layers = []
-        for c_in, c_out in ((in_ch, w), (w, w), (w, 2 * w), (2 * w, 2 * w)):
-            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not config.batch_norm))
-            if config.batch_norm:
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(nn.ReLU())
-        self.convs = nn.Sequential(*layers)
-        spatial = config.image_size // 16
-        self.fc = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(2 * w * spatial * spatial, config.feature_dim), nn.ReLU(),
-            nn.Linear(config.feature_dim, out_dim or config.feature_dim),
-        )
-        if config.coord_channels:
-            axis = torch.linspace(-1.0, 1.0, config.image_size)
-            grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))  # (2, H, W): y, x
-            self.register_buffer("coords", grid[None], persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.coord_channels:
-            x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)
-        return self.fc(self.convs(x))
+__all__ = [
+    "BackboneConfig", "ConvBackbone", "TeacherProtocol", "TeacherConfig", "SpritesTeacher",
+    "FactorConfig", "TaskModule", "FactorNet", "count_parameters",
+]
 
 
 class TeacherProtocol(Protocol):
@@ -88,6 +45,13 @@ class TeacherConfig:
     task_classes: Dict[str, int]
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
+    @property
+    def arch(self) -> str:
+        return self.backbone.arch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TeacherConfig":
         return cls(dict(d["task_classes"]), BackboneConfig(**d["backbone"]))
@@ -98,17 +62,16 @@ class SpritesTeacher(nn.Module):
 
     def __init__(self, config: TeacherConfig):
         super().__init__()
-        self.config = config
+        self.backbone, self.feature_dim = build_backbone(config.backbone)
+        # A timm net decides its own width; the config records what it is.
+        self.config = replace(config, backbone=replace(config.backbone, feature_dim=self.feature_dim))
         self.task_classes = dict(config.task_classes)
-        self.feature_dim = config.backbone.feature_dim
-        self.backbone = ConvBackbone(config.backbone)
         self.heads = nn.ModuleDict(
             {t: nn.Linear(self.feature_dim, n) for t, n in self.task_classes.items()}
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # ReLU so the feature matches what the factor network's trunk is warm-started from.
-        return F.relu(self.backbone(x))
+        return self.backbone(x)
 
     def forward_head(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {t: head(features) for t, head in self.heads.items()}
@@ -123,13 +86,19 @@ class FactorConfig:
     trunk: BackboneConfig = field(default_factory=BackboneConfig)
     # Task networks are narrower than the trunk (the reference pairs ResNet-18 with
     # MobileNetV2 x0.5) so that k composed tasks cost far less than k full networks.
+    # task_width and task_hidden_dim shape a simpleconv task network; a timm one is as built.
     task_width: int = 16
     task_hidden_dim: int = 128
     teacher_feature_dim: int = 256
+    task_arch: str = SIMPLECONV  # last, so configs written before it existed load as simpleconv
 
     @property
     def feature_dim(self) -> int:
         return self.trunk.feature_dim
+
+    @property
+    def trunk_arch(self) -> str:
+        return self.trunk.arch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,24 +115,37 @@ class TaskModule(nn.Module):
     """TSN_i and head_i: a small network with a Gaussian code of the trunk's width.
 
     The code is per sample (mu and log-variance come from the network), so a batch of
-    one behaves like any other. Training samples it; inference uses mu.
+    one behaves like any other. Training samples it; inference uses mu. A timm task
+    network's pooled feature goes through two linear layers, one to mu and one to the
+    log-variance, so the exported (inference) graph holds only mu's.
     """
 
     def __init__(self, config: FactorConfig, classes: int):
         super().__init__()
         d = config.feature_dim
-        tsn = replace(config.trunk, width=config.task_width, feature_dim=config.task_hidden_dim)
-        self.tsn = ConvBackbone(tsn, out_dim=2 * d)
+        self.projected = config.task_arch != SIMPLECONV
+        if self.projected:
+            trunk = config.trunk
+            self.tsn, width = build_backbone(BackboneConfig(trunk.in_channels, trunk.image_size, arch=config.task_arch))
+            self.mu, self.logvar = nn.Linear(width, d), nn.Linear(width, d)
+            code_layers = (self.mu, self.logvar)
+        else:
+            tsn = replace(config.trunk, arch=SIMPLECONV, width=config.task_width, feature_dim=config.task_hidden_dim)
+            self.tsn = ConvBackbone(tsn, out_dim=2 * d)  # one layer gives mu and log-variance
+            code_layers = (self.tsn.fc[-1],)
         self.head = nn.Linear(d, classes)
         self.aux_head = nn.Linear(d, classes)  # reads the code alone; training only
         # Start with a zero code: at step 0 the factor network answers exactly as its
         # (warm-started) trunk and head do, and the code grows only where it helps.
-        last = self.tsn.fc[-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        last.bias.data[d:] = -4.0  # small initial variance, so sampling starts gentle
+        for layer in code_layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        code_layers[-1].bias.data[-d:] = -4.0  # small initial variance, so sampling starts gentle
 
     def code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.projected:
+            feature = self.tsn(x)
+            return self.mu(feature), self.logvar(feature).clamp(-10.0, 10.0)
         out = self.tsn(x)
         # Slicing, not chunk(): chunk exports as Split, whose form changed in opset 18 and
         # breaks the down-conversion to opset 17 that TensorRT 8.5 (JetPack 5) needs.
@@ -172,7 +154,7 @@ class TaskModule(nn.Module):
 
     def forward(self, x: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
         """Inference path, the one exported: deterministic (mu), returns logits."""
-        mu, _ = self.code(x)
+        mu = self.mu(self.tsn(x)) if self.projected else self.code(x)[0]
         return self.head(common + mu)
 
 
@@ -181,15 +163,16 @@ class FactorNet(nn.Module):
 
     def __init__(self, config: FactorConfig):
         super().__init__()
-        self.config = config
+        self.trunk, dim = build_backbone(config.trunk)
+        # A timm trunk decides its own width; the config (and so every bundle) records it.
+        self.config = config = replace(config, trunk=replace(config.trunk, feature_dim=dim))
         self.task_classes = dict(config.task_classes)
-        self.trunk = ConvBackbone(config.trunk)
         self.tasks = nn.ModuleDict({t: TaskModule(config, n) for t, n in self.task_classes.items()})
         # InfoMax compares trunk features with teacher features projected to trunk width.
         self.teacher_proj = nn.Linear(config.teacher_feature_dim, config.feature_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.trunk(x))
+        return self.trunk(x)
 
     def forward_head(self, x: torch.Tensor, common: torch.Tensor, task: str) -> torch.Tensor:
         return self.tasks[task](x, common)
@@ -202,16 +185,21 @@ class FactorNet(nn.Module):
         """Copy the teacher's backbone into the trunk and its heads into ours, if they fit.
 
         InfoMax pulls the trunk towards the teacher's features anyway; starting there saves
-        most of the training budget. Returns False (and changes nothing) when the teacher's
-        architecture differs, e.g. a user's own teacher.
+        most of the training budget. It applies when the teacher is ours with the trunk's
+        architecture (same config); otherwise, e.g. a user's own teacher or another
+        architecture, it returns False and changes nothing.
         """
         backbone = getattr(teacher, "backbone", None)
         heads = getattr(teacher, "heads", None)
-        if not isinstance(backbone, ConvBackbone) or not isinstance(heads, nn.ModuleDict):
+        teacher_config = getattr(getattr(teacher, "config", None), "backbone", None)
+        if not isinstance(backbone, nn.Module) or not isinstance(heads, nn.ModuleDict):
             return False
-        if backbone.config != self.config.trunk or any(t not in heads for t in self.tasks):
+        if teacher_config != self.config.trunk or any(t not in heads for t in self.tasks):
             return False
-        self.trunk.load_state_dict(backbone.state_dict())
+        ours, theirs = self.trunk.state_dict(), backbone.state_dict()
+        if {k: v.shape for k, v in ours.items()} != {k: v.shape for k, v in theirs.items()}:
+            return False
+        self.trunk.load_state_dict(theirs)
         for t, module in self.tasks.items():
             module.head.load_state_dict(heads[t].state_dict())
             module.aux_head.load_state_dict(heads[t].state_dict())

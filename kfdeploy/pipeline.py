@@ -7,18 +7,24 @@ Your own teacher and data plug in here::
 
 `my_teacher` follows models.TeacherProtocol; a dataset item is (image tensor (C, H, W)
 in [0, 1], {task: int label}).
+
+Architectures are chosen by name (kfdeploy.architectures): `simpleconv` by default, or any
+timm model, with optional local weights (`pretrained=`); nothing is downloaded.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .data import TASK_CLASSES, TASK_LABELS, TASK_NAMES, DatasetSource, SpritesSource, collate
+from .architectures import SIMPLECONV, load_pretrained
+from .data import IMAGE_SIZE, TASK_CLASSES, TASK_LABELS, TASK_NAMES, DatasetSource, SpritesSource, collate
 from .errors import KfError
 from .losses import FactorizationObjective, LossWeights, TeacherObjective
 from .models import BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
@@ -39,6 +45,45 @@ def parse_tasks(text: Optional[str], available: Sequence[str], where: str) -> Li
     if len(set(tasks)) != len(tasks):
         raise KfError(f"--tasks names a task twice: {text}")
     return tasks
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images at the model's size: sprites render at 64x64, a model may want another size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0.0, 1.0)
+
+
+class ResizedSource:
+    """A batch source whose images are resized to the model's input size."""
+
+    def __init__(self, source, size: int):
+        self.source, self.size = source, size
+
+    def batch(self, step: int, batch_size: int, rank: int = 0):
+        images, labels = self.source.batch(step, batch_size, rank)
+        return resize_images(images, self.size), labels
+
+    def heldout(self, count: int, offset: int = 0):
+        images, labels = self.source.heldout(count, offset)
+        return resize_images(images, self.size), labels
+
+
+def sprites_source(seed: int, tasks: Sequence[str], size: int):
+    """The embedded sprites at `size` (rendered at 64x64, resized when the model wants another size)."""
+    source = SpritesSource(seed=seed, tasks=tasks)
+    return source if size == IMAGE_SIZE else ResizedSource(source, size)
+
+
+def _pretrained_record(path: Optional[Path], notes: Dict[str, str]) -> Optional[dict]:
+    """What run.json says about the local weights a run started from."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": str(Path(path).resolve()), "sha256": digest.hexdigest(), **notes}
 
 
 def _held_out_batch(heldout_data, tasks: Sequence[str], source: SpritesSource | None):
@@ -74,23 +119,37 @@ def train_teacher(
     backbone: BackboneConfig = BackboneConfig(),
     resume: bool = False,
     device: Optional[str] = None,
+    pretrained: Optional[Path] = None,
 ) -> Path:
-    """Train the multi-task sprites teacher into run folder `out`."""
+    """Train the multi-task sprites teacher into run folder `out`.
+
+    `backbone.arch` names the architecture (`simpleconv`, or a timm model such as
+    "resnet50"); `pretrained` is a local weights file for it (safetensors or a torch/timm
+    checkpoint). The sprites are resized to `backbone.image_size` when it is not 64.
+    """
     out = Path(out)
     tasks = parse_tasks(",".join(tasks), TASK_NAMES, "the sprites data")
     env = setup_distributed(device)
-    model_config = TeacherConfig({t: TASK_CLASSES[t] for t in tasks}, backbone)
+    # Built, and its weights loaded, before the run folder exists: an unknown architecture,
+    # an image size it cannot take or weights that do not fit leave nothing behind.
+    torch.manual_seed(config.seed)
+    model = SpritesTeacher(TeacherConfig({t: TASK_CLASSES[t] for t in tasks}, backbone))
+    notes = load_pretrained(model.backbone, pretrained, model.config.backbone) if pretrained else {}
     info = {
         "kind": "teacher", "kfdeploy": __version__, "data": "sprites",
-        "model": asdict(model_config), "task_labels": {t: TASK_LABELS[t] for t in tasks},
-        "train": asdict(config),
+        "model": model.config.to_dict(), "task_labels": {t: TASK_LABELS[t] for t in tasks},
+        "train": asdict(config), "pretrained": _pretrained_record(pretrained, notes),
     }
+    requested = (model.config, config.seed)
     resuming, info = _start_run(out, resume, env, info)
     model_config = TeacherConfig.from_dict(info["model"])
     config = TrainConfig(**info["train"])
-    torch.manual_seed(config.seed)
-    model = SpritesTeacher(model_config)
-    source = SpritesSource(seed=config.seed, tasks=list(model_config.task_classes))
+    if (model_config, config.seed) != requested:  # resuming a run made with other settings
+        torch.manual_seed(config.seed)
+        model = SpritesTeacher(model_config)
+    if env.is_main and pretrained and not resuming:
+        print(f"{model_config.arch} backbone initialised from {pretrained}")
+    source = sprites_source(config.seed, list(model_config.task_classes), model_config.backbone.image_size)
     images, labels = source.heldout(EVAL_IMAGES)
     train(
         out, TeacherObjective(model), source, config,
@@ -112,11 +171,19 @@ def factorize(
     task_width: int = 16,
     resume: bool = False,
     device: Optional[str] = None,
+    trunk_arch: Optional[str] = None,
+    task_arch: str = SIMPLECONV,
+    pretrained: Optional[Path] = None,
 ) -> Path:
     """Factorize `teacher` (a teacher run folder, or your own module) into run folder `out`.
 
     With a teacher run folder the data is the embedded sprites; with your own module pass
     `train_data` and `heldout_data` (and `trunk` if your images are not 1x64x64).
+
+    `trunk_arch` and `task_arch` name the trunk's and the task networks' architectures
+    (`simpleconv` or timm names; the trunk defaults to the teacher's, which warm-starts it
+    from the teacher). `pretrained` is a local weights file for the trunk; the trunk then
+    starts from it instead of the teacher.
     """
     out = Path(out)
     teacher_run: Optional[str] = None
@@ -129,33 +196,49 @@ def factorize(
         trunk = trunk or BackboneConfig(**teacher_info["model"]["backbone"])
     elif train_data is None or heldout_data is None:
         raise KfError("factorizing your own teacher module needs train_data and heldout_data datasets")
+    trunk = trunk or BackboneConfig()
+    if trunk_arch and trunk_arch != trunk.arch:
+        # Another architecture than the teacher's: same input, the architecture's own width.
+        trunk = BackboneConfig(in_channels=trunk.in_channels, image_size=trunk.image_size, arch=trunk_arch)
     teacher_tasks = list(teacher.task_classes)
     where = f"the teacher{' at ' + teacher_run if teacher_run else ''} (it was trained on these)"
     tasks = parse_tasks(",".join(tasks) if tasks else None, teacher_tasks, where)
     task_labels = {t: (task_labels or {}).get(t) or [str(i) for i in range(teacher.task_classes[t])] for t in tasks}
     env = setup_distributed(device)
-    model_config = FactorConfig(
+    # Built (architectures and image size checked, local weights loaded) before the run
+    # folder exists, so a refusal leaves nothing behind.
+    torch.manual_seed(config.seed)
+    student = FactorNet(FactorConfig(
         task_classes={t: teacher.task_classes[t] for t in tasks},
-        trunk=trunk or BackboneConfig(),
+        trunk=trunk,
         task_width=task_width,
         teacher_feature_dim=teacher.feature_dim,
-    )
+        task_arch=task_arch,
+    ))
+    notes = load_pretrained(student.trunk, pretrained, student.config.trunk) if pretrained else {}
     info = {
         "kind": "factorized", "kfdeploy": __version__,
         "data": "sprites" if teacher_run else "custom", "teacher_run": teacher_run,
-        "model": model_config.to_dict(), "task_labels": task_labels,
-        "train": asdict(config), "loss_weights": asdict(weights),
+        "model": student.config.to_dict(), "task_labels": task_labels,
+        "train": asdict(config), "loss_weights": asdict(weights), "pretrained": _pretrained_record(pretrained, notes),
     }
+    requested = (student.config, config.seed)
     resuming, info = _start_run(out, resume, env, info)
     model_config = FactorConfig.from_dict(info["model"])
     config = TrainConfig(**info["train"])
-    torch.manual_seed(config.seed)
-    student = FactorNet(model_config)
-    warm = student.warm_start_from(teacher)
+    if (model_config, config.seed) != requested:  # resuming a run made with other settings
+        torch.manual_seed(config.seed)
+        student = FactorNet(model_config)
+    if info.get("pretrained"):
+        # The user's weights for the trunk win; the teacher's heads would not fit them.
+        message = f"trunk initialised from {info['pretrained']['file']} (no warm start from the teacher)"
+    else:
+        warm = student.warm_start_from(teacher)
+        message = "trunk and heads warm-started from the teacher" if warm else "trunk trained from scratch (teacher architecture differs)"
     if env.is_main and not resuming:
-        print("trunk and heads warm-started from the teacher" if warm else "trunk trained from scratch (teacher architecture differs)")
+        print(message)
     if teacher_run:
-        source = SpritesSource(seed=config.seed, tasks=tasks)
+        source = sprites_source(config.seed, tasks, model_config.trunk.image_size)
     else:
         source = DatasetSource(train_data, tasks, seed=config.seed, world_size=env.world_size)
     images, labels = _held_out_batch(heldout_data, tasks, source if teacher_run else None)
