@@ -12,8 +12,8 @@ from .errors import KfError
 from .extras import check
 
 EXAMPLES = {
-    "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000",
-    "factorize": "kfdeploy factorize --teacher runs/teacher --out runs/kf\n  kfdeploy factorize --teacher runs/teacher --out runs/kf2 --tasks shape,scale --task-width 8\n  torchrun --nproc_per_node 2 -m kfdeploy factorize --teacher runs/teacher --out runs/kf",
+    "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000\n  kfdeploy teacher --out runs/r50 --arch resnet50 --pretrained resnet50.safetensors --image-size 128",
+    "factorize": "kfdeploy factorize --teacher runs/teacher --out runs/kf\n  kfdeploy factorize --teacher runs/teacher --out runs/kf2 --tasks shape,scale --task-width 8\n  kfdeploy factorize --teacher runs/r50 --out runs/kf-r18 --trunk-arch resnet18 --task-arch mobilenetv2_050\n  torchrun --nproc_per_node 2 -m kfdeploy factorize --teacher runs/teacher --out runs/kf",
     "evaluate": "kfdeploy evaluate runs/kf\n  kfdeploy evaluate runs/kf --images 20000 --json report.json",
     "quickstart": "kfdeploy quickstart\n  kfdeploy quickstart --out runs/qs --resume",
     "export": "kfdeploy export runs/kf --out bundles/sprites\n  kfdeploy export runs/kf --out bundles/sprites --profile jetson-fp16 --archive\n  kfdeploy export runs/kf --tasks pos_x --into bundles/sprites",
@@ -69,11 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("teacher", "Train the multi-task teacher on the embedded procedural sprites.")
     _add_training_args(p, QUICKSTART_TEACHER_STEPS)
+    p.add_argument("--arch", default="simpleconv", help="architecture: simpleconv (default) or a timm model name, built without weights")
+    p.add_argument("--pretrained", type=Path, metavar="FILE", help="local weights for the architecture: .safetensors or a torch/timm checkpoint (nothing is downloaded)")
+    p.add_argument("--image-size", type=int, default=64, metavar="N", help="input size N x N (default 64, the sprites' size; other sizes are resized to)")
 
     p = command("factorize", "Factorize a teacher into a common trunk plus one module per task.")
     p.add_argument("--teacher", type=Path, required=True, help="teacher run folder (from `kfdeploy teacher`)")
     _add_training_args(p, QUICKSTART_FACTORIZE_STEPS)
-    p.add_argument("--task-width", type=int, default=16, help="channels of each task network (trunk: 32)")
+    p.add_argument("--trunk-arch", metavar="NAME", help="trunk architecture (default: the teacher's, warm-started from it): simpleconv or a timm model name")
+    p.add_argument("--task-arch", default="simpleconv", metavar="NAME", help="task network architecture: simpleconv (default) or a timm model name, e.g. mobilenetv2_050")
+    p.add_argument("--pretrained", type=Path, metavar="FILE", help="local weights for the trunk (.safetensors or a torch/timm checkpoint); the trunk starts from them instead of the teacher")
+    p.add_argument("--task-width", type=int, default=16, help="channels of each simpleconv task network (trunk: 32)")
     p.add_argument("--beta", type=float, default=1e-3, help="InfoMin weight on each task code's KL")
     p.add_argument("--lambda-kd", type=float, default=0.1, help="soft-target distillation weight")
     p.add_argument("--lambda-feat", type=float, default=1.0, help="InfoMax weight")
@@ -131,8 +137,14 @@ def cmd_teacher(args) -> None:
     from .data import TASK_NAMES
     from .pipeline import parse_tasks, train_teacher
 
+    from .models import BackboneConfig
+
     tasks = parse_tasks(args.tasks, TASK_NAMES, "the sprites data")
-    out = train_teacher(args.out, tasks, _train_config(args), resume=args.resume, device=args.device)
+    backbone = BackboneConfig(image_size=args.image_size, arch=args.arch)
+    out = train_teacher(
+        args.out, tasks, _train_config(args), backbone=backbone, resume=args.resume, device=args.device,
+        pretrained=args.pretrained,
+    )
     print(f"teacher written to {out}")
 
 
@@ -145,6 +157,7 @@ def cmd_factorize(args) -> None:
     out = factorize(
         args.teacher, args.out, tasks=tasks, config=_train_config(args), weights=weights,
         task_width=args.task_width, resume=args.resume, device=args.device,
+        trunk_arch=args.trunk_arch, task_arch=args.task_arch, pretrained=args.pretrained,
     )
     print(f"factor networks written to {out}")
 
