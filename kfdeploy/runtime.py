@@ -302,6 +302,11 @@ class Assembly:
         self._modules: Dict[str, object] = {}
         self._state: Tuple[Tuple[str, ...], object] = ((), None)  # (selected tasks, what runs them), swapped whole
         self.last_switch_ms: Optional[float] = None
+        spec = self.manifest["input"]
+        self._image_shape = tuple(spec["shape"][1:])
+        lowest, highest = spec["range"]
+        slack = 1e-3 * (highest - lowest)  # resampling may overshoot by a rounding error
+        self._accepted = (lowest - slack, highest + slack)
         self.backend = backend
         if backend == "tensorrt":
             self._engines, why_not = engines_for_this_device(self.manifest)
@@ -462,33 +467,41 @@ class Assembly:
 
     # -- inference -----------------------------------------------------------------
     def prepare(self, images) -> np.ndarray:
-        """Validate and convert images to the float32 NCHW array the graphs take."""
-        spec = self.manifest["input"]
-        expected = tuple(spec["shape"][1:])
-        array = np.asarray(images)
+        """Validate and convert images to the float32 NCHW array the graphs take.
+
+        Every call pays for this, so the common case is a few comparisons; the messages
+        are worked out only for input that fails them.
+        """
+        array = images if isinstance(images, np.ndarray) else np.asarray(images)
+        if array.ndim != 4 or array.shape[1:] != self._image_shape or array.dtype.kind not in "biuf":
+            self._refuse_layout(array)
+        if array.dtype == np.uint8:
+            return array.astype(np.float32) / 255.0  # as the manifest's input.uint8 says
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.size:
+            low, high = array.min(), array.max()
+            if not (self._accepted[0] <= low and high <= self._accepted[1]):  # NaN fails every comparison
+                self._refuse_values(float(low), float(high))
+        return array
+
+    def _refuse_layout(self, array: np.ndarray) -> None:
+        expected = self._image_shape
+        shape = f"(N, {', '.join(map(str, expected))})"
         if array.dtype.kind not in "biuf":
             raise KfError(f"images must be numeric (uint8 or float), got dtype {array.dtype}")
         if array.ndim != 4:
-            raise KfError(f"images must have shape (N, {', '.join(map(str, expected))}), got {array.shape} (rank {array.ndim}); add a batch axis with images[None] for one image")
+            raise KfError(f"images must have shape {shape}, got {array.shape} (rank {array.ndim}); add a batch axis with images[None] for one image")
         if array.shape[1] != expected[0]:
-            raise KfError(f"images must have {expected[0]} channel(s) (shape (N, {', '.join(map(str, expected))})), got {array.shape[1]} in {array.shape}")
-        if tuple(array.shape[2:]) != expected[1:]:
-            raise KfError(f"images must be {expected[1]}x{expected[2]} pixels (shape (N, {', '.join(map(str, expected))})), got {array.shape[2]}x{array.shape[3]}; resize them first")
-        if array.dtype == np.uint8:
-            return array.astype(np.float32) / 255.0  # as the manifest's input.uint8 says
-        array = array.astype(np.float32, copy=False)
-        if array.size:
-            # min and max carry any NaN or inf with them: one check for both mistakes.
-            low, high = float(array.min()), float(array.max())
-            if not (np.isfinite(low) and np.isfinite(high)):
-                raise KfError("images contain NaN or infinite values")
-            lowest, highest = spec.get("range", (-np.inf, np.inf))
-            slack = 1e-3 * (highest - lowest)  # resampling may overshoot by a rounding error
-            if low < lowest - slack or high > highest + slack:
-                raise KfError(
-                    f"images must lie in [{lowest:g}, {highest:g}] (the manifest's input.range), got values from "
-                    f"{low:g} to {high:g}; scale them first (uint8 images are divided by 255 for you)")
-        return np.ascontiguousarray(array)
+            raise KfError(f"images must have {expected[0]} channel(s) (shape {shape}), got {array.shape[1]} in {array.shape}")
+        raise KfError(f"images must be {expected[1]}x{expected[2]} pixels (shape {shape}), got {array.shape[2]}x{array.shape[3]}; resize them first")
+
+    def _refuse_values(self, low: float, high: float) -> None:
+        if not (np.isfinite(low) and np.isfinite(high)):  # min and max carry any NaN or inf with them
+            raise KfError("images contain NaN or infinite values")
+        lowest, highest = self.manifest["input"]["range"]
+        raise KfError(
+            f"images must lie in [{lowest:g}, {highest:g}] (the manifest's input.range), got values from "
+            f"{low:g} to {high:g}; scale them first (uint8 images are divided by 255 for you)")
 
     def run(self, images, tasks: Optional[Iterable[str]] = None, logits: bool = False) -> Dict[str, np.ndarray]:
         """Scores per task (softmax probabilities, or logits) for a batch of images.
