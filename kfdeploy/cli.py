@@ -253,32 +253,33 @@ def cmd_check_trt(args) -> int:
 
 
 def read_images(paths: List[Path]):
-    """PNG files (converted to the bundle's grey 0..255) or one .npy batch, as a numpy array."""
+    """Image files (grey 0..255, one channel, as the sprites) or one .npy batch, as a numpy array."""
     import numpy as np
+
+    from .images import read_image, to_grey
 
     if len(paths) == 1 and paths[0].suffix == ".npy":
         try:
             return np.load(paths[0], allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise KfError(f"cannot read {paths[0]} as a numpy batch ({exc})") from None
-    from PIL import Image, UnidentifiedImageError
-
     images = []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("L"))[None])
-        except (OSError, UnidentifiedImageError) as exc:
-            raise KfError(f"cannot read {path} as an image ({exc}); give PNG files or one .npy batch") from None
+        image = read_image(path)
+        image = to_grey(image) if image.ndim == 3 else image
+        if images and image.shape != images[0].shape[1:]:
+            raise KfError(f"{path.name} is {image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
+                          f"{images[0].shape[2]}x{images[0].shape[1]}: one batch needs images of one size")
+        images.append(image[None])
     return np.stack(images)
 
 
 def cmd_run(args) -> None:
     from .runtime import load
 
+    images = read_images(args.inputs)  # before the bundle: a bad file is refused at once
     tasks = args.tasks.split(",") if args.tasks else None
     model = load(args.bundle, tasks=tasks, backend=args.backend)
-    images = read_images(args.inputs)
     top = model.top(model(images), k=args.top)
     names = [str(p) for p in args.inputs] if len(images) == len(args.inputs) else [f"#{i}" for i in range(len(images))]
     if args.json:

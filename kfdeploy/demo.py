@@ -20,10 +20,10 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import KfError
+from .images import read_image, to_grey
 from .runtime import Assembly, Timings, engines_for_this_device
 
 DEFAULT_BUNDLE = Path("runs/quickstart/bundle")
-MAX_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
 
 
 @dataclass
@@ -50,7 +50,7 @@ def to_model_input(image: np.ndarray, size: int = 64) -> tuple[np.ndarray, List[
         array = (array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
     if array.ndim == 3:
         notes.append("colour image converted to grey")
-        array = np.asarray(Image.fromarray(array.astype(np.uint8)).convert("L"))
+        array = to_grey(array)
     array = array.astype(np.uint8)
     if array.max() == array.min():
         raise KfError("the image is blank: draw or upload a shape first")
@@ -61,19 +61,6 @@ def to_model_input(image: np.ndarray, size: int = 64) -> tuple[np.ndarray, List[
         notes.append("inverted to white on black, as the sprites are")
         array = 255 - array
     return array[None, None], notes
-
-
-def read_upload(path: str) -> np.ndarray:
-    """Decode an uploaded file, refusing what is not an image or is absurdly large."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise KfError(f"the image is {image.width}x{image.height}; send one under {MAX_PIXELS // 1_000_000} megapixels")
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise KfError(f"{Path(path).name} is not an image that can be read (PNG, JPEG, ...)") from None
 
 
 class Demo:
@@ -272,7 +259,7 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE):
             def work():
                 if not path:
                     raise KfError("choose an image file to upload first")
-                return demo.answer(read_upload(path), ticked, backend_name)
+                return demo.answer(read_image(path), ticked, backend_name)
             return guarded(work)
 
         sprite_inputs = [shape, scale, orientation, pos_x, pos_y, tasks, backend]

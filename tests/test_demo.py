@@ -14,6 +14,7 @@ import kfdeploy
 from kfdeploy.data import render
 from kfdeploy.demo import build_app, launch, to_model_input
 from kfdeploy.errors import KfError
+from test_images import png_header_only
 
 SPRITE = ("heart", 5, 0, 8, 20)  # shape, scale index, orientation index, pos_x, pos_y
 OUTPUT_TASKS = ["shape", "scale", "orientation", "pos_x", "pos_y"]  # the Label outputs, in order
@@ -85,6 +86,8 @@ def test_the_torch_backend_answers_like_onnxruntime(client):
     (lambda d: _png(d, np.zeros((64, 64), np.uint8)), "the image is blank"),
     (lambda d: _png(d, _big_colour_sprite()), "resized from 2000x2000 to 64x64"),
     (lambda d: _png(d, _big_colour_sprite()), "colour image converted to grey"),
+    (lambda d: png_header_only(d / "huge.png", 5000, 5000), "huge.png is too large to read"),
+    (lambda d: png_header_only(d / "bomb.png", 30000, 30000), "bomb.png is too large to read"),  # Pillow's DecompressionBombError
 ])
 def test_bad_uploads_get_a_friendly_message_and_the_server_stays_up(client, tmp_path, make, message):
     result = client.predict(handle_file(str(make(tmp_path))), ["shape"], "onnxruntime", api_name="/predict_upload")

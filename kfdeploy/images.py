@@ -1,0 +1,48 @@
+"""Reading image files: one decoder with one set of rules for the command line and the demo.
+
+- Images above MAX_PIXELS are refused before their pixels are decoded, and so is what
+  Pillow itself calls a decompression bomb: a small file must not expand into gigabytes.
+- A file Pillow cannot read (not an image, truncated, missing) is a KfError naming it.
+- Grey images stay one channel; anything else becomes RGB, so callers see two layouts only.
+
+Needs Pillow and numpy, never torch: `kfdeploy run` reads PNGs on an edge device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KfError
+from .extras import require
+
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # 16.8 megapixels: far above what a 64x64 model needs
+_GREY_MODES = ("1", "L", "I", "I;16", "F")
+
+
+def _pillow():
+    # Only image files need Pillow: an edge device may feed .npy batches and go without it.
+    return require("PIL.Image", None)
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Decode an image file into uint8: (H, W) for grey images, (H, W, 3) RGB for the rest."""
+    Image = _pillow()
+    path = Path(path)
+    too_big = f"{path.name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
+    try:
+        with Image.open(path) as image:  # reads the header only; the pixels are decoded below
+            if image.width * image.height > MAX_PIXELS:
+                raise KfError(f"{too_big} (it is {image.width}x{image.height})")
+            return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+    except Image.DecompressionBombError:  # Pillow's own cap, for headers it refuses to believe
+        raise KfError(too_big) from None
+    except (OSError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
+        raise KfError(f"{path.name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
+
+
+def to_grey(array: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) RGB array as (H, W) luminance, the way Pillow converts (ITU-R 601-2)."""
+    Image = _pillow()
+    return np.asarray(Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("L"))
