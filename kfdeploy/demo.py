@@ -6,10 +6,15 @@ Ticking a task adds its module to the running assembly and unticking removes it;
 trunk is loaded once per backend and never again. The work happens in `Demo.answer`,
 which the UI, the gradio_client API (`/predict_sprite`, `/predict_upload`) and the tests
 share; the UI only draws what it returns.
+
+An offline tool: Gradio's analytics and version check are off, whatever the environment
+says, and uploads are capped in bytes (MAX_UPLOAD_BYTES) before kfdeploy.images caps them
+in pixels.
 """
 from __future__ import annotations
 
 import io
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,9 @@ from .images import read_image, to_grey
 from .runtime import Assembly, Timings, engines_for_this_device
 
 DEFAULT_BUNDLE = Path("runs/quickstart/bundle")
+# Gradio refuses bigger uploads before they reach kfdeploy. A 64x64 model needs far less; a
+# 16-megapixel photo (the pixel cap of kfdeploy.images) as JPEG, or a drawing as PNG, stays under it.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
 @dataclass
@@ -180,15 +188,21 @@ Or export your own factorized run: `kfdeploy export RUN --out BUNDLE`, then `kfd
 """
 
 
-def build_app(bundle_path: Path = DEFAULT_BUNDLE):
-    """The Blocks app; a bundle that is missing or fails verification shows why, never a traceback."""
+def open_demo(bundle_path: Path) -> tuple[Optional[Demo], Optional[str]]:
+    """The Demo of a bundle, or why there is none: missing, damaged, malformed (every KfError)."""
     try:
-        demo = Demo(bundle_path)
-        problem = None
+        return Demo(bundle_path), None
     except KfError as exc:
-        demo, problem = None, str(exc)
+        return None, str(exc)
 
-    with gr.Blocks(title="kfdeploy: Knowledge Factorization, assembled live") as app:
+
+def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None):
+    """The Blocks app; a bundle that is missing or cannot be used shows why, never a traceback."""
+    demo, problem = opened or open_demo(bundle_path)
+
+    # analytics_enabled=False also stops Gradio's version check and hub telemetry; the
+    # GRADIO_ANALYTICS_ENABLED variable would only be read when this argument is None.
+    with gr.Blocks(title="kfdeploy: Knowledge Factorization, assembled live", analytics_enabled=False) as app:
         gr.Markdown("# Knowledge Factorization, assembled live\nOne shared **trunk** plus the **task modules** you tick: "
                     "each task answers as `head(trunk(x) + task_network(x))`. Ticking adds a module; the trunk stays loaded.")
         if demo is None:
@@ -272,7 +286,11 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE):
 
 def launch(bundle_path: Path = DEFAULT_BUNDLE, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            block: bool = True):
-    app = build_app(bundle_path)
+    opened = open_demo(bundle_path)
+    if opened[1] is not None:  # the page explains it too; whoever started the server sees it here
+        print(f"kfdeploy demo: {opened[1]}", file=sys.stderr)
+    app = build_app(bundle_path, opened)
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=False)
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=False,
+               max_file_size=MAX_UPLOAD_BYTES)
     return app

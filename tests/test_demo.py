@@ -12,7 +12,7 @@ from PIL import Image
 
 import kfdeploy
 from kfdeploy.data import render
-from kfdeploy.demo import build_app, launch, to_model_input
+from kfdeploy.demo import MAX_UPLOAD_BYTES, build_app, launch, to_model_input
 from kfdeploy.errors import KfError
 from test_images import png_header_only
 
@@ -148,6 +148,67 @@ def test_a_bundle_failing_verification_is_explained_not_a_traceback(bundle, tmp_
     (copy / "tasks" / "shape.onnx").write_bytes(b"tampered")
     text = _page_text(build_app(copy))
     assert "cannot be used" in text and "checksum mismatch for tasks/shape.onnx" in text
+
+
+def _set(field, value):
+    return lambda m: {**m, field: value}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: "{", "is not valid JSON"),
+    (_set("format_version", "1"), "format_version"),
+    (lambda m: {k: v for k, v in m.items() if k != "tasks"}, "tasks"),
+    (_set("trunk", "t"), "trunk"),  # was a TypeError
+    (_set("format_version", True), "format_version"),  # a bool passed as an int
+    (_set("tasks", None), "tasks"),  # was an AttributeError
+], ids=["not-json", "version-a-string", "no-tasks", "trunk-a-string", "version-a-bool", "tasks-null"])
+def test_a_malformed_manifest_is_reported_by_the_page_and_the_command(bundle, tmp_path, capsys, damage, message):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    damaged = damage(manifest)
+    (copy / "manifest.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    app = launch(copy, port=_free_port(), block=False)
+    try:
+        err = capsys.readouterr().err
+        text = _page_text(app)
+    finally:
+        app.close()
+    assert "cannot be used" in text, text[-2000:]
+    line = next(line for line in err.splitlines() if line.startswith("kfdeploy demo: "))
+    assert message in line, err
+
+
+def test_a_manifest_nested_too_deep_is_reported_not_a_recursion_error(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "manifest.json").write_text('{"format": "kfdeploy-bundle", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert "cannot be used" in _page_text(build_app(copy))
+
+
+def test_the_app_sends_no_analytics_even_when_the_environment_allows_them(tmp_path, monkeypatch):
+    import gradio.analytics
+
+    calls = []
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    monkeypatch.setattr(gradio.analytics, "version_check", lambda *a, **k: calls.append("version_check"))
+    monkeypatch.setattr(gradio.analytics, "_do_analytics_request", lambda *a, **k: calls.append(k.get("topic")))
+    app = launch(tmp_path / "missing", port=_free_port(), block=False)
+    app.close()
+    assert app.analytics_enabled is False and calls == []
+
+
+@pytest.mark.slow
+def test_an_upload_above_the_size_cap_is_refused_by_the_server(server, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
+    small = _png(tmp_path, np.eye(64, dtype=np.uint8) * 255)
+    for path, status in ((big, 413), (small, 200)):
+        with open(path, "rb") as f:
+            response = httpx.post(f"{server}gradio_api/upload", files={"files": (path.name, f)}, timeout=60)
+        assert response.status_code == status, (path.name, response.text[:300])
 
 
 @pytest.mark.slow
