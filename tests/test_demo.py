@@ -1,6 +1,7 @@
 """The Gradio demo, driven by the real gradio_client and by a real headless Chromium."""
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -240,7 +241,14 @@ def test_a_browser_ticks_tasks_generates_a_sprite_and_sees_the_labels(server, bu
         expected = _expected(bundle, ["pos_x"])["pos_x"]
         best = max(expected, key=expected.get)
         wait.until(lambda d: best in d.find_element(By.ID, "label-pos_x").text)
-        assert "shape" in driver.find_element(By.ID, "label-shape").text
+        # The label's heading is its top class and each class shows a percentage: neither
+        # exists before an answer (the title "shape" does, and all three class names would).
+        shape = _expected(bundle, ["shape"])["shape"]
+        top = max(shape, key=shape.get)
+        heading = driver.find_element(By.CSS_SELECTOR, "#label-shape [data-testid='label-output-value']")
+        assert heading.text == top
+        shown = driver.find_element(By.CSS_SELECTOR, f"#label-shape [data-testid='{top}-confidence-set']").text
+        assert abs(int(re.search(r"(\d+)%", shown).group(1)) - 100 * shape[top]) <= 1, shown
         assert "Latency" in driver.find_element(By.ID, "summary").text
         shot = Path(os.environ.get("KFDEPLOY_DEMO_SCREENSHOT", tmp_path / "demo.png"))
         driver.save_screenshot(str(shot))
