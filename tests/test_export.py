@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
+import tempfile
+import threading
 
 import numpy as np
 import onnx
@@ -156,18 +157,33 @@ def _archive_with(tmp_path, member: tarfile.TarInfo, payload: bytes = b"x"):
 
 @pytest.mark.parametrize("name, kind, reason", [
     ("../escape.txt", tarfile.REGTYPE, "climbs out"),
-    ("/tmp/absolute.txt", tarfile.REGTYPE, "absolute"),
+    ("{tmp}/absolute.txt", tarfile.REGTYPE, "absolute"),
     ("link", tarfile.SYMTYPE, "link or special file"),
 ])
-def test_archive_members_that_escape_the_bundle_are_refused(tmp_path, capsys, name, kind, reason):
-    member = tarfile.TarInfo(name)
+def test_archive_members_that_escape_the_bundle_are_refused(tmp_path, monkeypatch, capsys, name, kind, reason):
+    # Archives are extracted into a new folder under the temporary folder: make that one of
+    # this test's own, so that the places an escaping member would land are known and empty.
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    member = tarfile.TarInfo(name.format(tmp=tmp_path))
     member.type = kind
     member.size = 1 if kind == tarfile.REGTYPE else 0
     if kind == tarfile.SYMTYPE:
         member.linkname = "/etc/passwd"
-    err = _fails(["inspect", str(_archive_with(tmp_path, member))], capsys, reason)
+    archive = _archive_with(tmp_path, member)
+    landed = {"../escape.txt": temp / "escape.txt", "{tmp}/absolute.txt": tmp_path / "absolute.txt"}.get(name)
+    if landed is not None:  # the test's premise: a trusting extraction writes exactly there
+        with tarfile.open(archive) as tar:
+            tar.extractall(tempfile.mkdtemp(), filter="fully_trusted")
+        assert landed.read_bytes() == b"x"
+        landed.unlink()
+        shutil.rmtree(temp)
+        temp.mkdir()
+    err = _fails(["inspect", str(archive)], capsys, reason)
     assert "refusing to extract" in err
-    assert not (tmp_path.parent / "escape.txt").exists() and not os.path.exists("/tmp/absolute.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.gz", "temp"]
+    assert list(temp.iterdir()) == [], "the extraction folder of a refused archive is removed"
 
 
 def test_adding_a_task_keeps_the_trunk_file_untouched(factor_run, tmp_path):
@@ -191,17 +207,34 @@ def test_a_task_from_another_trunk_is_refused(bundle_copy, teacher_run, tmp_path
     assert _manifest(bundle_copy) == before
 
 
+def _kill_export_mid_way(factor_run, out):
+    """Start `kfdeploy export` into `out` and SIGKILL it as it starts exporting a task, after the
+    trunk: asserts it really got there (an export that died early would pass any later check)."""
+    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", "export", str(factor_run), "--out", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(300, process.kill)  # a hung export fails the test instead of blocking it
+    watchdog.start()
+    said = []
+    for line in process.stdout:
+        said.append(line)
+        if line.startswith("exporting task"):
+            break
+    staging = list(out.parent.glob(f".{out.name}.staging-*"))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    watchdog.cancel()
+    process.stdout.close()
+    assert said and said[-1].startswith("exporting task"), "the export ended before it exported a task:\n" + "".join(said)
+    assert process.returncode == -signal.SIGKILL, "the export finished before it was killed"
+    assert len(staging) == 1 and (staging[0] / "trunk.onnx").is_file(), "the export was writing its staging folder"
+
+
 @pytest.mark.slow
 def test_an_interrupted_export_leaves_the_previous_bundle_whole(bundle_copy, factor_run):
     before = _manifest(bundle_copy)
-    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", "export", str(factor_run), "--out", str(bundle_copy)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(bundle_copy.parent.glob(".copy.staging-*/tasks/*.onnx")):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert list(bundle_copy.parent.glob(".copy.staging-*")), "the export must be killed mid-way"
+    _kill_export_mid_way(factor_run, bundle_copy)
+    assert list(bundle_copy.parent.glob(".copy.staging-*")), "a killed export leaves its staging folder"
     assert _manifest(bundle_copy) == before
     Bundle.open(bundle_copy)  # every checksum still matches
     assert run_cli("export", str(factor_run), "--out", str(bundle_copy), "--tasks", "shape").returncode == 0
@@ -210,13 +243,7 @@ def test_an_interrupted_export_leaves_the_previous_bundle_whole(bundle_copy, fac
 
 def test_an_interrupted_first_export_leaves_nothing(factor_run, tmp_path):
     out = tmp_path / "fresh"
-    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", "export", str(factor_run), "--out", str(out)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".fresh.staging-*/trunk.onnx")):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    _kill_export_mid_way(factor_run, out)
     assert not out.exists()
 
 
