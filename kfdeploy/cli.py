@@ -180,9 +180,11 @@ def cmd_evaluate(args) -> None:
 def cmd_export(args) -> None:
     from .export import export_bundle, load_profile
 
+    started = time.perf_counter()
     tasks = args.tasks.split(",") if args.tasks else None
     out = export_bundle(args.run, args.out, tasks=tasks, profile=load_profile(args.profile), into=args.into, archive=args.archive)
-    print(f"bundle written to {out}" + (f" and {out.name}.tar.gz" if args.archive else ""))
+    archive = f" and {out.name}.tar.gz" if args.archive else ""
+    print(f"bundle written to {out}{archive} in {time.perf_counter() - started:.1f} s")
 
 
 def _human_bytes(count: int) -> str:
@@ -222,8 +224,9 @@ def cmd_inspect(args) -> None:
 def cmd_verify(args) -> None:
     from .export import verify_bundle
 
+    started = time.perf_counter()
     verify_bundle(args.bundle)
-    print(f"bundle {args.bundle} verified")
+    print(f"bundle {args.bundle} verified in {time.perf_counter() - started:.1f} s")
 
 
 def cmd_build_engines(args) -> None:

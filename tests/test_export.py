@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,15 @@ def test_verify_passes_on_a_good_bundle_and_its_archive(bundle, capsys):
     assert main(["verify", str(bundle)]) == 0
     assert main(["verify", str(bundle) + ".tar.gz"]) == 0
     assert "verified" in capsys.readouterr().out
+
+
+def test_export_and_verify_print_how_long_they_took(factor_run, tmp_path, capsys):
+    # The README's export and verify timings are what these lines say.
+    out = tmp_path / "timed"
+    assert main(["export", str(factor_run), "--out", str(out), "--tasks", "shape"]) == 0
+    assert re.search(rf"bundle written to {re.escape(str(out))} in \d+\.\d s$", capsys.readouterr().out.strip())
+    assert main(["verify", str(out)]) == 0
+    assert re.search(rf"bundle {re.escape(str(out))} verified in \d+\.\d s$", capsys.readouterr().out.strip())
 
 
 def test_inspect_shows_tasks_labels_and_checksums(bundle, capsys):
