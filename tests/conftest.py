@@ -18,6 +18,19 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     )
 
 
+def cli_fails(argv, capsys, expected: str) -> str:
+    """Run `kfdeploy ARGV` in this process; assert it refused: exit code 2, one line on stderr
+    starting `kfdeploy: error: ` and naming `expected`. Returns the line."""
+    from kfdeploy.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("kfdeploy: error: ") and expected in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "teacher"

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_fails, run_cli
 from kfdeploy.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.data import TASK_NAMES, SpritesSource
@@ -33,14 +33,6 @@ def bundle_copy(bundle, tmp_path):
 
 def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
-
-
-def _fails(argv, capsys, expected):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and expected in err, err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_bundle_holds_a_trunk_and_one_graph_per_task_with_only_batch_dynamic(bundle):
@@ -128,14 +120,14 @@ def test_corrupted_module_is_refused_naming_the_file(bundle_copy, capsys):
     data = bytearray((bundle_copy / "tasks" / "scale.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bundle_copy / "tasks" / "scale.onnx").write_bytes(bytes(data))
-    _fails(["verify", str(bundle_copy)], capsys, "checksum mismatch for tasks/scale.onnx")
+    cli_fails(["verify", str(bundle_copy)], capsys, "checksum mismatch for tasks/scale.onnx")
 
 
 def test_manifest_of_a_newer_format_version_is_refused(bundle_copy, capsys):
     manifest = _manifest(bundle_copy)
     manifest["format_version"] = 2
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    _fails(["inspect", str(bundle_copy)], capsys, "format version 2, newer than this kfdeploy reads (up to 1); upgrade kfdeploy")
+    cli_fails(["inspect", str(bundle_copy)], capsys, "format version 2, newer than this kfdeploy reads (up to 1); upgrade kfdeploy")
 
 
 @pytest.mark.parametrize("path, reason", [
@@ -147,7 +139,7 @@ def test_manifest_paths_that_escape_the_bundle_are_refused(bundle_copy, capsys, 
     manifest = _manifest(bundle_copy)
     manifest["tasks"]["shape"]["file"] = path
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    _fails(["inspect", str(bundle_copy)], capsys, reason)
+    cli_fails(["inspect", str(bundle_copy)], capsys, reason)
 
 
 def test_a_symlinked_module_is_not_followed(bundle_copy, tmp_path, capsys):
@@ -155,7 +147,7 @@ def test_a_symlinked_module_is_not_followed(bundle_copy, tmp_path, capsys):
     shutil.copy(bundle_copy / "tasks" / "shape.onnx", target)
     (bundle_copy / "tasks" / "shape.onnx").unlink()
     (bundle_copy / "tasks" / "shape.onnx").symlink_to(target)
-    _fails(["inspect", str(bundle_copy)], capsys, "symbolic link")
+    cli_fails(["inspect", str(bundle_copy)], capsys, "symbolic link")
 
 
 def _archive_with(tmp_path, member: tarfile.TarInfo, payload: bytes = b"x"):
@@ -191,7 +183,7 @@ def test_archive_members_that_escape_the_bundle_are_refused(tmp_path, monkeypatc
         landed.unlink()
         shutil.rmtree(temp)
         temp.mkdir()
-    err = _fails(["inspect", str(archive)], capsys, reason)
+    err = cli_fails(["inspect", str(archive)], capsys, reason)
     assert "refusing to extract" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.gz", "temp"]
     assert list(temp.iterdir()) == [], "the extraction folder of a refused archive is removed"
@@ -214,7 +206,7 @@ def test_a_task_from_another_trunk_is_refused(bundle_copy, teacher_run, tmp_path
                  "--batch-size", "8", "--tasks", "shape", "--seed", "7"]) == 0
     capsys.readouterr()
     before = _manifest(bundle_copy)
-    _fails(["export", str(other), "--out", str(bundle_copy), "--into"], capsys, "trained with a different trunk")
+    cli_fails(["export", str(other), "--out", str(bundle_copy), "--into"], capsys, "trained with a different trunk")
     assert _manifest(bundle_copy) == before
 
 
@@ -259,10 +251,10 @@ def test_an_interrupted_first_export_leaves_nothing(factor_run, tmp_path):
 
 
 def test_export_errors_name_the_problem(factor_run, tmp_path, capsys):
-    _fails(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")], capsys, "no factorized run at")
-    _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--tasks", "colour"], capsys, "unknown task 'colour'")
-    _fails(["export", str(factor_run), "--out", "/proc/kfdeploy-test/b"], capsys, "not writable")
-    _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", "nope"], capsys, "unknown export profile 'nope'")
+    cli_fails(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")], capsys, "no factorized run at")
+    cli_fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--tasks", "colour"], capsys, "unknown task 'colour'")
+    cli_fails(["export", str(factor_run), "--out", "/proc/kfdeploy-test/b"], capsys, "not writable")
+    cli_fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", "nope"], capsys, "unknown export profile 'nope'")
     assert not (tmp_path / "b").exists()
 
 
@@ -279,7 +271,7 @@ def test_build_engines_without_tensorrt_names_the_missing_package(bundle_copy, c
     pytest.importorskip("kfdeploy.tensorrt")
     if __import__("importlib").util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
-    _fails(["build-engines", str(bundle_copy)], capsys, "'tensorrt'")
+    cli_fails(["build-engines", str(bundle_copy)], capsys, "'tensorrt'")
 
 
 def test_check_trt_passes_every_exported_graph(bundle, capsys):
@@ -297,7 +289,7 @@ def test_check_trt_passes_every_exported_graph(bundle, capsys):
 def test_a_broken_profile_file_is_refused_with_its_problem(factor_run, tmp_path, capsys, content, message):
     profile = tmp_path / "mine.toml"
     profile.write_text(content)
-    _fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", str(profile)], capsys, message)
+    cli_fails(["export", str(factor_run), "--out", str(tmp_path / "b"), "--profile", str(profile)], capsys, message)
     assert not (tmp_path / "b").exists()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfdeploy.cli import main
+from conftest import cli_fails
 from kfdeploy.errors import KfError
 from kfdeploy.images import MAX_PIXELS, read_image
 
@@ -58,22 +58,15 @@ def test_an_unreadable_file_is_a_kferror_naming_it(tmp_path, make):
         read_image(path)
 
 
-def _fails(argv, capsys, expected):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
-    return err
-
-
 def test_run_refuses_a_bomb_with_one_line_before_loading_the_bundle(tmp_path, capsys):
     bomb = png_header_only(tmp_path / "bomb.png", 30000, 30000)
-    _fails(["run", str(tmp_path / "no-bundle"), str(bomb)], capsys, "bomb.png is too large to read")
+    cli_fails(["run", str(tmp_path / "no-bundle"), str(bomb)], capsys, "bomb.png is too large to read")
 
 
 def test_run_refuses_images_of_different_sizes_with_one_line(tmp_path, capsys):
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "b.png")
-    _fails(["run", str(tmp_path / "no-bundle"), str(tmp_path / "a.png"), str(tmp_path / "b.png")], capsys,
+    cli_fails(["run", str(tmp_path / "no-bundle"), str(tmp_path / "a.png"), str(tmp_path / "b.png")], capsys,
            "b.png is 32x32 but a.png is 64x64")
 
 
