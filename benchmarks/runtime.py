@@ -41,7 +41,7 @@ import kfdeploy
 from kfdeploy.bundle import Bundle
 from kfdeploy.data import SpritesSource
 from kfdeploy.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
-from kfdeploy.fuse import compose, probs_output
+from kfdeploy.fuse import Composer, probs_output
 from kfdeploy.runs import load_teacher
 from kfdeploy.runtime import _session, physical_cores
 
@@ -276,8 +276,8 @@ def main() -> None:
     teacher_path, teacher = export_teacher(bundle, work)
     teacher_session = alike_session(teacher_path.read_bytes())
     reference = torch_modules(bundle)
-    graphs = {module: bundle.graph(module) for module in ["trunk", *tasks]}
-    standalone = {t: alike_session(compose(graphs, [t]).SerializeToString()) for t in tasks}  # its own trunk + the task
+    composer = Composer(bundle.graph)
+    standalone = {t: alike_session(composer.compose([t])) for t in tasks}  # its own trunk + the task
     assembly = kfdeploy.load(bundle, tasks=[], log=lambda s: None)
 
     example = torch.zeros(1, 1, 64, 64)
@@ -289,7 +289,7 @@ def main() -> None:
     for k in range(1, len(tasks) + 1):
         selected = tasks[:k]
         assembly.add_task(selected[-1])
-        fused = alike_session(compose(graphs, selected).SerializeToString())
+        fused = alike_session(composer.compose(selected))
         wanted = [probs_output(t) for t in selected]
 
         def eager(x):

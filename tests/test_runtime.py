@@ -383,7 +383,7 @@ def test_run_command_answers_png_files_and_npy_batches(bundle, images, tmp_path,
 def test_run_command_refuses_an_unreadable_file(bundle, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     assert main(["run", str(bundle), str(tmp_path / "notes.png")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "notes.png is not an image that can be read (PNG, JPEG, ...)" in capsys.readouterr().err
 
 
 APP_POOL = """
