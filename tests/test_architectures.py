@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kfdeploy
+from conftest import cli_fails
 from kfdeploy.architectures import BackboneConfig, ConvBackbone, build_backbone, load_pretrained
 from kfdeploy.cli import main
 from kfdeploy.data import SpritesSource
@@ -22,14 +23,6 @@ from kfdeploy.train import TrainConfig
 
 SIZE = 32  # the smallest size resnet18 and mobilenetv2_050 take (their total stride)
 TASKS = {"shape": 3, "scale": 6}
-
-
-def _fails(argv, capsys, expected):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and expected in err, err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_resnet18_and_mobilenetv2_050_build_at_a_small_single_channel_input():
@@ -142,12 +135,12 @@ def test_batchnorm_left_by_an_exporter_is_folded_into_its_conv(tmp_path):
 
 def test_unknown_architecture_is_refused_with_close_timm_names(timm_bundle, tmp_path, capsys):
     out = tmp_path / "teacher"
-    err = _fails(["teacher", "--out", str(out), "--arch", "resnet81"], capsys, "unknown architecture 'resnet81'")
+    err = cli_fails(["teacher", "--out", str(out), "--arch", "resnet81"], capsys, "unknown architecture 'resnet81'")
     assert "resnet18" in err and "simpleconv" in err
     assert not out.exists()
     teacher = timm_bundle.parent / "teacher"
     for flag in ("--task-arch", "--trunk-arch"):
-        err = _fails(["factorize", "--teacher", str(teacher), "--out", str(tmp_path / "kf"), flag, "mobilenetv2_05"],
+        err = cli_fails(["factorize", "--teacher", str(teacher), "--out", str(tmp_path / "kf"), flag, "mobilenetv2_05"],
                      capsys, "unknown architecture 'mobilenetv2_05'")
         assert "mobilenetv2_050" in err
     assert not (tmp_path / "kf").exists()
@@ -155,9 +148,9 @@ def test_unknown_architecture_is_refused_with_close_timm_names(timm_bundle, tmp_
 
 def test_an_image_size_the_architecture_cannot_take_is_refused_with_what_works(tmp_path, capsys):
     out = tmp_path / "teacher"
-    err = _fails(["teacher", "--out", str(out), "--arch", "resnet18", "--image-size", "16"], capsys, "cannot take 16x16 images")
+    err = cli_fails(["teacher", "--out", str(out), "--arch", "resnet18", "--image-size", "16"], capsys, "cannot take 16x16 images")
     assert "32x32" in err and "--image-size 32" in err
-    _fails(["teacher", "--out", str(out), "--image-size", "40"], capsys, "simpleconv takes image sizes that are multiples of 16")
+    cli_fails(["teacher", "--out", str(out), "--image-size", "40"], capsys, "simpleconv takes image sizes that are multiples of 16")
     assert not out.exists()
     with pytest.raises(KfError, match="mobilenetv2_050 cannot take 8x8 images"):
         build_backbone(BackboneConfig(image_size=8, arch="mobilenetv2_050"))
@@ -165,12 +158,12 @@ def test_an_image_size_the_architecture_cannot_take_is_refused_with_what_works(t
 
 def test_names_and_options_that_would_download_are_refused(tmp_path, capsys):
     out = tmp_path / "teacher"
-    _fails(["teacher", "--out", str(out), "--arch", "hf-hub:timm/resnet18.a1_in1k"], capsys, "would be fetched from a hub")
-    err = _fails(["teacher", "--out", str(out), "--arch", "resnet18.a1_in1k"], capsys, "names pretrained weights")
+    cli_fails(["teacher", "--out", str(out), "--arch", "hf-hub:timm/resnet18.a1_in1k"], capsys, "would be fetched from a hub")
+    err = cli_fails(["teacher", "--out", str(out), "--arch", "resnet18.a1_in1k"], capsys, "names pretrained weights")
     assert "--arch resnet18" in err and "--pretrained FILE" in err
     for value in ("imagenet", "https://example.com/resnet18.pth", "resnet18.a1_in1k"):
-        _fails(["teacher", "--out", str(out), "--arch", "resnet18", "--pretrained", value], capsys, "would need a download")
-    _fails(["teacher", "--out", str(out), "--arch", "resnet18", "--pretrained", str(tmp_path / "missing.safetensors")], capsys, "no such file")
+        cli_fails(["teacher", "--out", str(out), "--arch", "resnet18", "--pretrained", value], capsys, "would need a download")
+    cli_fails(["teacher", "--out", str(out), "--arch", "resnet18", "--pretrained", str(tmp_path / "missing.safetensors")], capsys, "no such file")
     assert not out.exists()
 
 
@@ -180,7 +173,7 @@ def test_pretrained_weights_with_wrong_keys_are_refused_naming_them(tmp_path, ca
     bad = tmp_path / "bad.safetensors"
     save_file({"conv1.weight": torch.zeros(64, 1, 7, 7), "encoder.block.weight": torch.zeros(3)}, str(bad))
     out = tmp_path / "teacher"
-    err = _fails(["teacher", "--out", str(out), "--arch", "resnet18", "--image-size", "32", "--pretrained", str(bad)],
+    err = cli_fails(["teacher", "--out", str(out), "--arch", "resnet18", "--image-size", "32", "--pretrained", str(bad)],
                  capsys, "does not fit resnet18")
     assert "missing bn1.bias" in err and "unexpected encoder.block.weight" in err
     assert not out.exists()

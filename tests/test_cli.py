@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_fails
 from kfdeploy.cli import COMMANDS, main
 
 
@@ -23,24 +24,15 @@ def test_top_level_help_lists_every_subcommand(capsys):
     assert all(command in text for command in COMMANDS)
 
 
-def _fails(argv, capsys, expected: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("kfdeploy: error: ") and expected in err, err
-    return err
-
-
 def test_missing_teacher_checkpoint_is_refused_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "kf"
-    err = _fails(["factorize", "--teacher", str(tmp_path / "nope"), "--out", str(out)], capsys, "no teacher run at")
+    err = cli_fails(["factorize", "--teacher", str(tmp_path / "nope"), "--out", str(out)], capsys, "no teacher run at")
     assert "kfdeploy teacher --out" in err  # says how to make one
     assert not out.exists()
 
 
 def test_a_factor_run_given_as_teacher_is_refused(factor_run, tmp_path, capsys):
-    _fails(["factorize", "--teacher", str(factor_run), "--out", str(tmp_path / "kf")], capsys,
+    cli_fails(["factorize", "--teacher", str(factor_run), "--out", str(tmp_path / "kf")], capsys,
            "is a factorized run, not a teacher run")
     assert not (tmp_path / "kf").exists()
 
@@ -54,18 +46,18 @@ def _damaged_copy(run, tmp_path, damage):
 
 def test_corrupted_teacher_weights_are_refused(teacher_run, tmp_path, capsys):
     broken = _damaged_copy(teacher_run, tmp_path, lambda f: f.write_bytes(b"\x00garbage" * 10))
-    _fails(["factorize", "--teacher", str(broken), "--out", str(tmp_path / "kf")], capsys,
+    cli_fails(["factorize", "--teacher", str(broken), "--out", str(tmp_path / "kf")], capsys,
            "not a readable safetensors file")
     assert not (tmp_path / "kf").exists()
 
 
 def test_unfinished_teacher_run_is_refused_with_how_to_resume(teacher_run, tmp_path, capsys):
     unfinished = _damaged_copy(teacher_run, tmp_path, lambda f: f.unlink())
-    _fails(["factorize", "--teacher", str(unfinished), "--out", str(tmp_path / "kf")], capsys, "--resume")
+    cli_fails(["factorize", "--teacher", str(unfinished), "--out", str(tmp_path / "kf")], capsys, "--resume")
 
 
 def test_unknown_task_name_lists_the_known_ones(tmp_path, capsys):
-    err = _fails(["teacher", "--out", str(tmp_path / "t"), "--tasks", "shape,colour"], capsys, "unknown task 'colour'")
+    err = cli_fails(["teacher", "--out", str(tmp_path / "t"), "--tasks", "shape,colour"], capsys, "unknown task 'colour'")
     assert "pos_x" in err
     assert not (tmp_path / "t").exists()
 
@@ -74,7 +66,7 @@ def test_tasks_the_teacher_was_not_trained_on_are_refused(tmp_path, capsys):
     teacher = tmp_path / "t"
     assert main(["teacher", "--out", str(teacher), "--tasks", "shape,scale", "--steps", "3", "--batch-size", "8"]) == 0
     capsys.readouterr()
-    err = _fails(["factorize", "--teacher", str(teacher), "--out", str(tmp_path / "kf"), "--tasks", "shape,pos_x"],
+    err = cli_fails(["factorize", "--teacher", str(teacher), "--out", str(tmp_path / "kf"), "--tasks", "shape,pos_x"],
                  capsys, "unknown task 'pos_x' for the teacher")
     assert "available: shape, scale" in err
     assert not (tmp_path / "kf").exists()
@@ -83,16 +75,16 @@ def test_tasks_the_teacher_was_not_trained_on_are_refused(tmp_path, capsys):
 def test_output_inside_a_file_is_refused(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    _fails(["teacher", "--out", str(blocker / "run")], capsys, "is a file, not a folder")
+    cli_fails(["teacher", "--out", str(blocker / "run")], capsys, "is a file, not a folder")
 
 
 def test_unwritable_output_folder_is_refused(capsys):
     # /proc refuses new files even to root, unlike a chmod-ed folder.
-    _fails(["teacher", "--out", "/proc/kfdeploy-test/run"], capsys, "not writable")
+    cli_fails(["teacher", "--out", "/proc/kfdeploy-test/run"], capsys, "not writable")
     assert not Path("/proc/kfdeploy-test").exists()
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(teacher_run, capsys):
     before = (teacher_run / "model.safetensors").read_bytes()
-    _fails(["teacher", "--out", str(teacher_run), "--steps", "2"], capsys, "pass --resume")
+    cli_fails(["teacher", "--out", str(teacher_run), "--steps", "2"], capsys, "pass --resume")
     assert (teacher_run / "model.safetensors").read_bytes() == before
