@@ -23,6 +23,7 @@ EXAMPLES = {
     "check-trt": "kfdeploy check-trt bundles/sprites",
     "demo": "kfdeploy demo runs/quickstart/bundle\n  kfdeploy demo bundles/sprites --host 0.0.0.0 --port 8080",
     "run": "kfdeploy run bundles/sprites --tasks shape,scale images/*.png\n  kfdeploy run bundles/sprites batch.npy --json --top 3",
+    "triton-repo": "kfdeploy triton-repo bundles/sprites --out repo\n  kfdeploy triton-repo bundles/sprites --out repo --ensemble shape,scale --ensemble pos=pos_x,pos_y\n  kfdeploy triton-repo bundles/sprites --out repo --backend tensorrt --engine-device orin-sm87-trt10.3",
 }
 
 # Sized so teacher + factorization + evaluation take about 15 minutes on 2 CPU cores.
@@ -126,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+
+    p = command("triton-repo", "Write a Triton Inference Server model repository: a model per module, an ensemble per task set.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    p.add_argument("--out", type=Path, required=True, help="repository folder (created; model folders already there are replaced, others kept)")
+    p.add_argument("--tasks", help="comma-separated task modules to include (default: all)")
+    p.add_argument("--ensemble", action="append", default=[], metavar="[NAME=]TASK,TASK",
+                   help="an ensemble for this task set (repeat for more; default: one ensemble, --model-name, of all --tasks)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "python"], default="onnxruntime",
+                   help="onnxruntime_onnx models (default), tensorrt_plan from the bundle's engines, or Python-backend models running ONNX Runtime")
+    p.add_argument("--model-name", default="kfdeploy", help="name of the all-task ensemble and prefix of the other models (default kfdeploy)")
+    p.add_argument("--kind", choices=["cpu", "gpu"], help="instance_group kind (default cpu; gpu for --backend tensorrt)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each module (default 1)")
+    p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching queue delay of each module (default 1000)")
+    p.add_argument("--engine-device", metavar="SIGNATURE", help="with --backend tensorrt: the device whose engines to use, e.g. orin-sm87-trt10.3 (default: this machine's)")
 
     p = command("quickstart", "Teacher, factorization, evaluation and export on the embedded default, in one go.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for all runs (default runs/quickstart)")
@@ -353,10 +368,23 @@ def cmd_quickstart(args) -> None:
     print(f"  bundle:         {bundle_dir} (verified; `kfdeploy inspect {bundle_dir}`)")
 
 
+def cmd_triton_repo(args) -> None:
+    from .triton_repo import write_repository
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    done = write_repository(args.bundle, args.out, tasks=tasks, ensembles=args.ensemble, backend=args.backend,
+                            prefix=args.model_name, kind=args.kind, instances=args.instances,
+                            max_queue_delay_us=args.max_queue_delay_us, engine_device=args.engine_device)
+    for name, what in done.items():
+        print(f"  {what:<9} {args.out / name}")
+    print(f"model repository {args.out}: serve it with `tritonserver --model-repository {args.out.resolve()}`")
+
+
 COMMANDS = {
     "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
     "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
     "check-trt": cmd_check_trt, "run": cmd_run, "demo": cmd_demo,
+    "triton-repo": cmd_triton_repo,
 }
 
 
