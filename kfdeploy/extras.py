@@ -16,7 +16,7 @@ from .errors import KfError
 # extra -> the modules kfdeploy imports from it (what setup.cfg's extras install)
 EXTRAS = {
     "cpu": ("onnxruntime",),
-    "train": ("torch", "safetensors", "tqdm", "matplotlib", "onnxscript"),
+    "train": ("torch", "safetensors", "tqdm", "matplotlib", "onnxscript", "timm", "PIL"),
     "demo": ("gradio", "PIL", "matplotlib"),
 }
 # Names users know, where the module's name is not it.
