@@ -27,7 +27,10 @@ from .atomic import atomic_write
 from .errors import KfError
 
 FORMAT = "kfdeploy-bundle"
-FORMAT_VERSION = 1
+# 2: the input spec says how pixels are normalized (inside the graphs) and which pixel types
+# readers take; bundles may carry example images. Version 1 bundles still read: identity
+# normalization, no examples.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
@@ -116,7 +119,7 @@ class Bundle:
         return resolve_inside(self.root, relative)
 
     def entries(self) -> Iterator[dict]:
-        """Every file record in the manifest: trunk, its weights, tasks, engines."""
+        """Every file record in the manifest: trunk, its weights, tasks, engines, examples."""
         trunk = self.manifest["trunk"]
         yield trunk
         if "weights" in trunk:
@@ -126,6 +129,7 @@ class Bundle:
             if "weights" in task:
                 yield task["weights"]
         yield from self.manifest.get("engines", [])
+        yield from self.examples
 
     def verify(self) -> None:
         """Every file record's checksum; module graphs through graph(), which also refuses
@@ -173,6 +177,45 @@ class Bundle:
         if name not in self.manifest["tasks"]:
             raise KfError(f"unknown task {name!r} in bundle {self.root}; available: {', '.join(self.tasks) or 'none'}")
         return self.manifest["tasks"][name]
+
+    @property
+    def channels(self) -> int:
+        return self.manifest["input"]["shape"][1]
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """(height, width) of the images the graphs take."""
+        return tuple(self.manifest["input"]["shape"][2:])
+
+    def normalization(self) -> Tuple[List[float], List[float]]:
+        """Per-channel (mean, std) the graphs apply to 0-1 pixels; identity for version 1
+        bundles, whose graphs take the pixels as they are."""
+        spec = self.manifest["input"].get("normalization")
+        if spec is None:
+            return [0.0] * self.channels, [1.0] * self.channels
+        return list(spec["mean"]), list(spec["std"])
+
+    def pixel_types(self) -> List[str]:
+        return list(self.manifest["input"].get("pixel_types", PIXEL_TYPES))
+
+    @property
+    def examples(self) -> List[dict]:
+        """The example images' records (file, checksum, true labels where known); none before version 2."""
+        return list(self.manifest.get("examples", []))
+
+    def example(self, index: int):
+        """Example `index` decoded (uint8, (H, W) grey or (H, W, 3) RGB) and its true labels.
+
+        As graph(): the bytes decoded are the bytes checked, and decoding goes through
+        kfdeploy.images (pixel cap, no decompression bombs). Needs Pillow.
+        """
+        from .images import decode_image
+
+        record = self.examples[index]
+        data = self.file(record["file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise _checksum_mismatch(record["file"], self.root)
+        return decode_image(data, record["file"]), dict(record.get("labels", {}))
 
     def input_shapes(self, module: str) -> Dict[str, Tuple[tuple, tuple, tuple]]:
         """(min, opt, max) shape of each input of a module ("trunk" or a task), from the batch range:
@@ -256,6 +299,11 @@ Shape = Annotated[list, _rule('["batch", C, H, W] with C, H and W positive integ
 Range = Annotated[List[float], _rule("[low, high] with finite low < high", lambda v: (
     len(v) == 2 and all(math.isfinite(x) for x in v) and v[0] < v[1]))]
 Precision = Literal["fp32", "fp16"]
+Finite = Annotated[float, _rule("a finite number", math.isfinite)]
+# What readers (runtime, `kfdeploy run`, demo) take as pixels: uint8 0-255, divided by 255,
+# and floats in input.range, cast to float32. The graphs themselves take float32 only.
+PixelType = Literal["uint8", "float"]
+PIXEL_TYPES = ("uint8", "float")
 
 
 @dataclass(kw_only=True)
@@ -341,6 +389,21 @@ class Engine(FileRecord):
 
 
 @dataclass(kw_only=True)
+class Normalization:
+    """(pixel - mean) / std per channel, on pixels in input.range, applied inside every graph."""
+
+    mean: List[Finite]
+    std: List[Finite]
+    in_graph: Literal[True]
+
+    @staticmethod
+    def invariant(normalization: dict) -> Optional[Tuple[str, str]]:
+        if any(s <= 0 for s in normalization["std"]):
+            return "std", f"must be positive, got {_describe(normalization['std'])}"
+        return None
+
+
+@dataclass(kw_only=True)
 class InputSpec:
     name: Literal["image"]
     shape: Shape
@@ -349,6 +412,20 @@ class InputSpec:
     range: Range
     uint8: str
     batch: Batch
+    # From format version 2 on (Manifest.invariant requires them there).
+    normalization: Normalization = None
+    pixel_types: List[PixelType] = None
+
+    @staticmethod
+    def invariant(spec: dict) -> Optional[Tuple[str, str]]:
+        channels = spec["shape"][1]
+        for key in ("mean", "std"):
+            values = spec.get("normalization", {}).get(key, [0] * channels)
+            if len(values) != channels:
+                return f"normalization.{key}", f"must hold one value per channel ({channels}), got {len(values)}"
+        if not spec.get("pixel_types", PIXEL_TYPES):
+            return "pixel_types", "must name at least one pixel type"
+        return None
 
 
 @dataclass(kw_only=True)
@@ -387,6 +464,13 @@ class ParityTolerance:
 
 
 @dataclass(kw_only=True)
+class Example(FileRecord):
+    """An image stored in the bundle (examples/<n>.png, at the input's size and channels)."""
+
+    labels: Dict[TaskName, str] = None  # its true label per task, where known
+
+
+@dataclass(kw_only=True)
 class Manifest:
     format: Literal["kfdeploy-bundle"]
     format_version: Positive
@@ -400,12 +484,23 @@ class Manifest:
     trunk: Trunk
     tasks: Dict[TaskName, Task]
     engines: List[Engine] = None
+    examples: List[Example] = None
 
     @staticmethod
     def invariant(manifest: dict) -> Optional[Tuple[str, str]]:
+        if manifest["format_version"] >= 2:
+            for key in ("normalization", "pixel_types"):
+                if key not in manifest["input"]:
+                    return f"input.{key}", "is missing (format version 2 requires it)"
         for i, engine in enumerate(manifest.get("engines", [])):
             if engine["module"] != "trunk" and engine["module"] not in manifest["tasks"]:
                 return f"engines[{i}].module", f"must be 'trunk' or a task of this bundle, got {_describe(engine['module'])}"
+        for i, example in enumerate(manifest.get("examples", [])):
+            for task, label in example.get("labels", {}).items():
+                if task not in manifest["tasks"]:
+                    return f"examples[{i}].labels", f"must name tasks of this bundle, got {_short(task)}"
+                if label not in manifest["tasks"][task]["labels"]:
+                    return f"examples[{i}].labels[{json.dumps(task)}]", f"must be one of the task's labels, got {_short(label)}"
         return None
 
 

@@ -220,6 +220,10 @@ def cmd_inspect(args) -> None:
     print(f"bundle {args.bundle} ({m['format']} v{m['format_version']}, created {m.get('created', '?')})")
     print(f"producer: {producer}; profile {m.get('profile', {}).get('name', '?')}")
     print(f"input: {spec['name']} {spec['dtype']} {spec['shape']} {spec['layout']}, values in {spec['range']} (uint8: {spec['uint8']}), batch {spec['batch']['min']}..{spec['batch']['max']}")
+    mean, std = bundle.normalization()
+    print(f"normalization (inside the graphs): mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]}; "
+          f"pixels taken: {', '.join(bundle.pixel_types())}")
+    print(f"examples: {len(bundle.examples) or 'none'}" + (f" ({', '.join(e['file'] for e in bundle.examples)})" if bundle.examples else ""))
     print(f"checksums: all {sum(1 for _ in bundle.entries())} files verified (sha256)")
     print(f"trunk: {trunk['file']} {_human_bytes(trunk['bytes'])} -> {trunk['output']['name']} ({trunk['output']['width']}), "
           f"fingerprint {trunk['fingerprint'][:12]}, max abs err {trunk['parity']['max_abs_err']:.1e}, sha256 {trunk['sha256'][:12]}")

@@ -1,7 +1,9 @@
 """Export a factorized run into a bundle: one ONNX graph for the trunk, one per task.
 
 The trunk maps image -> common feature; a task module maps (image, common) -> logits.
-Every graph has a dynamic batch dimension and nothing else dynamic (what TensorRT wants),
+Every graph takes pixels in [0, 1] and applies the run's per-channel normalization itself
+(a Sub and a Div at its input; none for the identity of sprites runs), so every consumer,
+ONNX Runtime on its own included, feeds the same plain pixels. Every graph has a dynamic batch dimension and nothing else dynamic (what TensorRT wants),
 is checked by onnx.checker with full shape inference, and is compared with its PyTorch
 module before the bundle is written. The bundle appears atomically: a crash or Ctrl-C
 leaves the previous bundle or none, never half of one.
@@ -16,18 +18,20 @@ import io
 import logging
 import os
 import shutil
+import math
 import tomllib
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import __version__
-from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, TASK_NAME_RULE, Bundle, is_task_name, sha256_file, write_archive
+from .bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, TASK_NAME_RULE, Bundle, is_task_name, sha256_file,
+                     write_archive)
 from .errors import KfError
 from .models import FactorConfig, FactorNet
 from .runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
@@ -44,6 +48,8 @@ PARITY_MAX_ABS_ERR = 1e-4
 PARITY_MAX_REL_ERR = 1e-5
 PARITY_MIN_ARGMAX_AGREEMENT = 0.999
 ACCURACY_IMAGES = 2048
+EXAMPLE_IMAGES = 6  # held-out images stored in a bundle (examples/<n>.png) for demos and smoke tests
+EXAMPLES_DIR = "examples"
 
 
 @dataclass(frozen=True)
@@ -84,15 +90,84 @@ def load_profile(name_or_path: str) -> ExportProfile:
     return profile
 
 
-class TrunkGraph(nn.Module):
-    """What trunk.onnx computes: image -> common feature."""
+Normalization = Tuple[List[float], List[float]]  # per-channel (mean, std)
 
-    def __init__(self, model: FactorNet):
+
+def identity_normalization(channels: int) -> Normalization:
+    return [0.0] * channels, [1.0] * channels
+
+
+class Normalize(nn.Module):
+    """(image - mean) / std per channel: the first thing every graph does, so a bundle takes
+    0-1 pixels whatever its network was trained on. The identity adds no operation."""
+
+    def __init__(self, normalization: Normalization):
         super().__init__()
-        self.model = model
+        mean, std = normalization
+        self.identity = all(m == 0 for m in mean) and all(s == 1 for s in std)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(image)
+        # Div, not a multiply by 1/std: the graph and this module round the same way.
+        return image if self.identity else (image - self.mean) / self.std
+
+
+class TrunkGraph(nn.Module):
+    """What trunk.onnx computes: 0-1 image -> common feature."""
+
+    def __init__(self, model: FactorNet, normalization: Optional[Normalization] = None):
+        super().__init__()
+        self.model = model
+        self.normalize = Normalize(normalization or identity_normalization(model.config.trunk.in_channels))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(self.normalize(image))
+
+
+class TaskGraph(nn.Module):
+    """What tasks/<task>.onnx computes: (0-1 image, common) -> logits."""
+
+    def __init__(self, task: nn.Module, normalize: Normalize):
+        super().__init__()
+        self.task = task
+        self.normalize = normalize
+
+    def forward(self, image: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
+        return self.task(self.normalize(image), common)
+
+
+def graph_modules(model: FactorNet, normalization: Optional[Normalization] = None) -> Dict[str, nn.Module]:
+    """The PyTorch modules the graphs are exported from, by module name ("trunk", each task):
+    they take 0-1 pixels and normalize them as the graphs do. The torch backend runs these."""
+    trunk = TrunkGraph(model, normalization)
+    return {"trunk": trunk, **{task: TaskGraph(module, trunk.normalize) for task, module in model.tasks.items()}}
+
+
+def run_normalization(info: dict, config: FactorConfig, run_dir: Path) -> Normalization:
+    """The normalization a run trained with: run.json's `input` (mean, std per channel), the
+    identity where it has none (sprites runs, runs made before it was recorded)."""
+    channels, size = config.trunk.in_channels, config.trunk.image_size
+    spec = info.get("input")
+    if spec is None:
+        return identity_normalization(channels)
+    where = f"{Path(run_dir) / 'run.json'}: input"
+
+    def numbers(key: str) -> List[float]:
+        values = spec.get(key) if isinstance(spec, dict) else None
+        if (not isinstance(values, list) or len(values) != channels
+                or not all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+            raise KfError(f"{where}.{key} must be {channels} finite number(s), one per channel of the model, "
+                          f"got {values!r}; re-create the run")
+        return [float(v) for v in values]
+
+    mean, std = numbers("mean"), numbers("std")
+    if any(s <= 0 for s in std):
+        raise KfError(f"{where}.std must be positive, got {std}; re-create the run")
+    for key, expected in (("channels", channels), ("image_size", size)):
+        if key in spec and spec[key] != expected:
+            raise KfError(f"{where}.{key} is {spec[key]!r} but the model takes {expected}; re-create the run")
+    return mean, std
 
 
 def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[str], output_names: List[str], profile: ExportProfile) -> None:
@@ -212,19 +287,22 @@ def parity_images(config: FactorConfig, data: str, seed: int, count: int = PARIT
 
 
 @torch.no_grad()
-def module_parity(model: FactorNet, trunk: Path | bytes, tasks: Dict[str, Path | bytes], images: torch.Tensor) -> Dict[str, dict]:
-    """Compare each ONNX module (a graph file or serialized graph) with its PyTorch module on the same inputs.
+def module_parity(model: FactorNet, trunk: Path | bytes, tasks: Dict[str, Path | bytes], images: torch.Tensor,
+                  normalization: Optional[Normalization] = None) -> Dict[str, dict]:
+    """Compare each ONNX module (a graph file or serialized graph) with its PyTorch module on the same 0-1 inputs.
 
-    Task modules get the PyTorch common feature so each module's error is its own; the
-    argmax agreement is end to end (ONNX trunk feeding ONNX task vs PyTorch).
+    The PyTorch reference normalizes the images as the graphs must (graph_modules). Task
+    modules get the PyTorch common feature so each module's error is its own; the argmax
+    agreement is end to end (ONNX trunk feeding ONNX task vs PyTorch).
     """
-    common = model.forward_features(images)
+    reference_modules = graph_modules(model, normalization)
+    common = reference_modules["trunk"](images)
     trunk_session = ort_session(trunk)
     onnx_common = trunk_session.run(None, {"image": images.numpy()})[0]
     result = {"trunk": {**compare(common.numpy(), onnx_common), "images": len(images)}}
     for task, graph in tasks.items():
         session = ort_session(graph)
-        reference = model.forward_head(images, common, task).numpy()
+        reference = reference_modules[task](images, common).numpy()
         isolated = session.run(None, {"image": images.numpy(), "common": common.numpy()})[0]
         end_to_end = session.run(None, {"image": images.numpy(), "common": onnx_common})[0]
         agreement = float((end_to_end.argmax(1) == reference.argmax(1)).mean())
@@ -272,6 +350,54 @@ def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
         return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys() if "running_" not in k and "num_batches" not in k))
 
 
+def heldout_examples(info: dict, config: FactorConfig, count: int = EXAMPLE_IMAGES):
+    """`count` held-out images of the run's data for the bundle's examples, with their labels:
+    (images (N, C, H, W) in [0, 1], {task: (N,) class indices}); None where kfdeploy cannot
+    draw held-out images for the run's data by itself (pass `examples=` to export_bundle)."""
+    if info.get("data", "sprites") != "sprites":
+        return None
+    from .data import TASK_NAMES, SpritesSource
+    from .pipeline import resize_images
+
+    images, labels = SpritesSource(tasks=list(TASK_NAMES)).heldout(count, offset=EXAMPLES_OFFSET)
+    return resize_images(images, config.trunk.image_size), labels
+
+
+EXAMPLES_OFFSET = 1000  # past the first held-out sprites, which evaluation and parity use
+
+
+def _examples_from_dataset(dataset, count: int = EXAMPLE_IMAGES):
+    """The first `count` items of a dataset (image (C, H, W) in [0, 1], {task: int label}),
+    batched as heldout_examples returns them."""
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    if not items:
+        return None
+    tasks = set.intersection(*(set(labels) for _, labels in items))
+    images = torch.stack([torch.as_tensor(image, dtype=torch.float32) for image, _ in items])
+    return images, {t: torch.as_tensor([int(labels[t]) for _, labels in items]) for t in sorted(tasks)}
+
+
+def _write_examples(staging: Path, examples, shape: tuple, task_labels: Dict[str, List[str]]) -> List[dict]:
+    """examples/<n>.png for each image (uint8, rounded from [0, 1]) and its file record,
+    with the true labels of the tasks `task_labels` names."""
+    from .extras import require
+
+    Image = require("PIL.Image", None)
+    images, labels = examples
+    if tuple(images.shape[1:]) != tuple(shape) or shape[0] not in (1, 3):
+        raise KfError(f"example images must be {'x'.join(map(str, shape))} (C x H x W, C 1 or 3) like the model's input, "
+                      f"got {'x'.join(map(str, images.shape[1:]))}")
+    (staging / EXAMPLES_DIR).mkdir(exist_ok=True)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    records = []
+    for i, image in enumerate(pixels):
+        relative = f"{EXAMPLES_DIR}/{i}.png"
+        Image.fromarray(image[0] if shape[0] == 1 else image.transpose(1, 2, 0)).save(staging / relative)
+        truth = {t: task_labels[t][int(labels[t][i])] for t in task_labels if t in labels}
+        records.append({**_file_record(staging, relative), "labels": truth})
+    return records
+
+
 def _file_record(root: Path, relative: str) -> dict:
     path = root / relative
     return {"file": relative, "sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -311,12 +437,19 @@ def export_bundle(
     into: bool = False,
     archive: bool = False,
     progress=print,
+    examples=None,
 ) -> Path:
-    """Export run_dir's factor modules into bundle `out` (or add them to it with `into`)."""
+    """Export run_dir's factor modules into bundle `out` (or add them to it with `into`).
+
+    The bundle stores a few held-out images as examples: sprites runs draw their own;
+    for other data pass `examples`, a dataset of (image (C, H, W) in [0, 1], {task: int
+    label}) items (the first EXAMPLE_IMAGES are taken), such as your held-out set.
+    """
     from .pipeline import parse_tasks
 
     run_dir, out = Path(run_dir), Path(out)
     model, info = load_factor_run(run_dir)
+    normalization = run_normalization(info, model.config, run_dir)
     tasks = parse_tasks(",".join(tasks) if tasks else None, list(model.task_classes), f"the factorized run {run_dir}")
     for task in tasks:
         if not is_task_name(task):
@@ -332,6 +465,10 @@ def export_bundle(
                 f"{fingerprint[:12]}) than the one in {out} ({bundle_fingerprint[:12]}); they cannot be "
                 "combined — export them into a new bundle"
             )
+        if tuple(existing.normalization()) != normalization:
+            raise KfError(f"{run_dir} normalizes its pixels with mean {normalization[0]}, std {normalization[1]}, but the "
+                          f"bundle {out} with mean {existing.normalization()[0]}, std {existing.normalization()[1]}; "
+                          "export it into a new bundle")
     elif out.exists() and not (out / MANIFEST).is_file():
         raise KfError(f"{out} exists and is not a bundle; choose another --out (an existing bundle is replaced)")
     check_writable(out)
@@ -340,7 +477,8 @@ def export_bundle(
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress)
+        found = _examples_from_dataset(examples) if examples is not None else heldout_examples(info, model.config)
+        manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, found)
         write_json_atomic(staging / MANIFEST, manifest)
         _exchange(staging, out)
     except BaseException:
@@ -351,7 +489,7 @@ def export_bundle(
     return out
 
 
-def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress) -> dict:
+def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, examples) -> dict:
     import onnx
     import onnxruntime
 
@@ -364,32 +502,39 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
     if existing is not None:
         manifest = dict(existing.manifest)
         manifest["tasks"] = dict(manifest["tasks"])
+        manifest["input"] = _input_spec(manifest["input"]["shape"][1], size, normalization, manifest["input"]["batch"])
+        manifest["format_version"] = FORMAT_VERSION  # a version 1 bundle's graphs are version 2's with identity
         # Hard links: the trunk and the other tasks stay the very same files.
         for entry in existing.entries():
+            (staging / entry["file"]).parent.mkdir(parents=True, exist_ok=True)  # engines/, examples/
             os.link(existing.file(entry["file"]), staging / entry["file"])
         # A task being re-exported must get new files: writing through its link would
         # rewrite the live bundle's file before the swap.
         for task in tasks:
             for stale in (f"tasks/{task}.onnx", f"weights/tasks/{task}.safetensors"):
                 (staging / stale).unlink(missing_ok=True)
+        if examples is not None:  # new examples replace the old: unlink, never write through a link
+            for record in manifest.get("examples", []):
+                (staging / record["file"]).unlink(missing_ok=True)
         trunk_file = manifest["trunk"]["file"]
-    else:
+    modules = graph_modules(model, normalization)
+    if existing is None:
         trunk_file = "trunk.onnx"
         progress(f"exporting trunk -> {trunk_file}")
-        _quiet_export(TrunkGraph(model), (example,), staging / trunk_file, ["image"], ["common"], profile)
+        _quiet_export(modules["trunk"], (example,), staging / trunk_file, ["image"], ["common"], profile)
         save_tensors_atomic(staging / "weights" / "trunk.safetensors", model.trunk.state_dict())
     task_files = {}
-    common = model.forward_features(example).detach()
+    common = modules["trunk"](example).detach()
     for task in tasks:
         task_files[task] = f"tasks/{task}.onnx"
         progress(f"exporting task {task} -> {task_files[task]}")
-        _quiet_export(model.tasks[task], (example, common), staging / task_files[task], ["image", "common"], ["logits"], profile)
+        _quiet_export(modules[task], (example, common), staging / task_files[task], ["image", "common"], ["logits"], profile)
         save_tensors_atomic(staging / "weights" / "tasks" / f"{task}.safetensors", model.tasks[task].state_dict())
     for file in [trunk_file, *task_files.values()]:
         check_graph(onnx.load(str(staging / file)), file)
     progress(f"checking parity with PyTorch on {PARITY_IMAGES} held-out images")
     task_graphs = {task: staging / file for task, file in task_files.items()}
-    parity = module_parity(model, staging / trunk_file, task_graphs, parity_images(config, data, seed=0))
+    parity = module_parity(model, staging / trunk_file, task_graphs, parity_images(config, data, seed=0), normalization)
     _check_parity(parity)
     accuracy = _heldout_accuracy(staging, trunk_file, task_files, data, size)
     if existing is None:
@@ -404,11 +549,8 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
             "profile": asdict(profile),
             "source": {"run": str(run_dir.resolve()), "teacher_run": info.get("teacher_run"), "data": data,
                        "teacher_parameters": _teacher_parameters(info.get("teacher_run"))},
-            "input": {
-                "name": "image", "shape": ["batch", config.trunk.in_channels, size, size], "dtype": "float32",
-                "layout": "NCHW", "range": [0.0, 1.0], "uint8": "divide by 255",
-                "batch": {"min": profile.batch_min, "opt": profile.batch_opt, "max": profile.batch_max},
-            },
+            "input": _input_spec(config.trunk.in_channels, size, normalization,
+                                 {"min": profile.batch_min, "opt": profile.batch_opt, "max": profile.batch_max}),
             "model": config.to_dict(),
             "parity_tolerance": {
                 "max_abs_err": PARITY_MAX_ABS_ERR, "max_rel_err": PARITY_MAX_REL_ERR,
@@ -431,11 +573,28 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
         }
     # Engines were built for the old task set; a rebuilt task needs its engine rebuilt.
     manifest["engines"] = [e for e in manifest.get("engines", []) if e["module"] not in tasks]
+    if examples is not None:
+        shape = (config.trunk.in_channels, size, size)
+        manifest["examples"] = _write_examples(staging, examples, shape, {t: r["labels"] for t, r in manifest["tasks"].items()})
     return manifest
 
 
+def _input_spec(channels: int, size: int, normalization: Normalization, batch: dict) -> dict:
+    """The manifest's `input`: 0-1 float32 pixels in, normalization inside the graphs."""
+    mean, std = normalization
+    return {
+        "name": "image", "shape": ["batch", channels, size, size], "dtype": "float32", "layout": "NCHW",
+        "range": [0.0, 1.0], "uint8": "divide by 255", "pixel_types": list(PIXEL_TYPES),
+        "normalization": {"mean": list(mean), "std": list(std), "in_graph": True}, "batch": batch,
+    }
+
+
 def torch_modules(bundle: Bundle) -> FactorNet:
-    """The PyTorch factor network (trunk and the bundle's tasks) from the weights it carries."""
+    """The PyTorch factor network (trunk and the bundle's tasks) from the weights it carries.
+
+    It takes normalized pixels, as in training; `graph_modules(model, bundle.normalization())`
+    wraps it into what the graphs compute from 0-1 pixels (the torch backend runs those).
+    """
     try:
         config = FactorConfig.from_dict(bundle.manifest["model"])
     except (KeyError, TypeError, ValueError) as exc:  # the schema checks the object, not what it configures
@@ -461,11 +620,20 @@ def verify_bundle(path: Path, seed: Optional[int] = None, progress=print) -> Dic
     for module, graph in graphs.items():
         check_graph(graph, bundle.modules()[module]["file"])
     progress(f"onnx.checker (full): {len(graphs)} graphs pass")
+    if bundle.examples:
+        shape = (bundle.channels, *bundle.image_size)
+        for i, record in enumerate(bundle.examples):
+            image = bundle.example(i)[0]
+            got = (1 if image.ndim == 2 else image.shape[2], *image.shape[:2])
+            if got != shape:
+                raise KfError(f"{record['file']} in bundle {bundle.root} is {'x'.join(map(str, got))} (C x H x W), "
+                              f"not the input's {'x'.join(map(str, shape))}; re-export the bundle")
+        progress(f"examples: {len(bundle.examples)} images at the input's size")
     model = torch_modules(bundle)
     seed = int.from_bytes(os.urandom(2), "little") if seed is None else seed
     images = parity_images(model.config, bundle.manifest.get("source", {}).get("data", "sprites"), seed=seed)
     serialized = {module: graph.SerializeToString() for module, graph in graphs.items()}
-    parity = module_parity(model, serialized.pop("trunk"), serialized, images)
+    parity = module_parity(model, serialized.pop("trunk"), serialized, images, bundle.normalization())
     _check_parity(parity)
     for module, p in parity.items():
         agreement = f", argmax agreement {p['argmax_agreement']:.4f}" if "argmax_agreement" in p else ""
@@ -487,7 +655,7 @@ def build_engines(path: Path, precision: str = "fp16", builders: Sequence[str] =
     signature = trt_backend.device_signature()
     slug = trt_backend.signature_slug(signature)
     (bundle.root / "engines").mkdir(exist_ok=True)
-    model = torch_modules(bundle) if "torch-tensorrt" in builders else None
+    graphs = graph_modules(torch_modules(bundle), bundle.normalization()) if "torch-tensorrt" in builders else None
     modules = {"trunk": bundle.manifest["trunk"]["file"], **{t: bundle.task(t)["file"] for t in bundle.tasks}}
     records = []
     for builder in builders:
@@ -502,8 +670,7 @@ def build_engines(path: Path, precision: str = "fp16", builders: Sequence[str] =
                     timing_cache_path=bundle.root / "engines" / f"timing.{slug}.cache",
                 )
             else:
-                torch_module = TrunkGraph(model) if module == "trunk" else model.tasks[module]
-                trt_backend.build_torch_tensorrt(torch_module, list(shapes.values()), precision, bundle.root / relative)
+                trt_backend.build_torch_tensorrt(graphs[module], list(shapes.values()), precision, bundle.root / relative)
             records.append({
                 "module": module, **_file_record(bundle.root, relative), "builder": builder,
                 "precision": precision, "device": signature, "batch": bundle.manifest["input"]["batch"],

@@ -9,6 +9,7 @@ Needs Pillow and numpy, never torch: `kfdeploy run` reads PNGs on an edge device
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,27 @@ def _pillow():
 
 def read_image(path: Path | str) -> np.ndarray:
     """Decode an image file into uint8: (H, W) for grey images, (H, W, 3) RGB for the rest."""
-    Image = _pillow()
     path = Path(path)
-    too_big = f"{path.name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
+    return _decode(path, path.name)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """As read_image, for bytes the caller has read (and checked); `name` names them in messages."""
+    return _decode(io.BytesIO(data), Path(name).name)
+
+
+def _decode(source, name: str) -> np.ndarray:
+    Image = _pillow()
+    too_big = f"{name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
     try:
-        with Image.open(path) as image:  # reads the header only; the pixels are decoded below
+        with Image.open(source) as image:  # reads the header only; the pixels are decoded below
             if image.width * image.height > MAX_PIXELS:
                 raise KfError(f"{too_big} (it is {image.width}x{image.height})")
             return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
     except Image.DecompressionBombError:  # Pillow's own cap, for headers it refuses to believe
         raise KfError(too_big) from None
     except (OSError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
-        raise KfError(f"{path.name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
+        raise KfError(f"{name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
 
 
 def to_grey(array: np.ndarray) -> np.ndarray:

@@ -307,6 +307,8 @@ class Assembly:
         lowest, highest = spec["range"]
         slack = 1e-3 * (highest - lowest)  # resampling may overshoot by a rounding error
         self._accepted = (lowest - slack, highest + slack)
+        pixel_types = bundle.pixel_types()
+        self._takes_uint8, self._takes_float = "uint8" in pixel_types, "float" in pixel_types
         self.backend = backend
         if backend == "tensorrt":
             self._engines, why_not = engines_for_this_device(self.manifest)
@@ -318,9 +320,10 @@ class Assembly:
             log(line)
             self._io_device = io_device_for(self.providers)
         elif backend == "torch":
-            from .export import torch_modules
+            from .export import graph_modules, torch_modules
 
-            self._torch_model = torch_modules(bundle)
+            # What the graphs were exported from: 0-1 pixels in, the bundle's normalization inside.
+            self._torch_modules = graph_modules(torch_modules(bundle), bundle.normalization())
             self.providers = ["torch"]
         else:
             self.providers = ["tensorrt"]
@@ -381,8 +384,7 @@ class Assembly:
 
     def _make_module(self, name: str):
         if self.backend == "torch":
-            model = self._torch_model
-            return TorchModule(model.forward_features if name == "trunk" else model.tasks[name])
+            return TorchModule(self._torch_modules[name])
         from . import tensorrt as trt_backend
 
         engine = self._engines.get(name)
@@ -464,7 +466,8 @@ class Assembly:
 
     # -- inference -----------------------------------------------------------------
     def prepare(self, images) -> np.ndarray:
-        """Validate and convert images to the float32 NCHW array the graphs take.
+        """Validate and convert images to the float32 NCHW array the graphs take: pixels in
+        [0, 1] (uint8 divided by 255). Normalization is the graphs' own work (every backend's).
 
         Every call pays for this, so the common case is a few comparisons; the messages
         are worked out only for input that fails them.
@@ -473,7 +476,11 @@ class Assembly:
         if array.ndim != 4 or array.shape[1:] != self._image_shape or array.dtype.kind not in "biuf":
             self._refuse_layout(array)
         if array.dtype == np.uint8:
+            if not self._takes_uint8:
+                raise KfError(f"this bundle takes {' or '.join(self.bundle.pixel_types())} pixels (its input.pixel_types), not uint8")
             return array.astype(np.float32) / 255.0  # as the manifest's input.uint8 says
+        if not self._takes_float:
+            raise KfError(f"this bundle takes {' or '.join(self.bundle.pixel_types())} pixels (its input.pixel_types), not {array.dtype}")
         array = np.ascontiguousarray(array, dtype=np.float32)
         if array.size:
             low, high = array.min(), array.max()

@@ -57,7 +57,7 @@ def test_every_graph_passes_the_full_onnx_checker(bundle):
 
 def test_manifest_describes_input_producer_labels_and_parity(bundle):
     m = _manifest(bundle)
-    assert m["format"] == "kfdeploy-bundle" and m["format_version"] == 1
+    assert m["format"] == "kfdeploy-bundle" and m["format_version"] == 2
     assert {"kfdeploy", "torch", "onnx", "onnxruntime", "opset"} <= set(m["producer"])
     assert m["input"]["shape"] == ["batch", 1, 64, 64] and m["input"]["dtype"] == "float32"
     assert m["tasks"]["shape"]["labels"] == ["square", "ellipse", "heart"]
@@ -125,9 +125,9 @@ def test_corrupted_module_is_refused_naming_the_file(bundle_copy, capsys):
 
 def test_manifest_of_a_newer_format_version_is_refused(bundle_copy, capsys):
     manifest = _manifest(bundle_copy)
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    cli_fails(["inspect", str(bundle_copy)], capsys, "format version 2, newer than this kfdeploy reads (up to 1); upgrade kfdeploy")
+    cli_fails(["inspect", str(bundle_copy)], capsys, "format version 3, newer than this kfdeploy reads (up to 2); upgrade kfdeploy")
 
 
 @pytest.mark.parametrize("path, reason", [

@@ -1,0 +1,316 @@
+"""Apps feed ordinary pixels to any bundle: normalization inside the graphs (format version 2),
+uint8 or 0-1 floats, image files of any size and channel count, example images stored in
+the bundle, and version 1 bundles still read.
+
+The non-sprites bundle here is a factor network on 3-channel 48x48 images, trained a few
+steps from a run whose run.json records a non-trivial per-channel mean and std, the way
+runs on image folders and colour sprites record theirs.
+"""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import kfdeploy
+from conftest import cli_fails
+from kfdeploy.architectures import BackboneConfig
+from kfdeploy.bundle import FORMAT_VERSION, Bundle
+from kfdeploy.cli import main
+from kfdeploy.errors import KfError
+from kfdeploy.export import EXAMPLE_IMAGES, export_bundle, torch_modules
+from kfdeploy.models import SpritesTeacher, TeacherConfig
+from kfdeploy.pipeline import factorize
+from kfdeploy.train import TrainConfig
+
+SIZE = 48
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+LABELS = {"colour": ["red", "green", "blue"], "size": ["small", "large"]}
+QUIET = dict(log=lambda line: None)
+
+
+class Squares(torch.utils.data.Dataset):
+    """A red, green or blue square, small or large, on a noisy grey background; images in
+    [0, 1], or normalized with MEAN and STD as the network trains on them."""
+
+    def __init__(self, count: int, seed: int, normalized: bool):
+        rng = np.random.default_rng(seed)
+        self.colour = rng.integers(0, 3, count)
+        self.size = rng.integers(0, 2, count)
+        self.images = rng.uniform(0.3, 0.5, (count, 3, SIZE, SIZE)).astype(np.float32)
+        for i in range(count):
+            side = 10 if self.size[i] == 0 else 24
+            top, left = rng.integers(0, SIZE - side, 2)
+            self.images[i, :, top:top + side, left:left + side] = 0.05
+            self.images[i, self.colour[i], top:top + side, left:left + side] = 0.95
+        if normalized:
+            self.images = (self.images - np.reshape(MEAN, (1, 3, 1, 1))) / np.reshape(STD, (1, 3, 1, 1))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i]), {"colour": int(self.colour[i]), "size": int(self.size[i])}
+
+
+def _factor_run(root, input_spec):
+    backbone = BackboneConfig(in_channels=3, image_size=SIZE, width=8, feature_dim=32)
+    torch.manual_seed(0)
+    teacher = SpritesTeacher(TeacherConfig({"colour": 3, "size": 2}, backbone)).eval()
+    run = root / "kf"
+    factorize(teacher, run, train_data=Squares(64, 0, True), heldout_data=Squares(16, 1, True), task_labels=LABELS,
+              trunk=backbone, task_width=4, config=TrainConfig(steps=3, batch_size=8, eval_every=1000, log_every=1,
+                                                               checkpoint_every=1000))
+    info = json.loads((run / "run.json").read_text())
+    if input_spec is not None:  # what runs on image folders and colour sprites record
+        info["input"] = input_spec
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory):
+    return _factor_run(tmp_path_factory.mktemp("rgb"), {"channels": 3, "image_size": SIZE, "mean": MEAN, "std": STD})
+
+
+@pytest.fixture(scope="module")
+def rgb_bundle(rgb_run):
+    return export_bundle(rgb_run, rgb_run.parent / "bundle", examples=Squares(10, 2, False), progress=lambda m: None)
+
+
+@pytest.fixture
+def rgb_copy(rgb_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(rgb_bundle, copy)
+    return copy
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _write_manifest(path, manifest):
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _pixels(count=5, seed=3):
+    return np.random.default_rng(seed).uniform(0, 1, (count, 3, SIZE, SIZE)).astype(np.float32)
+
+
+# -- normalization, in the graphs ----------------------------------------------------------
+
+def test_the_manifest_says_how_pixels_are_normalized_and_which_pixel_types_are_taken(rgb_bundle):
+    manifest = _manifest(rgb_bundle)
+    assert manifest["format_version"] == FORMAT_VERSION == 2
+    spec = manifest["input"]
+    assert spec["shape"] == ["batch", 3, SIZE, SIZE] and spec["range"] == [0.0, 1.0] and spec["dtype"] == "float32"
+    assert spec["normalization"] == {"mean": MEAN, "std": STD, "in_graph": True}
+    assert spec["pixel_types"] == ["uint8", "float"]
+    assert Bundle.open(rgb_bundle).normalization() == (MEAN, STD)
+
+
+def test_every_graph_normalizes_its_image_input_with_a_sub_and_a_div(rgb_bundle):
+    bundle = Bundle.open(rgb_bundle)
+    for module in bundle.modules():
+        graph = bundle.graph(module).graph
+        constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        # Only the normalization reads the pixels' values (a Shape reads the batch size).
+        consumers = [n for n in graph.node if "image" in n.input and n.op_type != "Shape"]
+        assert [n.op_type for n in consumers] == ["Sub"], module
+        divide = [n for n in graph.node if consumers[0].output[0] in n.input]
+        assert [n.op_type for n in divide] == ["Div"], module
+        np.testing.assert_array_equal(constants[consumers[0].input[1]].ravel(), np.float32(MEAN))
+        np.testing.assert_array_equal(constants[divide[0].input[1]].ravel(), np.float32(STD))
+
+
+def test_runtime_torch_backend_and_a_plain_onnxruntime_session_normalize_alike(rgb_bundle):
+    """0-1 pixels in everywhere; the reference is the trained network on pixels normalized by hand."""
+    x = _pixels()
+    network = torch_modules(Bundle.open(rgb_bundle))
+    normalized = (x - np.reshape(MEAN, (1, 3, 1, 1)).astype(np.float32)) / np.reshape(STD, (1, 3, 1, 1)).astype(np.float32)
+    with torch.no_grad():
+        reference = {t: v.numpy() for t, v in network(torch.from_numpy(normalized)).items()}
+        unnormalized = {t: v.numpy() for t, v in network(torch.from_numpy(x)).items()}
+    # A plain ONNX Runtime user, reading BUNDLE_FORMAT.md: feed 0-1 pixels to the graphs.
+    manifest = _manifest(rgb_bundle)
+    trunk = ort.InferenceSession(str(rgb_bundle / manifest["trunk"]["file"]), providers=["CPUExecutionProvider"])
+    common = trunk.run(None, {"image": x})[0]
+    plain = {}
+    for task, record in manifest["tasks"].items():
+        session = ort.InferenceSession(str(rgb_bundle / record["file"]), providers=["CPUExecutionProvider"])
+        plain[task] = session.run(None, {"image": x, "common": common})[0]
+    runtime = kfdeploy.load(rgb_bundle, **QUIET)(x, logits=True)
+    torch_backend = kfdeploy.load(rgb_bundle, backend="torch", **QUIET)(x, logits=True)
+    for task in LABELS:
+        for got in (plain[task], runtime[task], torch_backend[task]):
+            np.testing.assert_allclose(got, reference[task], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(runtime[task], plain[task], atol=1e-6)
+        # The test has teeth: skipping the normalization changes the answers.
+        assert np.abs(unnormalized[task] - reference[task]).max() > 1e-3
+
+
+def test_uint8_pixels_answer_exactly_as_the_same_pixels_divided_by_255(rgb_bundle):
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 3, SIZE, SIZE), dtype=np.uint8)
+    for backend in ("onnxruntime", "torch"):
+        model = kfdeploy.load(rgb_bundle, backend=backend, **QUIET)
+        as_uint8, as_float = model(pixels, logits=True), model(pixels.astype(np.float32) / 255.0, logits=True)
+        for task in LABELS:
+            np.testing.assert_array_equal(as_uint8[task], as_float[task])
+
+
+def test_a_bundle_that_takes_uint8_only_refuses_floats_naming_its_pixel_types(rgb_copy):
+    manifest = _manifest(rgb_copy)
+    manifest["input"]["pixel_types"] = ["uint8"]
+    _write_manifest(rgb_copy, manifest)
+    model = kfdeploy.load(rgb_copy, **QUIET)
+    with pytest.raises(KfError, match=r"this bundle takes uint8 pixels \(its input.pixel_types\), not float32"):
+        model(_pixels())
+    assert model(np.zeros((1, 3, SIZE, SIZE), np.uint8))["colour"].shape == (1, 3)
+
+
+def test_into_refuses_a_run_that_normalizes_differently(rgb_run, rgb_copy, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(rgb_run, other)
+    info = json.loads((other / "run.json").read_text())
+    info["input"]["mean"] = [0.0, 0.0, 0.0]
+    (other / "run.json").write_text(json.dumps(info))
+    before = _manifest(rgb_copy)
+    with pytest.raises(KfError, match="normalizes its pixels with mean"):
+        export_bundle(other, rgb_copy, tasks=["size"], into=True, progress=lambda m: None)
+    assert _manifest(rgb_copy) == before
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"channels": 3, "image_size": SIZE, "mean": [0.5, 0.5], "std": STD}, "input.mean must be 3 finite number(s)"),
+    ({"channels": 3, "image_size": SIZE, "mean": MEAN, "std": [0.2, 0.0, 0.3]}, "input.std must be positive"),
+    ({"channels": 1, "image_size": SIZE, "mean": MEAN, "std": STD}, "input.channels is 1 but the model takes 3"),
+], ids=["mean-count", "std-zero", "channels"])
+def test_a_run_with_a_malformed_normalization_is_refused_before_anything_is_written(rgb_run, tmp_path, spec, message):
+    other = tmp_path / "other"
+    shutil.copytree(rgb_run, other)
+    info = json.loads((other / "run.json").read_text())
+    info["input"] = spec
+    (other / "run.json").write_text(json.dumps(info))
+    with pytest.raises(KfError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export_bundle(other, tmp_path / "b", progress=lambda m: None)
+    assert not (tmp_path / "b").exists()
+
+
+# -- format versions -------------------------------------------------------------------------
+
+def _as_version_1(folder):
+    """What a version 1 exporter wrote: no normalization (the identity), no pixel types, no examples."""
+    manifest = _manifest(folder)
+    manifest["format_version"] = 1
+    for key in ("normalization", "pixel_types"):
+        manifest["input"].pop(key)
+    for record in manifest.pop("examples", []):
+        (folder / record["file"]).unlink()
+    _write_manifest(folder, manifest)
+
+
+def test_a_version_1_bundle_loads_with_identity_normalization(bundle, tmp_path):
+    old = tmp_path / "v1"
+    shutil.copytree(bundle, old)
+    _as_version_1(old)
+    opened = Bundle.open(old)
+    assert opened.normalization() == ([0.0], [1.0]) and opened.examples == [] and opened.pixel_types() == ["uint8", "float"]
+    pixels = np.random.default_rng(5).integers(0, 256, (4, 1, 64, 64), dtype=np.uint8)
+    for backend in ("onnxruntime", "torch"):
+        got = kfdeploy.load(old, backend=backend, **QUIET)(pixels, logits=True)
+        expected = kfdeploy.load(bundle, backend=backend, **QUIET)(pixels, logits=True)
+        for task in expected:
+            np.testing.assert_array_equal(got[task], expected[task])
+    assert main(["verify", str(old)]) == 0
+
+
+def test_into_a_version_1_bundle_writes_a_version_2_manifest(bundle, factor_run, tmp_path):
+    old = tmp_path / "v1"
+    shutil.copytree(bundle, old)
+    _as_version_1(old)
+    export_bundle(factor_run, old, tasks=["pos_x"], into=True, progress=lambda m: None)
+    manifest = _manifest(old)
+    assert manifest["format_version"] == 2
+    assert manifest["input"]["normalization"] == {"mean": [0.0], "std": [1.0], "in_graph": True}
+    assert len(manifest["examples"]) == EXAMPLE_IMAGES and Bundle.open(old).examples
+
+
+def test_the_sprites_graphs_carry_no_normalization(bundle):
+    spec = _manifest(bundle)["input"]
+    assert spec["normalization"] == {"mean": [0.0], "std": [1.0], "in_graph": True}
+    graph = Bundle.open(bundle).graph("trunk").graph
+    assert not [n for n in graph.node if "image" in n.input and n.op_type in ("Sub", "Div")]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["input"].pop("normalization"), "input.normalization is missing (format version 2 requires it)"),
+    (lambda m: m["input"].pop("pixel_types"), "input.pixel_types is missing (format version 2 requires it)"),
+    (lambda m: m["input"]["normalization"].update(mean=[0.5]), "input.normalization.mean must hold one value per channel (3), got 1"),
+    (lambda m: m["input"]["normalization"].update(std=[1, 0, 1]), "input.normalization.std must be positive"),
+    (lambda m: m["input"]["normalization"].update(in_graph=False), "input.normalization.in_graph must be true"),
+    (lambda m: m["input"].update(pixel_types=["uint16"]), "input.pixel_types[0] must be \"uint8\" or \"float\""),
+    (lambda m: m["examples"][0]["labels"].update(colour="purple"), 'examples[0].labels["colour"] must be one of the task\'s labels'),
+    (lambda m: m["examples"][0]["labels"].update(weight="heavy"), "examples[0].labels must name tasks of this bundle"),
+    (lambda m: m["examples"][0].update(file="../x.png"), "examples[0].file must be a relative path inside the bundle"),
+    (lambda m: m.update(format_version=3), "format version 3, newer than this kfdeploy reads (up to 2)"),
+], ids=["no-normalization", "no-pixel-types", "mean-count", "std-zero", "in-graph-false", "pixel-type", "example-label",
+        "example-task", "example-escapes", "version-3"])
+def test_a_malformed_version_2_manifest_is_refused_naming_the_field(rgb_copy, change, message):
+    manifest = _manifest(rgb_copy)
+    change(manifest)
+    _write_manifest(rgb_copy, manifest)
+    with pytest.raises(KfError) as caught:
+        Bundle.open(rgb_copy)
+    assert message in str(caught.value), str(caught.value)
+
+
+# -- example images --------------------------------------------------------------------------
+
+def test_examples_are_stored_checksummed_with_their_true_labels(rgb_bundle):
+    manifest, bundle = _manifest(rgb_bundle), Bundle.open(rgb_bundle)
+    examples = Squares(10, 2, False)
+    assert len(manifest["examples"]) == EXAMPLE_IMAGES
+    for i, record in enumerate(manifest["examples"]):
+        assert record["file"] == f"examples/{i}.png"
+        image, labels = bundle.example(i)
+        assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+        expected = np.round(examples[i][0].numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(image, expected)
+        assert labels == {"colour": LABELS["colour"][examples.colour[i]], "size": LABELS["size"][examples.size[i]]}
+
+
+def test_sprites_bundles_carry_held_out_sprites_labelled_for_their_tasks(bundle):
+    opened = Bundle.open(bundle)
+    assert len(opened.examples) == EXAMPLE_IMAGES
+    image, labels = opened.example(0)
+    assert image.shape == (64, 64) and set(labels) == set(opened.tasks)
+
+
+def test_a_tampered_example_is_refused_like_any_other_file(rgb_copy, capsys):
+    path = rgb_copy / "examples" / "0.png"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(KfError, match="checksum mismatch for examples/0.png"):
+        Bundle.open(rgb_copy)
+    cli_fails(["inspect", str(rgb_copy)], capsys, "checksum mismatch for examples/0.png")
+    with pytest.raises(KfError, match="checksum mismatch for examples/0.png"):
+        kfdeploy.load(rgb_copy, **QUIET)
+    # Changed after opening: the bytes decoded are the bytes checked.
+    opened = Bundle.open(rgb_copy, verify=False)
+    with pytest.raises(KfError, match="checksum mismatch for examples/0.png"):
+        opened.example(0)
+
+
+def test_verify_and_inspect_report_normalization_and_examples(rgb_bundle, capsys):
+    assert main(["verify", str(rgb_bundle)]) == 0
+    assert f"examples: {EXAMPLE_IMAGES} images at the input's size" in capsys.readouterr().out
+    assert main(["inspect", str(rgb_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "normalization (inside the graphs): mean [0.5, 0.4, 0.3], std [0.2, 0.25, 0.3]; pixels taken: uint8, float" in out
+    assert f"examples: {EXAMPLE_IMAGES} (examples/0.png" in out
+
