@@ -8,6 +8,7 @@ task name -> int64 tensor (N,).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Mapping, Protocol, Sequence, Tuple
 
@@ -86,22 +87,25 @@ def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (hx2 + hy * hy - 1.0) ** 3 - hx2 * hy * hy * hy <= 0.0
 
 
-def render(factors: np.ndarray) -> np.ndarray:
-    """Render sprites for an (N, 5) int array of factor indices -> uint8 (N, 1, 64, 64), 0 or 255.
+def _sprite_windows(factors: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sprite membership in a window around each sprite, for an (N, 5) int array of factor indices.
 
-    Only a window around each sprite is computed, which keeps this at tens of thousands
+    Returns (window bool (N, w, w), row and column of each window's top-left pixel (N,)),
+    some of which lie outside the image near its edges. The geometry is the 64x64 one
+    scaled by size / 64. Computing the window alone keeps rendering at tens of thousands
     of images per second on one core.
     """
     factors = np.asarray(factors, dtype=np.int64).reshape(-1, len(TASK_NAMES))
-    n = len(factors)
+    k = size / IMAGE_SIZE
+    half = math.ceil(_WINDOW * k)  # window half-width; _WINDOW itself at 64x64
     shape, scale, orient, px, py = (factors[:, i] for i in range(5))
-    centre_x = _CENTRE_LO + POSITIONS[px] * (_CENTRE_HI - _CENTRE_LO)
-    centre_y = _CENTRE_LO + POSITIONS[py] * (_CENTRE_HI - _CENTRE_LO)
-    origin_x = np.floor(centre_x).astype(np.int64) - _WINDOW
-    origin_y = np.floor(centre_y).astype(np.int64) - _WINDOW
-    offsets = np.arange(2 * _WINDOW + 1)
+    centre_x = k * (_CENTRE_LO + POSITIONS[px] * (_CENTRE_HI - _CENTRE_LO))
+    centre_y = k * (_CENTRE_LO + POSITIONS[py] * (_CENTRE_HI - _CENTRE_LO))
+    origin_x = np.floor(centre_x).astype(np.int64) - half
+    origin_y = np.floor(centre_y).astype(np.int64) - half
+    offsets = np.arange(2 * half + 1)
     # Pixel centres relative to the sprite centre, in units of the sprite radius.
-    inv_radius = (1.0 / (_RADIUS_PX * SCALES[scale])).astype(np.float32)[:, None]
+    inv_radius = (1.0 / (k * _RADIUS_PX * SCALES[scale])).astype(np.float32)[:, None]
     dx = ((origin_x[:, None] + offsets + 0.5 - centre_x[:, None]) * inv_radius)[:, None, :]
     dy = ((origin_y[:, None] + offsets + 0.5 - centre_y[:, None]) * inv_radius)[:, :, None]
     angle = ORIENTATIONS[orient]
@@ -110,17 +114,29 @@ def render(factors: np.ndarray) -> np.ndarray:
     # Rotate image coordinates into the shape's frame; image y grows downwards.
     u = cos * dx - sin * dy
     v = -sin * dx - cos * dy
-    window = np.empty(u.shape, dtype=np.uint8)
+    window = np.empty(u.shape, dtype=bool)
     for kind in range(len(SHAPES)):
         mine = shape == kind
-        window[mine] = _inside(kind, u[mine], v[mine]) * np.uint8(255)
+        window[mine] = _inside(kind, u[mine], v[mine])
+    return window, origin_y, origin_x
 
-    pad = _WINDOW + 1
-    canvas = np.zeros((n, IMAGE_SIZE + 2 * pad, IMAGE_SIZE + 2 * pad), dtype=np.uint8)
-    rows = (origin_y + pad)[:, None, None] + offsets[None, :, None]
-    cols = (origin_x + pad)[:, None, None] + offsets[None, None, :]
-    canvas[np.arange(n)[:, None, None], rows, cols] = window
-    return canvas[:, None, pad : pad + IMAGE_SIZE, pad : pad + IMAGE_SIZE].copy()
+
+def _sprite_pixels(factors: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image index, row, column) of every pixel inside a sprite, for images of size x size."""
+    window, origin_y, origin_x = _sprite_windows(factors, size)
+    image, r, c = np.nonzero(window)
+    rows, cols = origin_y[image] + r, origin_x[image] + c
+    keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+    return image[keep], rows[keep], cols[keep]
+
+
+def render(factors: np.ndarray) -> np.ndarray:
+    """Render sprites for an (N, 5) int array of factor indices -> uint8 (N, 1, 64, 64), 0 or 255."""
+    factors = np.asarray(factors, dtype=np.int64).reshape(-1, len(TASK_NAMES))
+    images = np.zeros((len(factors), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    image, rows, cols = _sprite_pixels(factors, IMAGE_SIZE)
+    images[image, 0, rows, cols] = 255
+    return images
 
 
 def heldout_combinations(seed: int = 0) -> np.ndarray:
@@ -165,6 +181,134 @@ class SpritesSource:
     def heldout(self, count: int, offset: int = 0) -> Batch:
         combos = heldout_combinations()[offset : offset + count]
         return _to_batch(combination_to_factors(combos), self.tasks)
+
+
+# --- colour sprites: the same factor grid in colour, on textured backgrounds --------------
+
+RGB_IMAGE_SIZE = 128
+# Six hues 60 degrees apart, fully saturated: the colour task. Backgrounds are grey-ish
+# (little saturation), so a sprite's colour is never the background's.
+COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
+_COLOUR_RGB = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]], dtype=np.float32)
+RGB_TASK_CLASSES: Dict[str, int] = {**TASK_CLASSES, "colour": len(COLOURS)}
+RGB_TASK_NAMES: Tuple[str, ...] = tuple(RGB_TASK_CLASSES)
+RGB_TASK_LABELS: Dict[str, list] = {**TASK_LABELS, "colour": list(COLOURS)}
+NUM_RGB_COMBINATIONS = NUM_COMBINATIONS * len(COLOURS)
+# Backgrounds are crops of a fixed bank of textures (part of the data set's definition, the
+# same for every seed), brightened and tinted per image: copying a crop is far cheaper than
+# drawing 49k random numbers per image, and 32 tiles x 65 x 65 crops x 61 brightnesses x
+# 13^3 tints is variety enough for a nuisance that carries no label.
+_BANK_TILES = 32
+_BANK_MARGIN = 64
+_BANK_MAX = 110  # bank values 0..110, + brightness 0..60 + tint 0..24 stays below 255: no clipping
+_BANK_SEED = 0x5EED
+_HELDOUT_CHUNK = 256  # held-out nuisances are drawn per chunk, so image i is the same whatever the offset
+
+
+def rgb_factors_to_combination(factors: np.ndarray) -> np.ndarray:
+    return np.ravel_multi_index(tuple(np.asarray(factors).T), tuple(RGB_TASK_CLASSES.values()))
+
+
+def rgb_combination_to_factors(combination: np.ndarray) -> np.ndarray:
+    return np.stack(np.unravel_index(combination, tuple(RGB_TASK_CLASSES.values())), axis=1)
+
+
+@functools.lru_cache(maxsize=2)
+def _texture_bank(size: int) -> np.ndarray:
+    """uint8 (tiles, 3, size + margin, size + margin): colour blotches at two scales plus pixel noise."""
+    rng = np.random.default_rng(_BANK_SEED)
+    side = size + _BANK_MARGIN
+    bank = np.full((_BANK_TILES, 3, side, side), 45.0, dtype=np.float32)
+    for cells, amplitude in ((6, 45.0), (24, 25.0)):
+        coarse = rng.uniform(-amplitude, amplitude, size=(_BANK_TILES, 3, cells, cells)).astype(np.float32)
+        # Bilinear upsampling as two small matrix products (rows, then columns).
+        grid = np.linspace(0.0, cells - 1.0, side, dtype=np.float32)
+        low = np.minimum(grid.astype(np.int64), cells - 2)
+        up = np.zeros((side, cells), dtype=np.float32)
+        up[np.arange(side), low] = 1.0 - (grid - low)
+        up[np.arange(side), low + 1] = grid - low
+        bank += up @ coarse @ up.T
+    bank += rng.normal(0.0, 12.0, size=bank.shape).astype(np.float32)  # sensor-like pixel noise
+    return np.clip(bank, 0, _BANK_MAX).astype(np.uint8)
+
+
+def _draw_nuisances(rng: np.random.Generator, n: int) -> Dict[str, np.ndarray]:
+    """Everything about an image that is not a label: background crop and tint, sprite brightness."""
+    return {
+        "tile": rng.integers(0, _BANK_TILES, n),
+        "dy": rng.integers(0, _BANK_MARGIN + 1, n), "dx": rng.integers(0, _BANK_MARGIN + 1, n),
+        "grey": rng.integers(0, 61, n),  # background brightness
+        "tint": rng.integers(0, 25, (n, 3)),  # a faint colour cast, far below a sprite's saturation
+        "value": rng.uniform(0.7, 1.0, n).astype(np.float32),  # sprite brightness
+    }
+
+
+def render_rgb(factors: np.ndarray, nuisances: Dict[str, np.ndarray], size: int = RGB_IMAGE_SIZE) -> np.ndarray:
+    """Colour sprites for an (N, 6) int array (the 5 sprite factors, then colour) -> uint8 (N, 3, size, size)."""
+    factors = np.asarray(factors, dtype=np.int64).reshape(-1, len(RGB_TASK_NAMES))
+    n = len(factors)
+    bank = _texture_bank(size)
+    images = np.empty((n, 3, size, size), dtype=np.uint8)
+    tile, dy, dx = nuisances["tile"], nuisances["dy"], nuisances["dx"]
+    for i in range(n):
+        images[i] = bank[tile[i], :, dy[i] : dy[i] + size, dx[i] : dx[i] + size]
+    images += (nuisances["grey"][:, None] + nuisances["tint"]).astype(np.uint8)[:, :, None, None]
+    colour = np.rint(_COLOUR_RGB[factors[:, 5]] * nuisances["value"][:, None] * 255.0).astype(np.uint8)  # (N, 3)
+    image, rows, cols = _sprite_pixels(factors[:, :5], size)
+    images[image, :, rows, cols] = colour[image]
+    return images
+
+
+@functools.lru_cache(maxsize=1)
+def rgb_heldout_combinations() -> np.ndarray:
+    """All held-out colour-sprite combinations (the sprites' hash over the 6 factors), in a fixed shuffled order."""
+    everything = np.arange(NUM_RGB_COMBINATIONS, dtype=np.int64)
+    held = everything[is_heldout(everything)]
+    return np.random.default_rng(0).permutation(held)
+
+
+def _rgb_batch(factors: np.ndarray, nuisances: Dict[str, np.ndarray], tasks: Sequence[str]) -> Batch:
+    import torch
+
+    images = torch.from_numpy(render_rgb(factors, nuisances)).float().div_(255.0)
+    labels = {t: torch.from_numpy(factors[:, RGB_TASK_NAMES.index(t)].copy()) for t in tasks}
+    return images, labels
+
+
+class SpritesRGBSource:
+    """Colour sprites (`--data sprites-rgb`): the sprite factor grid plus a colour task,
+    3x128x128 on textured backgrounds; an unlimited stream, every batch a function of
+    (seed, rank, step), with the sprites' kind of held-out split (5% of the combinations of
+    all six factors, never in the training stream)."""
+
+    def __init__(self, seed: int = 0, tasks: Sequence[str] = RGB_TASK_NAMES):
+        unknown = [t for t in tasks if t not in RGB_TASK_CLASSES]
+        if unknown:
+            raise ValueError(f"unknown sprites-rgb task(s) {unknown}; known: {list(RGB_TASK_NAMES)}")
+        self.seed = seed
+        self.tasks = tuple(tasks)
+
+    def train_factors(self, step: int, batch_size: int, rank: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        # "rgb" in the seed: the colour stream is not the grey stream's draws reused.
+        rng = np.random.default_rng([self.seed, rank, step, 0x726762])
+        drawn = rng.integers(0, NUM_RGB_COMBINATIONS, size=int(batch_size * 1.25) + 16)
+        kept = drawn[~is_heldout(drawn)][:batch_size]
+        return rgb_combination_to_factors(kept), _draw_nuisances(rng, len(kept))
+
+    def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
+        return _rgb_batch(*self.train_factors(step, batch_size, rank), self.tasks)
+
+    def heldout_factors(self, count: int, offset: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        combos = rgb_heldout_combinations()[offset : offset + count]
+        first, last = offset // _HELDOUT_CHUNK, (offset + len(combos) - 1) // _HELDOUT_CHUNK
+        chunks = [_draw_nuisances(np.random.default_rng([_BANK_SEED, c]), _HELDOUT_CHUNK)
+                  for c in range(first, last + 1)]
+        start = offset - first * _HELDOUT_CHUNK
+        nuisances = {k: np.concatenate([c[k] for c in chunks])[start : start + len(combos)] for k in chunks[0]}
+        return rgb_combination_to_factors(combos), nuisances
+
+    def heldout(self, count: int, offset: int = 0) -> Batch:
+        return _rgb_batch(*self.heldout_factors(count, offset), self.tasks)
 
 
 class DatasetSource:
