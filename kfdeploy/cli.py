@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "Answer images with an assembly of the bundle's trunk and the chosen tasks.")
     p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
-    p.add_argument("inputs", type=Path, nargs="+", help="PNG files, or one .npy batch (N, C, H, W)")
+    p.add_argument("inputs", type=Path, nargs="+", help="image files (PNG, JPEG, ...; resized and converted to the bundle's "
+                   "size and channels), or one .npy batch (N, C, H, W) taken as it is")
     p.add_argument("--tasks", help="comma-separated tasks (default: all in the bundle)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime")
     p.add_argument("--top", type=int, default=1, help="classes to show per task (default 1)")
@@ -275,33 +276,54 @@ def cmd_check_trt(args) -> int:
 
 
 def read_images(paths: List[Path]):
-    """Image files (grey 0..255, one channel, as the sprites) or one .npy batch, as a numpy array."""
+    """One .npy batch as a numpy array (taken as it is), or image files decoded (uint8, grey
+    (H, W) or RGB (H, W, 3), any size) as a list for fit_images."""
     import numpy as np
 
-    from .images import read_image, to_grey
+    from .images import read_image
 
     if len(paths) == 1 and paths[0].suffix == ".npy":
         try:
             return np.load(paths[0], allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise KfError(f"cannot read {paths[0]} as a numpy batch ({exc})") from None
-    images = []
-    for path in paths:
-        image = read_image(path)
-        image = to_grey(image) if image.ndim == 3 else image
-        if images and image.shape != images[0].shape[1:]:
-            raise KfError(f"{path.name} is {image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
-                          f"{images[0].shape[2]}x{images[0].shape[1]}: one batch needs images of one size")
-        images.append(image[None])
-    return np.stack(images)
+    return [read_image(path) for path in paths]
+
+
+def fit_images(images: list, bundle) -> tuple:
+    """Decoded images as one uint8 (N, C, H, W) batch at the bundle's channel count and size
+    (kfdeploy.images.fit_image, the demo's way too), and a line saying what changed, or None."""
+    import numpy as np
+
+    from .images import fit_image
+
+    fitted, changed = [], {}
+    for image in images:
+        array, notes = fit_image(image, bundle.channels, bundle.image_size)
+        fitted.append(array)
+        for note in notes:
+            kind = note.split(" from ")[0]  # "resized", "colour image converted to grey", ...
+            changed[kind] = changed.get(kind, 0) + 1
+    height, width = bundle.image_size
+    line = None
+    if changed:
+        line = (f"kfdeploy run: {', '.join(f'{kind} ({count} of {len(images)})' for kind, count in changed.items())}: "
+                f"the bundle takes {bundle.channels}-channel {width}x{height} images")
+    return np.stack(fitted), line
 
 
 def cmd_run(args) -> None:
+    from .bundle import Bundle
     from .runtime import load
 
     images = read_images(args.inputs)  # before the bundle: a bad file is refused at once
+    bundle = Bundle.open(args.bundle)
+    if isinstance(images, list):
+        images, line = fit_images(images, bundle)
+        if line:
+            print(line, file=sys.stderr)
     tasks = args.tasks.split(",") if args.tasks else None
-    model = load(args.bundle, tasks=tasks, backend=args.backend)
+    model = load(bundle, tasks=tasks, backend=args.backend)
     top = model.top(model(images), k=args.top)
     names = [str(p) for p in args.inputs] if len(images) == len(args.inputs) else [f"#{i}" for i in range(len(images))]
     if args.json:

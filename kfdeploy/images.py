@@ -4,14 +4,17 @@
   Pillow itself calls a decompression bomb: a small file must not expand into gigabytes.
 - A file Pillow cannot read (not an image, truncated, missing) is a KfError naming it.
 - Grey images stay one channel; anything else becomes RGB, so callers see two layouts only.
+- `fit_image` brings a decoded image to a bundle's channel count and size, one way for
+  every consumer: channels first (Pillow's grey <-> RGB conversion), then a bilinear
+  resize (antialiased when shrinking, as the training data is resized).
 
 Needs Pillow and numpy, never torch: `kfdeploy run` reads PNGs on an edge device.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 
@@ -28,43 +31,59 @@ def _pillow():
     return require("PIL.Image", None)
 
 
-@contextlib.contextmanager
-def _opened(path, name: str | None = None):
-    """The image at `path` (or in a file object, `name` naming it), its header read and its
-    size checked; its pixels not yet decoded."""
-    Image = _pillow()
-    name = name or path.name
-    too_big = f"{name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
-    try:
-        with Image.open(path) as image:  # reads the header only; the pixels are decoded by the caller
-            if image.width * image.height > MAX_PIXELS:
-                raise KfError(f"{too_big} (it is {image.width}x{image.height})")
-            yield image
-    except Image.DecompressionBombError:  # Pillow's own cap, for headers it refuses to believe
-        raise KfError(too_big) from None
-    except (OSError, ValueError, EOFError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
-        raise KfError(f"{name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
-
-
 def read_image(path: Path | str) -> np.ndarray:
     """Decode an image file into uint8: (H, W) for grey images, (H, W, 3) RGB for the rest."""
-    with _opened(Path(path)) as image:
-        return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+    path = Path(path)
+    return _decode(path, path.name)
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """As read_image, for bytes the caller has read (and checked); `name` names them in messages."""
-    with _opened(io.BytesIO(data), Path(name).name) as image:
-        return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+    return _decode(io.BytesIO(data), Path(name).name)
 
 
-def is_colour(path: Path | str) -> bool:
-    """Whether an image file holds colour (any mode but a grey one), from its header alone."""
-    with _opened(Path(path)) as image:
-        return image.mode not in _GREY_MODES
+def _decode(source, name: str) -> np.ndarray:
+    Image = _pillow()
+    too_big = f"{name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
+    try:
+        with Image.open(source) as image:  # reads the header only; the pixels are decoded below
+            if image.width * image.height > MAX_PIXELS:
+                raise KfError(f"{too_big} (it is {image.width}x{image.height})")
+            return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+    except Image.DecompressionBombError:  # Pillow's own cap, for headers it refuses to believe
+        raise KfError(too_big) from None
+    except (OSError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
+        raise KfError(f"{name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
 
 
 def to_grey(array: np.ndarray) -> np.ndarray:
     """An (H, W, 3) RGB array as (H, W) luminance, the way Pillow converts (ITU-R 601-2)."""
     Image = _pillow()
     return np.asarray(Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("L"))
+
+
+def fit_image(array: np.ndarray, channels: int, size: Tuple[int, int]) -> Tuple[np.ndarray, List[str]]:
+    """A decoded uint8 image ((H, W) grey or (H, W, 3) RGB) as the (channels, height, width)
+    uint8 array a bundle takes, and what was changed, in words ("resized from 100x80 to 64x64").
+
+    Channels first: RGB to grey as Pillow converts (ITU-R 601-2 luminance), grey to RGB by
+    repeating it. Then a bilinear resize with Pillow, which averages over the source pixels
+    when it shrinks (an antialiased resize, like the one training data goes through).
+    """
+    Image = _pillow()
+    if channels not in (1, 3):
+        raise KfError(f"the bundle takes {channels}-channel images; image files give 1 (grey) or 3 (RGB): "
+                      "feed it a numpy batch instead")
+    array = np.asarray(array, dtype=np.uint8)
+    notes = []
+    image = Image.fromarray(array)
+    if channels == 1 and array.ndim == 3:
+        image, notes = image.convert("L"), ["colour image converted to grey"]
+    elif channels == 3 and array.ndim == 2:
+        image, notes = image.convert("RGB"), ["grey image converted to RGB"]
+    height, width = size
+    if (image.height, image.width) != (height, width):
+        notes.append(f"resized from {image.width}x{image.height} to {width}x{height}")
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    fitted = np.asarray(image)
+    return (fitted[None] if fitted.ndim == 2 else fitted.transpose(2, 0, 1)).copy(), notes

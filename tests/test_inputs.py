@@ -314,3 +314,47 @@ def test_verify_and_inspect_report_normalization_and_examples(rgb_bundle, capsys
     assert "normalization (inside the graphs): mean [0.5, 0.4, 0.3], std [0.2, 0.25, 0.3]; pixels taken: uint8, float" in out
     assert f"examples: {EXAMPLE_IMAGES} (examples/0.png" in out
 
+
+# -- kfdeploy run on image files -------------------------------------------------------------
+
+def _files(folder):
+    rng = np.random.default_rng(6)
+    rgb = folder / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(rgb)
+    grey = folder / "scan.png"
+    Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(grey)
+    return [rgb, grey]
+
+
+def _as_the_bundle_takes(path, mode, size):
+    """What any app would do with Pillow: convert, then a bilinear resize."""
+    image = Image.open(path).convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(image)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("which", ["rgb", "sprites"])
+def test_run_resizes_and_converts_image_files_as_kfdeploy_load_sees_them(request, tmp_path, capsys, which):
+    bundle = request.getfixturevalue("rgb_bundle" if which == "rgb" else "bundle")
+    mode, size = ("RGB", SIZE) if which == "rgb" else ("L", 64)
+    files = _files(tmp_path)
+    assert main(["run", str(bundle), *map(str, files), "--json", "--top", "2"]) == 0
+    captured = capsys.readouterr()
+    answers = json.loads(captured.out)
+    model = kfdeploy.load(bundle, **QUIET)
+    pixels = np.stack([_as_the_bundle_takes(path, mode, size) for path in files])
+    expected = model.top(model(pixels), k=2)
+    for i, answer in enumerate(answers):
+        assert answer["input"] == str(files[i])
+        for task in model.tasks:
+            got = [(entry["label"], entry["probability"]) for entry in answer[task]]
+            assert [label for label, _ in got] == [label for label, _ in expected[task][i]]
+            np.testing.assert_allclose([p for _, p in got], [p for _, p in expected[task][i]], atol=1e-6)
+    converted = "colour image converted to grey (1 of 2)" if which == "sprites" else "grey image converted to RGB (1 of 2)"
+    assert converted in captured.err and "resized (2 of 2)" in captured.err
+
+
+def test_run_refuses_an_unreadable_file_before_opening_the_bundle(tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not a picture")
+    cli_fails(["run", str(tmp_path / "no-bundle"), str(tmp_path / "notes.png")], capsys, "notes.png is not an image that can be read")
+
