@@ -12,6 +12,7 @@ Needs Pillow and numpy, never torch: `kfdeploy run` reads PNGs on an edge device
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import List, Tuple
@@ -31,29 +32,40 @@ def _pillow():
     return require("PIL.Image", None)
 
 
+@contextlib.contextmanager
+def _opened(path, name: str | None = None):
+    """The image at `path` (or in a file object, `name` naming it), its header read and its
+    size checked; its pixels not yet decoded."""
+    Image = _pillow()
+    name = name or path.name
+    too_big = f"{name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
+    try:
+        with Image.open(path) as image:  # reads the header only; the pixels are decoded by the caller
+            if image.width * image.height > MAX_PIXELS:
+                raise KfError(f"{too_big} (it is {image.width}x{image.height})")
+            yield image
+    except Image.DecompressionBombError:  # Pillow's own cap, for headers it refuses to believe
+        raise KfError(too_big) from None
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        raise KfError(f"{name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
+
+
 def read_image(path: Path | str) -> np.ndarray:
     """Decode an image file into uint8: (H, W) for grey images, (H, W, 3) RGB for the rest."""
-    path = Path(path)
-    return _decode(path, path.name)
+    with _opened(Path(path)) as image:
+        return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """As read_image, for bytes the caller has read (and checked); `name` names them in messages."""
-    return _decode(io.BytesIO(data), Path(name).name)
+    with _opened(io.BytesIO(data), Path(name).name) as image:
+        return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
 
 
-def _decode(source, name: str) -> np.ndarray:
-    Image = _pillow()
-    too_big = f"{name} is too large to read: send an image of at most {MAX_SIDE}x{MAX_SIDE} pixels"
-    try:
-        with Image.open(source) as image:  # reads the header only; the pixels are decoded below
-            if image.width * image.height > MAX_PIXELS:
-                raise KfError(f"{too_big} (it is {image.width}x{image.height})")
-            return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
-    except Image.DecompressionBombError:  # Pillow's own cap, for headers it refuses to believe
-        raise KfError(too_big) from None
-    except (OSError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
-        raise KfError(f"{name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
+def is_colour(path: Path | str) -> bool:
+    """Whether an image file holds colour (any mode but a grey one), from its header alone."""
+    with _opened(Path(path)) as image:
+        return image.mode not in _GREY_MODES
 
 
 def to_grey(array: np.ndarray) -> np.ndarray:
