@@ -4,8 +4,13 @@
 
 Ticking a task adds its module to the running assembly and unticking removes it; the
 trunk is loaded once per backend and never again. The work happens in `Demo.answer`,
-which the UI, the gradio_client API (`/predict_sprite`, `/predict_upload`) and the tests
-share; the UI only draws what it returns.
+which the UI, the gradio_client API (`/predict_upload`, `/predict_sketch`,
+`/predict_example`, and `/predict_sprite` for sprites bundles) and the tests share; the UI
+only draws what it returns.
+
+Any bundle: inputs are brought to its own size and channel count (kfdeploy.images.fit_image,
+as `kfdeploy run` does), labels come from its manifest, and the example images it carries
+can be clicked. The sprite generator appears only for bundles of the embedded sprites.
 
 An offline tool: Gradio's analytics and version check are off, whatever the environment
 says, and uploads are capped in bytes (MAX_UPLOAD_BYTES) before kfdeploy.images caps them
@@ -25,7 +30,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import KfError
-from .images import read_image, to_grey
+from .images import fit_image, read_image
 from .runtime import Assembly, Timings, engines_for_this_device
 
 DEFAULT_BUNDLE = Path("runs/quickstart/bundle")
@@ -39,7 +44,7 @@ class Answer:
     """What one prediction shows: scores per task, the input as the model saw it, notes."""
 
     scores: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    seen: Optional[np.ndarray] = None  # 64x64 uint8, what the model was given
+    seen: Optional[np.ndarray] = None  # uint8 (H, W) grey or (H, W, 3) RGB: what the model was given
     notes: List[str] = field(default_factory=list)
     truth: Dict[str, str] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)  # this call's wall time
@@ -47,28 +52,31 @@ class Answer:
     sizes: Dict[str, int] = field(default_factory=dict)
 
 
-def to_model_input(image: np.ndarray, size: int = 64) -> tuple[np.ndarray, List[str]]:
-    """Any picture -> a (1, 1, size, size) uint8 sprite-like image, with notes on what changed."""
-    from PIL import Image
+def to_model_input(image: np.ndarray, size: int | tuple = 64, channels: int = 1,
+                   sprites: bool = True) -> tuple[np.ndarray, List[str]]:
+    """Any picture -> a (1, channels, H, W) uint8 image for the bundle, with notes on what changed.
 
-    notes = []
+    Converted and resized by kfdeploy.images.fit_image, as `kfdeploy run` does. For sprites
+    bundles a mostly light picture is inverted: sprites are white on black, a drawing is
+    usually dark on white.
+    """
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 4:  # a sketch: strokes over a transparent canvas
         alpha = array[..., 3:4].astype(np.float32) / 255.0
         array = (array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    if array.ndim == 3:
-        notes.append("colour image converted to grey")
-        array = to_grey(array)
     array = array.astype(np.uint8)
     if array.max() == array.min():
-        raise KfError("the image is blank: draw or upload a shape first")
-    if array.shape != (size, size):
-        notes.append(f"resized from {array.shape[1]}x{array.shape[0]} to {size}x{size}")
-        array = np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR))
-    if array.mean() > 127:  # sprites are white on black; a drawing is usually dark on white
+        raise KfError("the image is blank: draw or upload a picture first")
+    fitted, notes = fit_image(array, channels, (size, size) if isinstance(size, int) else tuple(size))
+    if sprites and fitted.mean() > 127:
         notes.append("inverted to white on black, as the sprites are")
-        array = 255 - array
-    return array[None, None], notes
+        fitted = 255 - fitted
+    return fitted[None], notes
+
+
+def _shown(x: np.ndarray) -> np.ndarray:
+    """One (C, H, W) model input as a picture: (H, W) grey or (H, W, 3) RGB."""
+    return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
 
 
 class Demo:
@@ -77,6 +85,11 @@ class Demo:
     def __init__(self, bundle_path: Path):
         self.bundle = Bundle.open(bundle_path)  # checksums verified here, before any session
         self.tasks = self.bundle.tasks
+        self.channels, self.size = self.bundle.channels, self.bundle.image_size
+        # The generator renders the five sprite factors: only bundles of the embedded sprites have them.
+        self.sprites = self.bundle.manifest.get("source", {}).get("data") == "sprites"
+        # Decoded once (the bytes checked again as they are read): the page shows them all.
+        self.examples = [self.bundle.example(i) for i in range(len(self.bundle.examples))]
         self._assemblies: Dict[str, object] = {}
         self._splits: Dict[tuple, Timings] = {}
         self._lock = threading.Lock()
@@ -100,7 +113,7 @@ class Demo:
                truth: Optional[Dict[str, str]] = None) -> Answer:
         if not tasks:
             raise KfError("tick at least one task")
-        x, notes = to_model_input(image)
+        x, notes = to_model_input(image, self.size, self.channels, self.sprites)
         with self._lock:  # one re-composition at a time; the assembly itself is thread-safe
             model = self.assembly(backend, list(tasks))
             scores = model(x)
@@ -110,7 +123,19 @@ class Demo:
             if key not in self._splits:  # a profile builds a session of its own: once per task set
                 self._splits[key] = model.profile(x, runs=10, warmup=2)
         labelled = {t: {label: float(p) for label, p in zip(model.labels(t), scores[t][0])} for t in tasks}
-        return Answer(labelled, x[0, 0], notes, truth or {}, timings, self._splits[key], sizes)
+        truth = {t: label for t, label in (truth or {}).items() if t in tasks}
+        return Answer(labelled, _shown(x[0]), notes, truth, timings, self._splits[key], sizes)
+
+    def answer_example(self, index: int, tasks: List[str], backend: str = "onnxruntime") -> Answer:
+        """Answer the bundle's example `index`, its true labels shown where the manifest has them."""
+        if not 0 <= index < len(self.examples):
+            raise KfError(f"this bundle has {len(self.examples)} example(s); there is no example {index}")
+        image, labels = self.examples[index]
+        return self.answer(image, tasks, backend, labels)
+
+    def describe_input(self) -> str:
+        height, width = self.size
+        return f"{width}x{height} {'grey' if self.channels == 1 else 'RGB' if self.channels == 3 else f'{self.channels}-channel'}"
 
     def teacher_bytes(self) -> Optional[int]:
         parameters = self.bundle.manifest.get("source", {}).get("teacher_parameters")
@@ -161,8 +186,9 @@ def summary_markdown(answer: Answer, teacher_bytes: Optional[int]) -> str:
         rows = ["| task | true | predicted | |", "|---|---|---|---|"]
         for task, scores in answer.scores.items():
             predicted = max(scores, key=scores.get)
-            verdict = "**right**" if predicted == answer.truth[task] else "**wrong**"
-            rows.append(f"| {task} | {answer.truth[task]} | {predicted} | {verdict} |")
+            true = answer.truth.get(task)
+            verdict = "" if true is None else "**right**" if predicted == true else "**wrong**"
+            rows.append(f"| {task} | {true or '?'} | {predicted} | {verdict} |")
         blocks.append("\n".join(rows))
     blocks.append(f"**Latency** {answer.timings.total_ms:.2f} ms for this call; per module (profiler, median of "
                   f"warm calls): {answer.split.split()}")
@@ -213,22 +239,32 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
                             elem_id="bad-bundle")
             return app
 
-        from .data import SHAPES
-
         with gr.Row():
             with gr.Column(scale=1):
                 tasks = gr.CheckboxGroup(demo.tasks, value=demo.tasks[:2], label="Tasks (bricks) to assemble", elem_id="tasks")
                 backend = gr.Radio(demo.backends(), value="onnxruntime", label="Backend", elem_id="backend")
                 with gr.Tabs():
-                    with gr.Tab("Generate a sprite"):
-                        shape = gr.Radio(list(SHAPES), value="heart", label="shape")
-                        scale = gr.Slider(0, 5, value=5, step=1, label="scale (0.5 ... 1.0)")
-                        orientation = gr.Slider(0, 39, value=0, step=1, label="orientation (x 9°)")
-                        pos_x = gr.Slider(0, 31, value=8, step=1, label="pos_x")
-                        pos_y = gr.Slider(0, 31, value=20, step=1, label="pos_y")
-                        generate = gr.Button("Generate and predict", variant="primary", elem_id="generate")
+                    if demo.sprites:
+                        from .data import SHAPES
+
+                        with gr.Tab("Generate a sprite", elem_id="tab-sprite"):
+                            shape = gr.Radio(list(SHAPES), value="heart", label="shape")
+                            scale = gr.Slider(0, 5, value=5, step=1, label="scale (0.5 ... 1.0)")
+                            orientation = gr.Slider(0, 39, value=0, step=1, label="orientation (x 9°)")
+                            pos_x = gr.Slider(0, 31, value=8, step=1, label="pos_x")
+                            pos_y = gr.Slider(0, 31, value=20, step=1, label="pos_y")
+                            generate = gr.Button("Generate and predict", variant="primary", elem_id="generate")
+                    if demo.examples:
+                        with gr.Tab("Examples", elem_id="tab-examples"):
+                            gallery = gr.Gallery(
+                                [(image, _caption(labels)) for image, labels in demo.examples],
+                                label="Held-out images stored in the bundle: click one", columns=3, allow_preview=False,
+                                interactive=False, elem_id="examples")
+                            # The API's door to the examples (a click's index is not something a client can send).
+                            example_index = gr.Number(0, precision=0, visible=False)
+                            predict_example = gr.Button("Predict the example", visible=False)
                     with gr.Tab("Draw"):
-                        sketch = gr.Sketchpad(type="numpy", image_mode="RGBA", label="Draw a shape", canvas_size=(256, 256))
+                        sketch = gr.Sketchpad(type="numpy", image_mode="RGBA", label="Draw", canvas_size=(256, 256))
                         predict_sketch = gr.Button("Predict the drawing", elem_id="predict-sketch")
                     with gr.Tab("Upload"):
                         # No file_types filter: a wrong file gets our message, not a generic rejection.
@@ -236,52 +272,89 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
                         predict_upload = gr.Button("Predict the upload", elem_id="predict-upload")
             with gr.Column(scale=1):
                 status = gr.Markdown(elem_id="status")
-                seen = gr.Image(label="What the model sees (64x64)", height=160, elem_id="seen")
+                seen = gr.Image(label=f"What the model sees ({demo.describe_input()})", height=160, elem_id="seen")
                 labels = {t: gr.Label(num_top_classes=3, label=t, visible=t in demo.tasks[:2], elem_id=f"label-{t}") for t in demo.tasks}
                 summary = gr.Markdown(elem_id="summary")
                 bricks = gr.Image(label="Bricks in use", elem_id="bricks")
+        # The last picture answered and its true labels: ticking a task answers it again.
+        last = gr.State(None)
 
-        outputs = [status, seen, *labels.values(), summary, bricks]
+        outputs = [status, seen, *labels.values(), summary, bricks, last]
 
-        def show(answer_or_error) -> list:
+        def show(answer_or_error, picture=None) -> list:
             if isinstance(answer_or_error, str):
-                return [f"⚠️ {answer_or_error}", gr.update(), *[gr.update() for _ in labels], gr.update(), gr.update()]
+                return [f"⚠️ {answer_or_error}", gr.update(), *[gr.update() for _ in labels], gr.update(), gr.update(), gr.update()]
             answer: Answer = answer_or_error
             label_updates = [gr.update(value=answer.scores.get(t), visible=t in answer.scores) for t in labels]
             return ["", answer.seen, *label_updates, summary_markdown(answer, demo.teacher_bytes()),
-                    bricks_picture(answer.sizes, demo.teacher_bytes())]
+                    bricks_picture(answer.sizes, demo.teacher_bytes()), picture if picture is not None else gr.update()]
 
-        def guarded(work):
+        def answered(image, ticked, backend_name, truth=None) -> list:
             try:
-                return show(work())
+                return show(demo.answer(image, ticked, backend_name, truth), (image, truth))
             except KfError as exc:
                 return show(str(exc))
 
-        def on_sprite(shape_name, scale_i, orientation_i, x_i, y_i, ticked, backend_name):
-            image, truth = sprite(shape_name, scale_i, orientation_i, x_i, y_i)
-            return guarded(lambda: demo.answer(image, ticked, backend_name, {t: truth[t] for t in ticked}))
+        def guarded(work):
+            try:
+                return work()
+            except KfError as exc:
+                return show(str(exc))
 
         def on_sketch(value, ticked, backend_name):
             def work():
                 composite = None if value is None else value.get("composite")
                 if composite is None:
-                    raise KfError("the canvas is empty: draw a shape first")
-                return demo.answer(composite, ticked, backend_name)
+                    raise KfError("the canvas is empty: draw something first")
+                return answered(composite, ticked, backend_name)
             return guarded(work)
 
         def on_upload(path, ticked, backend_name):
             def work():
                 if not path:
                     raise KfError("choose an image file to upload first")
-                return demo.answer(read_image(path), ticked, backend_name)
+                return answered(read_image(path), ticked, backend_name)
             return guarded(work)
 
-        sprite_inputs = [shape, scale, orientation, pos_x, pos_y, tasks, backend]
-        generate.click(on_sprite, sprite_inputs, outputs, api_name="predict_sprite")
-        tasks.change(on_sprite, sprite_inputs, outputs, api_name=False)
+        def on_example(index, ticked, backend_name):
+            def work():
+                image, truth = demo.examples[int(index)] if 0 <= int(index) < len(demo.examples) else (None, None)
+                if image is None:
+                    raise KfError(f"this bundle has {len(demo.examples)} example(s); there is no example {index}")
+                return answered(image, ticked, backend_name, truth)
+            return guarded(work)
+
+        def on_tasks(picture, ticked, backend_name, *sprite_values):
+            if picture is not None:
+                return answered(picture[0], ticked, backend_name, picture[1])
+            if demo.sprites:  # nothing answered yet: the sprite on the sliders
+                image, truth = sprite(*sprite_values)
+                return answered(image, ticked, backend_name, truth)
+            return [gr.update() for _ in outputs]
+
+        sprite_inputs = []
+        if demo.sprites:
+            sprite_inputs = [shape, scale, orientation, pos_x, pos_y]
+
+            def on_sprite(shape_name, scale_i, orientation_i, x_i, y_i, ticked, backend_name):
+                image, truth = sprite(shape_name, scale_i, orientation_i, x_i, y_i)
+                return answered(image, ticked, backend_name, truth)
+
+            generate.click(on_sprite, [*sprite_inputs, tasks, backend], outputs, api_name="predict_sprite")
+        if demo.examples:
+            def on_click(ticked, backend_name, event: gr.SelectData):
+                return on_example(event.index, ticked, backend_name)
+
+            gallery.select(on_click, [tasks, backend], outputs, api_name=False)
+            predict_example.click(on_example, [example_index, tasks, backend], outputs, api_name="predict_example")
+        tasks.change(on_tasks, [last, tasks, backend, *sprite_inputs], outputs, api_name=False)
         predict_sketch.click(on_sketch, [sketch, tasks, backend], outputs, api_name="predict_sketch")
         predict_upload.click(on_upload, [upload, tasks, backend], outputs, api_name="predict_upload")
     return app
+
+
+def _caption(labels: Dict[str, str]) -> str:
+    return ", ".join(f"{task} {label}" for task, label in labels.items()) or "labels unknown"
 
 
 def launch(bundle_path: Path = DEFAULT_BUNDLE, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

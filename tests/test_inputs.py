@@ -358,3 +358,137 @@ def test_run_refuses_an_unreadable_file_before_opening_the_bundle(tmp_path, caps
     (tmp_path / "notes.png").write_text("not a picture")
     cli_fails(["run", str(tmp_path / "no-bundle"), str(tmp_path / "notes.png")], capsys, "notes.png is not an image that can be read")
 
+
+# -- the demo on a bundle that is not sprites -----------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rgb_server(rgb_bundle):
+    from kfdeploy.demo import launch
+
+    port = _free_port()
+    app = launch(rgb_bundle, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/", app
+    app.close()
+
+
+def _expected(bundle, pixels, tasks):
+    model = kfdeploy.load(bundle, tasks=tasks, **QUIET)
+    scores = model(pixels)
+    return {t: dict(zip(model.labels(t), scores[t][0].tolist())) for t in tasks}
+
+
+def _example_pixels(bundle, index):
+    """Example `index` as kfdeploy.load takes it: (1, 3, H, W) uint8, read straight from its PNG."""
+    record = _manifest(bundle)["examples"][index]
+    return np.asarray(Image.open(bundle / record["file"]).convert("RGB")).transpose(2, 0, 1)[None], record["labels"]
+
+
+def test_the_demo_of_a_non_sprites_bundle_has_examples_and_no_sprite_generator(rgb_server):
+    _, app = rgb_server
+    text = json.dumps(app.config, default=str)
+    assert "Generate a sprite" not in text and '"generate"' not in text
+    assert "What the model sees (48x48 RGB)" in text and '"examples"' in text
+    endpoints = {d.get("api_name") for d in app.config["dependencies"]}
+    assert {"predict_example", "predict_upload", "predict_sketch"} <= endpoints and "predict_sprite" not in endpoints
+
+
+def test_an_example_answers_as_kfdeploy_load_and_shows_its_true_labels(rgb_bundle):
+    from kfdeploy.demo import Demo, summary_markdown
+
+    demo = Demo(rgb_bundle)
+    assert not demo.sprites and len(demo.examples) == EXAMPLE_IMAGES
+    answer = demo.answer_example(2, ["colour", "size"])
+    pixels, labels = _example_pixels(rgb_bundle, 2)
+    expected = _expected(rgb_bundle, pixels, ["colour", "size"])
+    for task in ("colour", "size"):
+        assert answer.scores[task] == pytest.approx(expected[task], abs=1e-6)
+    assert answer.truth == labels and answer.seen.shape == (SIZE, SIZE, 3) and answer.notes == []
+    assert f"| colour | {labels['colour']} |" in summary_markdown(answer, None)
+    with pytest.raises(KfError, match="there is no example 99"):
+        demo.answer_example(99, ["colour"])
+
+
+@pytest.mark.slow
+def test_the_client_gets_answers_for_examples_and_uploads_of_any_size(rgb_server, rgb_bundle, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(rgb_server[0], verbose=False)
+
+    def labels(result):
+        out = {}
+        for task, value in zip(LABELS, result[2:4]):
+            value = value["value"] if value.get("__type__") == "update" else value
+            if value:
+                out[task] = {c["label"]: c["confidence"] for c in value["confidences"]}
+        return out
+
+    result = client.predict(1, ["colour", "size"], "onnxruntime", api_name="/predict_example")
+    pixels, truth = _example_pixels(rgb_bundle, 1)
+    expected = _expected(rgb_bundle, pixels, ["colour", "size"])
+    for task, confidences in labels(result).items():
+        assert confidences == pytest.approx(expected[task], abs=1e-4)
+    assert f"| size | {truth['size']} |" in result[4]
+    # A grey upload of another size: converted to RGB and resized, as `kfdeploy run` does.
+    grey = tmp_path / "scan.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 20), dtype=np.uint8)).save(grey)
+    result = client.predict(handle_file(str(grey)), ["size"], "torch", api_name="/predict_upload")
+    expected = _expected(rgb_bundle, _as_the_bundle_takes(grey, "RGB", SIZE)[None], ["size"])
+    assert labels(result)["size"] == pytest.approx(expected["size"], abs=1e-4)
+    assert "grey image converted to RGB" in result[4] and "resized from 20x30 to 48x48" in result[4]
+
+
+def test_a_bundle_with_a_tampered_example_is_explained_by_the_demo(rgb_copy):
+    from kfdeploy.demo import build_app
+
+    (rgb_copy / "examples" / "3.png").write_bytes(b"tampered")
+    text = json.dumps(build_app(rgb_copy).config)
+    assert "cannot be used" in text and "checksum mismatch for examples/3.png" in text
+
+
+@pytest.mark.slow
+def test_a_browser_clicks_an_example_of_a_non_sprites_bundle_and_sees_the_answer(rgb_server, rgb_bundle, tmp_path):
+    import os
+
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not os.path.exists("/usr/bin/chromium"):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update", "--window-size=1400,1900"):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    except WebDriverException as exc:
+        pytest.fail(f"chromium did not start: {exc.msg}")
+    try:
+        driver.get(rgb_server[0])
+        wait = WebDriverWait(driver, 60)
+        thumbnail = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#examples [aria-label='Thumbnail 4 of {EXAMPLE_IMAGES}']"))
+        assert not driver.find_elements(By.ID, "generate")  # no sprite generator on this bundle
+        thumbnail.click()  # colour and size are ticked: the fourth example, answered
+        pixels, truth = _example_pixels(rgb_bundle, 3)
+        for task in ("colour", "size"):
+            expected = _expected(rgb_bundle, pixels, [task])[task]
+            top = max(expected, key=expected.get)
+            selector = f"#label-{task} [data-testid='label-output-value']"
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, selector) and d.find_element(By.CSS_SELECTOR, selector).text == top)
+        summary = driver.find_element(By.ID, "summary").text
+        assert truth["colour"] in summary and "Latency" in summary
+        driver.save_screenshot(str(tmp_path / "demo-rgb.png"))
+    finally:
+        driver.quit()
