@@ -215,16 +215,17 @@ def _asks_for_download(text: str) -> bool:
     )
 
 
-def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+def read_weights(path: Path, flag: str = "--pretrained") -> Dict[str, torch.Tensor]:
+    """The tensors of a local weights file (safetensors, or a torch checkpoint loaded weights-only)."""
     text = str(path)
     if not path.is_file():
         if _asks_for_download(text):
             raise KfError(
-                f"--pretrained {text!r} would need a download, and kfdeploy never downloads: fetch the "
+                f"{flag} {text!r} would need a download, and kfdeploy never downloads: fetch the "
                 "weights on a machine with network (e.g. timm's model.safetensors from the Hugging Face Hub) "
                 "and pass the local file"
             )
-        raise KfError(f"--pretrained {path}: no such file; pass a local .safetensors file or a torch/timm checkpoint")
+        raise KfError(f"{flag} {path}: no such file; pass a local .safetensors file or a torch/timm checkpoint")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -232,7 +233,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise KfError(f"--pretrained {path} is not a readable safetensors file ({exc})") from None
+            raise KfError(f"{flag} {path} is not a readable safetensors file ({exc})") from None
     import pickle
 
     try:
@@ -240,7 +241,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise KfError(f"--pretrained {path} is not a weights-only torch checkpoint or safetensors file ({first})") from None
+        raise KfError(f"{flag} {path} is not a weights-only torch checkpoint or safetensors file ({first})") from None
     if isinstance(checkpoint, dict):
         # timm's train.py writes {"state_dict": ..., "state_dict_ema": ...}; others use "model".
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -249,13 +250,25 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
                 break
     tensors = {k: v for k, v in checkpoint.items() if torch.is_tensor(v)} if isinstance(checkpoint, dict) else {}
     if not tensors:
-        raise KfError(f"--pretrained {path} holds no tensors (not a state dict or a checkpoint with one)")
+        raise KfError(f"{flag} {path} holds no tensors (not a state dict or a checkpoint with one)")
     return {k.removeprefix("module."): v for k, v in tensors.items()}  # DataParallel/DDP prefix
 
 
 def _few(names, count: int = 3) -> str:
     names = sorted(names)
     return ", ".join(names[:count]) + (f" (+{len(names) - count} more)" if len(names) > count else "")
+
+
+def weights_mismatch(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """How `tensors` fail to fit a module's state dict `expected` (a few keys named), or None."""
+    # BatchNorm counters are bookkeeping, absent from many exported checkpoints.
+    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
+             f"wrong shape {_few(wrong, 2)}" if wrong else ""]
+    return "; ".join(p for p in parts if p) or None
 
 
 def load_pretrained(module: nn.Module, path: Path, config: BackboneConfig) -> Dict[str, str]:
@@ -266,7 +279,7 @@ def load_pretrained(module: nn.Module, path: Path, config: BackboneConfig) -> Di
     pretrained weights. Any other mismatch is refused, naming a few keys.
     """
     path = Path(path)
-    tensors = _read_state_dict(path)
+    tensors = read_weights(path)
     notes: Dict[str, str] = {}
     expected = module.state_dict()
     if config.arch != SIMPLECONV:
@@ -282,14 +295,8 @@ def load_pretrained(module: nn.Module, path: Path, config: BackboneConfig) -> Di
         if first in tensors and first in expected and tensors[first].ndim == 4 and tensors[first].shape[1] != expected[first].shape[1]:
             tensors[first] = _timm().models.adapt_input_conv(config.in_channels, tensors[first].float())
             notes["first_conv"] = f"{first} adapted to {config.in_channels} channel(s)"
-    # BatchNorm counters are bookkeeping, absent from many exported checkpoints.
-    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
-                 f"wrong shape {_few(wrong, 2)}" if wrong else ""]
-        raise KfError(f"--pretrained {path} does not fit {config.arch}: " + "; ".join(p for p in parts if p))
+    mismatch = weights_mismatch(expected, tensors)
+    if mismatch:
+        raise KfError(f"--pretrained {path} does not fit {config.arch}: {mismatch}")
     module.load_state_dict(tensors, strict=False)
     return notes

@@ -12,9 +12,9 @@ from .errors import KfError
 from .extras import check
 
 EXAMPLES = {
-    "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000\n  kfdeploy teacher --out runs/r50 --arch resnet50 --pretrained resnet50.safetensors --image-size 128",
-    "factorize": "kfdeploy factorize --teacher runs/teacher --out runs/kf\n  kfdeploy factorize --teacher runs/teacher --out runs/kf2 --tasks shape,scale --task-width 8\n  kfdeploy factorize --teacher runs/r50 --out runs/kf-r18 --trunk-arch resnet18 --task-arch mobilenetv2_050\n  torchrun --nproc_per_node 2 -m kfdeploy factorize --teacher runs/teacher --out runs/kf",
-    "evaluate": "kfdeploy evaluate runs/kf\n  kfdeploy evaluate runs/kf --images 20000 --json report.json",
+    "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000\n  kfdeploy teacher --out runs/r50 --arch resnet50 --pretrained resnet50.safetensors --image-size 128\n  kfdeploy teacher --out runs/rgb --data sprites-rgb --arch resnet34\n  kfdeploy teacher --out runs/photos --data photos/ --arch resnet18 --image-size 96   # photos/labels.csv",
+    "factorize": "kfdeploy factorize --teacher runs/teacher --out runs/kf\n  kfdeploy factorize --teacher runs/teacher --out runs/kf2 --tasks shape,scale --task-width 8\n  kfdeploy factorize --teacher runs/r50 --out runs/kf-r18 --trunk-arch resnet18 --task-arch mobilenetv2_050\n  kfdeploy factorize --teacher-factory my_pkg.models:build --teacher-weights teacher.safetensors --data photos/ --out runs/kf-mine\n  torchrun --nproc_per_node 2 -m kfdeploy factorize --teacher runs/teacher --out runs/kf",
+    "evaluate": "kfdeploy evaluate runs/kf\n  kfdeploy evaluate runs/kf --images 20000 --json report.json\n  kfdeploy evaluate runs/kf-mine --teacher-factory my_pkg.models:build --teacher-weights teacher.safetensors",
     "quickstart": "kfdeploy quickstart\n  kfdeploy quickstart --out runs/qs --resume",
     "export": "kfdeploy export runs/kf --out bundles/sprites\n  kfdeploy export runs/kf --out bundles/sprites --profile jetson-fp16 --archive\n  kfdeploy export runs/kf --tasks pos_x --into bundles/sprites",
     "inspect": "kfdeploy inspect bundles/sprites\n  kfdeploy inspect bundles/sprites.tar.gz --json",
@@ -44,6 +44,14 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
+def _add_data_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--data", metavar="PATH", help=f"sprites, sprites-rgb (colour sprites, 3x128x128, plus a colour task) or a folder of "
+                   f"images with labels.csv: a 'file' column and a column of class names per task, optional 'split' (default: {default})")
+    p.add_argument("--image-size", type=int, metavar="N", help="input size N x N, images resized to it (default: the data's; 64 for sprites "
+                   "and folders, 128 for sprites-rgb)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="a folder's images as grey (1) or RGB (3) (default: RGB if any image is colour)")
+
+
 def _train_config(args):
     from .train import TrainConfig
 
@@ -68,15 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="examples:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    p = command("teacher", "Train the multi-task teacher on the embedded procedural sprites.")
+    p = command("teacher", "Train a multi-task teacher: on the embedded procedural sprites, or on your labelled image folder.")
     _add_training_args(p, QUICKSTART_TEACHER_STEPS)
+    _add_data_args(p, "sprites")
     p.add_argument("--arch", default="simpleconv", help="architecture: simpleconv (default) or a timm model name, built without weights")
     p.add_argument("--pretrained", type=Path, metavar="FILE", help="local weights for the architecture: .safetensors or a torch/timm checkpoint (nothing is downloaded)")
-    p.add_argument("--image-size", type=int, default=64, metavar="N", help="input size N x N (default 64, the sprites' size; other sizes are resized to)")
 
     p = command("factorize", "Factorize a teacher into a common trunk plus one module per task.")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher run folder (from `kfdeploy teacher`)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--teacher", type=Path, help="teacher run folder (from `kfdeploy teacher`)")
+    which.add_argument("--teacher-factory", metavar="MODULE:FUNCTION", help="your own teacher: FUNCTION() in MODULE (importable from here) returns "
+                       "an nn.Module with forward_features and forward_head; needs --data")
+    p.add_argument("--teacher-weights", type=Path, metavar="FILE", help="weights for the --teacher-factory module: .safetensors or a weights-only torch checkpoint")
     _add_training_args(p, QUICKSTART_FACTORIZE_STEPS)
+    _add_data_args(p, "the teacher run's")
     p.add_argument("--trunk-arch", metavar="NAME", help="trunk architecture (default: the teacher's, warm-started from it): simpleconv or a timm model name")
     p.add_argument("--task-arch", default="simpleconv", metavar="NAME", help="task network architecture: simpleconv (default) or a timm model name, e.g. mobilenetv2_050")
     p.add_argument("--pretrained", type=Path, metavar="FILE", help="local weights for the trunk (.safetensors or a torch/timm checkpoint); the trunk starts from them instead of the teacher")
@@ -89,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="factorized run folder")
     p.add_argument("--images", type=int, default=8192, help="held-out images (default 8192)")
     p.add_argument("--json", type=Path, help="also write the result here (always written to RUN/evaluation.json)")
+    p.add_argument("--teacher-factory", metavar="MODULE:FUNCTION", help="the teacher of a run factorized with --teacher-factory (never read from the run)")
+    p.add_argument("--teacher-weights", type=Path, metavar="FILE", help="its weights, as given to factorize")
 
     p = command("export", "Export a factorized run's trunk and task modules to ONNX, into a bundle.")
     p.add_argument("run", type=Path, help="factorized run folder")
@@ -149,46 +164,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _task_list(text: Optional[str]) -> Optional[List[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def cmd_teacher(args) -> None:
-    from .data import TASK_NAMES
-    from .pipeline import parse_tasks, train_teacher
-
     from .models import BackboneConfig
+    from .pipeline import SPRITES, default_image_size, train_teacher
 
-    tasks = parse_tasks(args.tasks, TASK_NAMES, "the sprites data")
-    backbone = BackboneConfig(image_size=args.image_size, arch=args.arch)
+    data = args.data or SPRITES
+    backbone = BackboneConfig(image_size=args.image_size or default_image_size(data), arch=args.arch)
     out = train_teacher(
-        args.out, tasks, _train_config(args), backbone=backbone, resume=args.resume, device=args.device,
-        pretrained=args.pretrained,
+        args.out, _task_list(args.tasks), _train_config(args), backbone=backbone, resume=args.resume, device=args.device,
+        pretrained=args.pretrained, data=data, channels=args.channels,
     )
     print(f"teacher written to {out}")
 
 
 def cmd_factorize(args) -> None:
     from .losses import LossWeights
-    from .pipeline import factorize
+    from .pipeline import factorize, teacher_from_factory
 
+    teacher, teacher_source = args.teacher, None
+    if args.teacher_factory:
+        if args.data is None:
+            raise KfError("--teacher-factory needs --data: an image folder with labels.csv, sprites or sprites-rgb")
+        teacher, teacher_source = teacher_from_factory(args.teacher_factory, args.teacher_weights)
+    elif args.teacher_weights:
+        raise KfError("--teacher-weights goes with --teacher-factory; a teacher run holds its own weights")
     weights = LossWeights(kd=args.lambda_kd, feat=args.lambda_feat, kl=args.beta)
-    tasks = args.tasks.split(",") if args.tasks else None
     out = factorize(
-        args.teacher, args.out, tasks=tasks, config=_train_config(args), weights=weights,
+        teacher, args.out, tasks=_task_list(args.tasks), config=_train_config(args), weights=weights,
         task_width=args.task_width, resume=args.resume, device=args.device,
         trunk_arch=args.trunk_arch, task_arch=args.task_arch, pretrained=args.pretrained,
+        data=args.data, image_size=args.image_size, channels=args.channels, teacher_source=teacher_source,
     )
     print(f"factor networks written to {out}")
 
 
-def run_evaluation(run: Path, images: int = 8192) -> dict:
+def run_evaluation(run: Path, images: int = 8192, teacher=None) -> dict:
     from .evaluate import DISENTANGLEMENT_PNG, EVALUATION_FILE, evaluate_run, format_table
 
-    result = evaluate_run(run, images=images)
+    result = evaluate_run(run, teacher=teacher, images=images)
     print(format_table(result))
     print(f"wrote {run / EVALUATION_FILE} and {run / DISENTANGLEMENT_PNG}")
     return result
 
 
 def cmd_evaluate(args) -> None:
-    result = run_evaluation(args.run, args.images)
+    teacher = None
+    if args.teacher_factory:
+        from .pipeline import teacher_from_factory
+
+        teacher, _ = teacher_from_factory(args.teacher_factory, args.teacher_weights)
+    elif args.teacher_weights:
+        raise KfError("--teacher-weights goes with --teacher-factory")
+    result = run_evaluation(args.run, args.images, teacher)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

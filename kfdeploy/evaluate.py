@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import SHAPES, TASK_NAMES, SpritesSource, collate
+from .data import SHAPES, collate
 from .errors import KfError
 from .models import FactorNet
 from .runs import load_factor_run, load_teacher, write_json_atomic
@@ -161,13 +161,22 @@ def evaluate_run(
     tasks = list(student.task_classes)
     if teacher is None:
         if not info.get("teacher_run"):
-            raise KfError(f"{run_dir} factorized your own teacher; evaluate it from Python with evaluate_run(run, teacher=..., heldout_data=...)")
+            record = info.get("teacher") or {}
+            weights = f" --teacher-weights {record['weights']['file']}" if record.get("weights") else ""
+            how = (f"pass it again: kfdeploy evaluate {run_dir} --teacher-factory {record['factory']}{weights}" if record.get("factory")
+                   else "evaluate it from Python with evaluate_run(run, teacher=..., heldout_data=...)")
+            raise KfError(f"{run_dir} factorized your own teacher; {how}")
         teacher, _ = load_teacher(Path(info["teacher_run"]))
+    embedded = False
     if heldout_data is None:
-        from .pipeline import resize_images
+        from .pipeline import EMBEDDED, _identity, normalized, open_run_data
 
-        x, all_labels = SpritesSource(tasks=TASK_NAMES).heldout(images)
-        x = resize_images(x, student.config.trunk.image_size)  # sprites render at 64x64
+        # The run's own data, normalized as it trained; every sprite task, for orientation by shape.
+        kind = info.get("data", "sprites")
+        embedded = kind in EMBEDDED
+        opened = open_run_data(info, tasks=list(EMBEDDED[kind][0]) if embedded else None)
+        spec = info.get("input") or _identity(opened.channels)
+        x, all_labels = normalized(opened.source, spec).heldout(images)
     else:
         x, all_labels = collate([heldout_data[i] for i in range(min(images, len(heldout_data)))], tasks)
     labels = {t: all_labels[t] for t in tasks}
@@ -177,7 +186,7 @@ def evaluate_run(
         "teacher_accuracy": _teacher_accuracy(teacher, x, labels),
         "factor_accuracy": accuracy(student, x, labels),
     }
-    if heldout_data is None and "orientation" in tasks:
+    if embedded and "orientation" in tasks:
         result["orientation_by_shape"] = _orientation_by_shape(
             teacher, student, x, all_labels["shape"], all_labels["orientation"]
         )

@@ -2,11 +2,14 @@
 textured backgrounds, every batch a function of (seed, rank, step); and the grey sprites
 unchanged by the renderer they now share."""
 import hashlib
+import json
 
 import numpy as np
 import torch
 
+from conftest import cli_fails
 from kfdeploy import data
+from kfdeploy.cli import main
 
 
 def test_grey_sprites_render_exactly_as_before_the_renderer_was_shared():
@@ -69,3 +72,20 @@ def test_every_sprite_pixel_has_its_colour_label_and_no_background_pixel_is_that
         # No background pixel has a sprite's saturation: a sprite's channels differ by >= 178
         # (0.7 x 255 against 0), a background's by at most 110 (texture) + 24 (tint).
         assert (rest.max(0) - rest.min(0)).max() <= 134 and rest.max() <= 110 + 60 + 24
+
+
+def test_a_teacher_trains_on_sprites_rgb_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "teacher"
+    assert main(["teacher", "--data", "sprites-rgb", "--out", str(out), "--image-size", "32", "--steps", "3",
+                 "--batch-size", "8", "--tasks", "shape,colour"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["data"] == "sprites-rgb"
+    assert info["input"] == {"channels": 3, "image_size": 32, "mean": [0.0] * 3, "std": [1.0] * 3}
+    assert info["task_labels"]["colour"] == list(data.COLOURS)
+    assert info["model"]["backbone"]["in_channels"] == 3
+
+
+def test_sprites_refuse_a_channel_count_of_their_own(tmp_path, capsys):
+    cli_fails(["teacher", "--data", "sprites-rgb", "--channels", "1", "--out", str(tmp_path / "t")], capsys,
+              "--channels applies to image folders; sprites-rgb images have 3 channel(s)")
+    assert not (tmp_path / "t").exists()
