@@ -24,6 +24,7 @@ EXAMPLES = {
     "demo": "kfdeploy demo runs/quickstart/bundle\n  kfdeploy demo bundles/sprites --host 0.0.0.0 --port 8080",
     "run": "kfdeploy run bundles/sprites --tasks shape,scale images/*.png\n  kfdeploy run bundles/sprites batch.npy --json --top 3",
     "triton-repo": "kfdeploy triton-repo bundles/sprites --out repo\n  kfdeploy triton-repo bundles/sprites --out repo --ensemble shape,scale --ensemble pos=pos_x,pos_y\n  kfdeploy triton-repo bundles/sprites --out repo --backend tensorrt --engine-device orin-sm87-trt10.3",
+    "serve": "kfdeploy serve bundles/sprites\n  kfdeploy serve bundles/sprites --tasks shape,scale --port 8000 --grpc-port 8001\n  kfdeploy serve bundles/sprites --host 0.0.0.0 --max-queue-delay-us 2000 --model-name sprites",
 }
 
 # Sized so teacher + factorization + evaluation take about 15 minutes on 2 CPU cores.
@@ -157,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, help="instances of each module (default 1)")
     p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching queue delay of each module (default 1000)")
     p.add_argument("--engine-device", metavar="SIGNATURE", help="with --backend tensorrt: the device whose engines to use, e.g. orin-sm87-trt10.3 (default: this machine's)")
+
+    p = command("serve", "Serve a bundle on Triton Inference Server (through PyTriton); each request names its tasks.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    p.add_argument("--tasks", help="comma-separated tasks to serve at start (default: all; add or remove later on the control endpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default: --port + 1)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: --port + 2)")
+    p.add_argument("--control-port", type=int, help="control endpoint port: add/remove tasks, stats (default: --port + 3)")
+    p.add_argument("--control-host", default="127.0.0.1", help="control endpoint address (default 127.0.0.1, whatever --host is)")
+    p.add_argument("--model-name", default="kfdeploy", help="the served model's name (default kfdeploy)")
+    p.add_argument("--max-batch-size", type=int, help="largest batch Triton forms or accepts (default: the bundle's batch maximum)")
+    p.add_argument("--max-queue-delay-us", type=int, default=500, help="how long a request may wait for others to batch with (default 500)")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="run each request as it comes")
+    p.add_argument("--drain-timeout", type=int, default=30, metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take (default 30)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: the cores this process may use)")
+    p.add_argument("--triton-log", type=Path, metavar="FILE", help="where Triton writes its log (default: a temporary folder, printed at start)")
 
     p = command("quickstart", "Teacher, factorization, evaluation and export on the embedded default, in one go.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for all runs (default runs/quickstart)")
@@ -437,11 +455,22 @@ def cmd_triton_repo(args) -> None:
     print(f"model repository {args.out}: serve it with `tritonserver --model-repository {args.out.resolve()}`")
 
 
+def cmd_serve(args) -> int:
+    from .serve import Server, run
+
+    server = Server(args.bundle, tasks=args.tasks.split(",") if args.tasks else None, host=args.host, port=args.port,
+                    grpc_port=args.grpc_port, metrics_port=args.metrics_port, control_port=args.control_port,
+                    control_host=args.control_host, model_name=args.model_name, max_batch_size=args.max_batch_size,
+                    max_queue_delay_us=args.max_queue_delay_us, dynamic_batching=not args.no_dynamic_batching,
+                    drain_timeout_s=args.drain_timeout, threads=args.threads, triton_log=args.triton_log)
+    return run(server)
+
+
 COMMANDS = {
     "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
     "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
     "check-trt": cmd_check_trt, "run": cmd_run, "demo": cmd_demo,
-    "triton-repo": cmd_triton_repo,
+    "triton-repo": cmd_triton_repo, "serve": cmd_serve,
 }
 
 

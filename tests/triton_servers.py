@@ -67,8 +67,8 @@ def free_ports(count: int) -> List[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
-    """Poll Triton's readiness endpoint until it answers 200 (or the process dies)."""
+def wait_ready(url: str, process: subprocess.Popen, timeout: float, what: str, log: Path, path: str = "/v2/health/ready") -> None:
+    """Poll a readiness endpoint of Triton's until it answers 200 (or the process dies)."""
     import urllib.error
     import urllib.request
 
@@ -77,7 +77,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float, what: str, l
         if process.poll() is not None:
             raise AssertionError(f"{what} exited with {process.returncode} before it was ready:\n{log.read_text()[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -148,7 +148,8 @@ def kfdeploy_serve(bundle: Path, tmp_path: Path, *args: str, name: str = "serve"
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        wait_ready(f"http://127.0.0.1:{http}", process, 180, "kfdeploy serve", log)
+        # PyTriton loads the model once the server is up: its readiness is the model's
+        wait_ready(f"http://127.0.0.1:{http}", process, 180, "kfdeploy serve", log, path="/v2/models/kfdeploy/ready")
         yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "metrics": f"127.0.0.1:{metrics}",
                "control": f"127.0.0.1:{control}", "process": process, "log": log}
     finally:

@@ -1,0 +1,245 @@
+"""Answer one batch whose rows ask for different tasks: the trunk once for every row, each
+task module only on the rows that asked for it, in one ONNX Runtime session.
+
+    router = Router("bundles/sprites", tasks=["shape", "scale", "pos_x"])
+    answers = router.run_requests([(images_a, ["shape"], False), (images_b, ["scale", "pos_x"], False)])
+    # [{"shape": (Na, 3)}, {"scale": (Nb, 6), "pos_x": (Nb, 32)}]: probabilities (True: logits)
+
+This is what a server needs when its dynamic batch gathers requests that each name their
+own tasks. The plain way is to group the rows by task set and run each group's composition:
+the trunk then runs once per group. The routed composition instead takes the image batch
+and, per task, the indices of the rows that want it (input `<task>:rows`, int64), gathers
+those rows of the image and of the trunk's `common` output, and runs the task module on
+them; its outputs (`<task>`, `<task>:probs`) hold one row per index, in index order. One
+session keeps the runtime's rule (one graph, one thread pool: see kfdeploy/runtime.py), and
+a task no row asks for costs nothing on the CPU (ONNX Runtime runs its nodes on 0 rows).
+Other execution providers are given one padding row instead (TensorRT's optimization
+profiles start at batch 1): untested here, where no GPU is lent to CPU machines.
+
+The router serves a set of tasks that `add_task`/`remove_task` change while batches run:
+the new composition is built in the calling thread and swapped in whole, and a batch runs on
+the snapshot it started with, as `Assembly` does. Validation is `Assembly.prepare`'s, per
+request, so one bad request is named by its index.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import KfError
+from .fuse import probs_output
+
+ROWS_SUFFIX = ":rows"
+Request = Tuple[np.ndarray, Optional[Sequence[str]], bool]  # images, tasks (None: all served), logits
+
+
+def rows_input(task: str) -> str:
+    return task + ROWS_SUFFIX
+
+
+class RequestsError(KfError):
+    """Some requests of a batch cannot be answered; `failures` holds (index, reason) for each."""
+
+    def __init__(self, failures: List[Tuple[int, str]], count: int):
+        self.failures = failures
+        self.count = count
+        super().__init__("; ".join(f"request {i + 1} of {count}: {reason}" for i, reason in failures))
+
+
+def compose_routed(graphs: Dict[str, object], tasks: Sequence[str]):
+    """One ModelProto: the trunk on every row of `image`; each task in `tasks` on the rows
+    `<task>:rows` lists (gathered from the image and from `common`).
+
+    `graphs` maps "trunk" and each task to its ModelProto (`Bundle.graph`); names inside are
+    prefixed with their module (`trunk/...`, `<task>/...`), as kfdeploy/fuse.py does, so
+    ONNX Runtime's profiler attributes time the same way.
+    """
+    from onnx import TensorProto, compose, helper
+
+    if not tasks:
+        raise KfError("a routed composition needs at least one task")
+
+    def prefixed(model, prefix: str, shared: Dict[str, str]):
+        graph = compose.add_prefix(model, prefix).graph
+        rename = {prefix + name: new for name, new in shared.items()}
+        for node in graph.node:
+            node.input[:] = [rename.get(name, name) for name in node.input]
+            node.output[:] = [rename.get(name, name) for name in node.output]
+        return graph
+
+    trunk = graphs["trunk"]
+    image = trunk.graph.input[0]
+    common = "common"
+    trunk_graph = prefixed(trunk, "trunk/", {image.name: image.name, trunk.graph.output[0].name: common})
+    nodes, initializers = list(trunk_graph.node), list(trunk_graph.initializer)
+    value_info, inputs, outputs = list(trunk_graph.value_info), [image], []
+    for task in tasks:
+        module = graphs[task]
+        task_image, task_common, count = f"{task}/rows/image", f"{task}/rows/common", f"{task}_rows"
+        module_inputs = [i.name for i in module.graph.input]
+        logits = module.graph.output[0]
+        graph = prefixed(module, f"{task}/", {module_inputs[0]: task_image, module_inputs[1]: task_common, logits.name: task})
+        # The module's shapes name its batch dimension as the trunk's does ("batch"); here it
+        # has the task's own row count, and ONNX Runtime plans buffers by those names.
+        for info in graph.value_info:
+            for dim in info.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = count
+        inputs.append(helper.make_tensor_value_info(rows_input(task), TensorProto.INT64, [count]))
+        nodes += [helper.make_node("Gather", [image.name, rows_input(task)], [task_image], name=f"{task}/rows/gather_image", axis=0),
+                  helper.make_node("Gather", [common, rows_input(task)], [task_common], name=f"{task}/rows/gather_common", axis=0)]
+        nodes += graph.node
+        initializers += graph.initializer
+        value_info += graph.value_info
+        nodes.append(helper.make_node("Softmax", [task], [probs_output(task)], name=f"{task}/probs", axis=1))
+        tensor_type = logits.type.tensor_type
+        classes = [d.dim_param or d.dim_value for d in tensor_type.shape.dim][1:]
+        outputs += [helper.make_tensor_value_info(name, tensor_type.elem_type, [count, *classes])
+                    for name in (task, probs_output(task))]
+    routed = helper.make_model(
+        helper.make_graph(nodes, "kfdeploy_routed_" + "_".join(tasks), inputs, outputs, initializers, value_info=value_info),
+        opset_imports=trunk.opset_import, producer_name="kfdeploy",
+    )
+    routed.ir_version = trunk.ir_version
+    return routed
+
+
+class Routed:
+    """A routed composition of a set of tasks and its session."""
+
+    def __init__(self, tasks: Tuple[str, ...], model: bytes, session, pad_empty: bool):
+        self.tasks = tasks
+        self.model = model
+        self.session = session
+        self.pad_empty = pad_empty
+
+    def run(self, x: np.ndarray, rows: Dict[str, np.ndarray], outputs: Sequence[str]) -> Dict[str, np.ndarray]:
+        """`rows[task]`: the row indices each task runs on (every task of the composition; an
+        empty array for none). Returns the requested outputs, one row per index."""
+        feeds = {"image": x}
+        for task in self.tasks:
+            index = rows.get(task)
+            if index is None or len(index) == 0:
+                index = np.zeros(1 if self.pad_empty else 0, np.int64)
+            feeds[rows_input(task)] = index
+        return dict(zip(outputs, self.session.run(list(outputs), feeds)))
+
+
+class Router:
+    """A bundle's trunk and a served set of tasks, answering batches of requests that each
+    name their own tasks (see the module's docstring)."""
+
+    def __init__(self, bundle, tasks: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, verify: bool = True, log=None):
+        from .runtime import load
+
+        # An assembly with no task builds no session: it brings the checks (checksums, trunk
+        # fingerprints), the providers and threads, and the input validation.
+        self.model = load(bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify), tasks=[],
+                          providers=providers, threads=threads, log=log)
+        self.bundle = self.model.bundle
+        self._graphs: Dict[str, object] = {}
+        self._mutation = threading.Lock()
+        self._state: Tuple[Tuple[str, ...], Optional[Routed]] = ((), None)
+        self.last_switch_ms: Optional[float] = None
+        chosen = list(dict.fromkeys(tasks)) if tasks is not None else self.bundle.tasks
+        for task in chosen:
+            self.model._check_task(task)  # unknown tasks and foreign trunks are refused here
+        with self._mutation:
+            self._switch(tuple(chosen))
+
+    # -- the served set ---------------------------------------------------------------
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._state[0])
+
+    def labels(self, task: str) -> List[str]:
+        return self.bundle.task(task)["labels"]
+
+    def add_task(self, name: str) -> None:
+        """Serve one more task of the bundle; batches in flight finish on the previous set."""
+        self.model._check_task(name)
+        with self._mutation:
+            served, _ = self._state
+            if name not in served:
+                self._switch(served + (name,))
+
+    def remove_task(self, name: str) -> None:
+        with self._mutation:
+            served, _ = self._state
+            if name not in served:
+                raise KfError(f"task {name!r} is not served; served: {', '.join(served) or 'none'}")
+            self._switch(tuple(t for t in served if t != name))
+
+    def _switch(self, tasks: Tuple[str, ...]) -> None:
+        started = time.perf_counter()
+        routed = self._build(tasks) if tasks else None
+        self._state = (tasks, routed)  # one assignment: a batch sees the old pair or the new one
+        self.last_switch_ms = (time.perf_counter() - started) * 1e3
+
+    def _build(self, tasks: Tuple[str, ...]) -> Routed:
+        from .runtime import _session
+
+        ordered = [t for t in self.bundle.tasks if t in tasks]  # bundle order: one graph per set
+        for module in ["trunk", *ordered]:
+            if module not in self._graphs:
+                self._graphs[module] = self.bundle.graph(module)  # parsed once, checksum of the bytes checked
+        model = compose_routed(self._graphs, ordered).SerializeToString()
+        providers = self.model._providers_for(frozenset(ordered))
+        session = _session(model, providers, self.model.threads)
+        return Routed(tuple(ordered), model, session, pad_empty=self.model.providers[0] != "CPUExecutionProvider")
+
+    # -- answering ----------------------------------------------------------------------
+    def run_requests(self, requests: Sequence[Request]) -> List[Dict[str, np.ndarray]]:
+        """Answer each request (images, tasks or None for all served, logits) with its tasks'
+        scores. Every request is checked first; if any fails, RequestsError names each failing
+        one and nothing runs."""
+        served, routed = self._state  # a snapshot: add/remove elsewhere cannot disturb this batch
+        arrays, wanted, failures = [], [], []
+        for index, (images, tasks, logits) in enumerate(requests):
+            try:
+                chosen = tuple(served) if tasks is None else tuple(dict.fromkeys(tasks))
+                unserved = [t for t in chosen if t not in served]
+                if unserved:
+                    known = "is not served" if unserved[0] in self.bundle.manifest["tasks"] else "is not a task of this bundle"
+                    raise KfError(f"task {unserved[0]!r} {known}; served: {', '.join(served) or 'none'}")
+                if not isinstance(logits, (bool, np.bool_)):
+                    raise KfError(f"logits must be true or false, got {logits!r}")
+                arrays.append(self.model.prepare(images))
+                wanted.append(chosen)
+            except KfError as exc:
+                failures.append((index, str(exc)))
+        if failures:
+            raise RequestsError(failures, len(requests))
+        sizes = [len(a) for a in arrays]
+        if routed is None or sum(sizes) == 0:
+            return [{t: np.zeros((n, self.bundle.task(t)["classes"]), np.float32) for t in tasks} for n, tasks in zip(sizes, wanted)]
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        starts = np.cumsum([0, *sizes[:-1]])
+        rows: Dict[str, list] = {t: [] for t in routed.tasks}
+        for start, size, tasks in zip(starts, sizes, wanted):
+            for task in tasks:
+                rows[task].append(np.arange(start, start + size, dtype=np.int64))
+        rows_of = {t: (np.concatenate(parts) if parts else np.zeros(0, np.int64)) for t, parts in rows.items()}
+        outputs = sorted({(t if logits else probs_output(t)) for (_, _, logits), tasks in zip(requests, wanted) for t in tasks})
+        values = routed.run(x, rows_of, outputs)
+        # each task's output holds its rows in request order: hand each request its slice
+        taken = dict.fromkeys(routed.tasks, 0)
+        answers = []
+        for (_, _, logits), size, tasks in zip(requests, sizes, wanted):
+            answer = {}
+            for task in tasks:
+                answer[task] = values[task if logits else probs_output(task)][taken[task]:taken[task] + size]
+                taken[task] += size
+            answers.append(answer)
+        return answers
+
+    def run(self, images, tasks: Optional[Sequence[str]] = None, logits: bool = False) -> Dict[str, np.ndarray]:
+        """One request: like `Assembly.run`."""
+        return self.run_requests([(images, tasks, logits)])[0]
+
+    __call__ = run

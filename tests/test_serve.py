@@ -1,0 +1,293 @@
+"""`kfdeploy serve`: a bundle on a real Triton (PyTriton's), driven over loopback with
+tritonclient (HTTP and gRPC), every answer checked against kfdeploy.load here."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import kfdeploy
+from conftest import REPO
+from triton_servers import kfdeploy_serve, need_serve_env
+
+http = pytest.importorskip("tritonclient.http", reason="tritonclient (the dev extra) is missing")
+grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient (the dev extra) is missing")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.slow
+QUIET = {"log": lambda line: None}
+SERVED = ["shape", "scale", "pos_x"]
+MAX_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    need_serve_env()
+    # a long queue delay, so that concurrent requests are batched together
+    with kfdeploy_serve(bundle, tmp_path_factory.mktemp("serve"), "--tasks", ",".join(SERVED),
+                        "--max-batch-size", str(MAX_BATCH), "--max-queue-delay-us", "20000", "--drain-timeout", "10") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(bundle):
+    return kfdeploy.load(bundle, **QUIET)
+
+
+def images(count, seed=0):
+    return np.random.default_rng(seed).random((count, 1, 64, 64), dtype=np.float32)
+
+
+def infer(client, x, tasks=None, datatype="FP32", **kwargs):
+    """One request through either client; returns {output: array} of what came back."""
+    module = grpc if isinstance(client, grpc.InferenceServerClient) else http
+    image = module.InferInput("image", list(x.shape), datatype)
+    image.set_data_from_numpy(x)
+    outputs = [module.InferRequestedOutput(t) for t in tasks] if tasks else None
+    result = client.infer("kfdeploy", [image], outputs=outputs, **kwargs)
+    names = [o.name for o in result.get_response().outputs] if module is grpc else [o["name"] for o in result.get_response()["outputs"]]
+    return {name: result.as_numpy(name) for name in names}
+
+
+def control(server, method, path):
+    request = urllib.request.Request(f"http://{server['control']}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def listening_addresses(port: int) -> set:
+    """The local addresses a TCP port listens on, from /proc/net/tcp and tcp6 (gRPC may open
+    an IPv6 socket for 127.0.0.1: it shows as the IPv4-mapped ::ffff:127.0.0.1)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) != port or state != "0A":  # 0A: LISTEN
+                continue
+            words = [address[i:i + 8] for i in range(0, len(address), 8)]  # little-endian 32-bit words
+            raw = b"".join(bytes.fromhex(word)[::-1] for word in words)
+            if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+                raw = raw[12:]  # IPv4-mapped
+            found.add(".".join(map(str, raw)) if len(raw) == 4 else raw.hex())
+    return found
+
+
+def test_triton_endpoints_answer_on_loopback_only(server, bundle):
+    for key in ("http", "grpc", "metrics", "control"):
+        assert listening_addresses(int(server[key].rsplit(":", 1)[1])) == {"127.0.0.1"}, key
+    client = http.InferenceServerClient(server["http"])
+    assert client.is_server_ready() and client.is_model_ready("kfdeploy")
+    metadata = client.get_model_metadata("kfdeploy")
+    tasks = kfdeploy.load(bundle, tasks=[], **QUIET).bundle.tasks
+    assert [o["name"] for o in metadata["outputs"]] == tasks  # every task of the bundle can be served
+    assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 64, 64]}]
+    config = client.get_model_config("kfdeploy")
+    labels = json.loads(config["parameters"]["labels"]["string_value"])
+    assert labels == {t: kfdeploy.load(bundle, tasks=[], **QUIET).labels(t) for t in tasks}
+    assert config["max_batch_size"] == MAX_BATCH and config["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+    infer(client, images(1))
+    with urllib.request.urlopen(f"http://{server['metrics']}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert any(line.startswith('nv_inference_request_success{model="kfdeploy"') for line in metrics.splitlines())
+    status, body = control(server, "GET", "/tasks")
+    assert status == 200 and body["served"] == SERVED and body["labels"]["shape"] == labels["shape"]
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_answers_are_kfdeploy_loads(server, reference, protocol):
+    client = http.InferenceServerClient(server["http"]) if protocol == "http" else grpc.InferenceServerClient(server["grpc"])
+    x = images(3, 1)
+    expected, expected_logits = reference(x), reference(x, logits=True)
+    everything = infer(client, x)
+    assert sorted(everything) == sorted(SERVED)  # no output named: every served task
+    for task, scores in everything.items():
+        np.testing.assert_allclose(scores, expected[task], rtol=1e-5, atol=1e-6)
+    only = infer(client, x, ["pos_x"])
+    assert list(only) == ["pos_x"]
+    np.testing.assert_allclose(only["pos_x"], expected["pos_x"], rtol=1e-5, atol=1e-6)
+    logits = infer(client, x, ["shape", "scale"], parameters={"logits": True})
+    for task in ("shape", "scale"):
+        np.testing.assert_allclose(logits[task], expected_logits[task], rtol=1e-5, atol=1e-5)
+    client.close()
+
+
+def test_concurrent_requests_for_different_task_sets_are_batched_and_each_answered_right(server, reference):
+    """Eight threads, each with its own client (HTTP and gRPC), send interleaved requests
+    asking for different task sets; every answer matches kfdeploy.load on its images, and
+    Triton formed batches of several requests (the trunk ran once for each)."""
+    task_sets = [["shape"], ["scale", "pos_x"], None, ["pos_x"], ["shape", "scale"]]
+    _, before = control(server, "GET", "/stats")
+    barrier, failures, answered = threading.Barrier(8), [], []
+
+    def worker(index):
+        client = http.InferenceServerClient(server["http"]) if index % 2 else grpc.InferenceServerClient(server["grpc"])
+        try:
+            barrier.wait(60)
+            for step in range(10):
+                tasks = task_sets[(index + step) % len(task_sets)]
+                x = images(1 + (index + step) % 3, seed=100 * index + step)
+                answer = infer(client, x, tasks)
+                expected = reference(x)
+                assert sorted(answer) == sorted(tasks or SERVED)
+                for task, scores in answer.items():
+                    np.testing.assert_allclose(scores, expected[task], rtol=1e-5, atol=1e-6)
+                answered.append(1)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            failures.append(f"worker {index}: {exc!r}"[:500])
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not failures, failures
+    assert len(answered) == 80
+    _, after = control(server, "GET", "/stats")
+    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert requests == 80 and batches < requests, (requests, batches)  # several requests per batch
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "wrong dtype", "NaN", "unknown task", "task not served", "empty batch",
+                                  "oversized batch", "logits not a boolean"])
+def test_bad_requests_get_an_error_naming_the_problem_and_the_next_request_is_answered(server, reference, case):
+    client = http.InferenceServerClient(server["http"])
+    x = images(2, 5)
+    attempt = {
+        "wrong shape": lambda: infer(client, images(2)[:, :, :32]),
+        "wrong dtype": lambda: infer(client, x.astype(np.float64), datatype="FP64"),
+        "NaN": lambda: infer(client, np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x).astype(np.float32)),
+        "unknown task": lambda: infer(client, x, ["colour"]),
+        "task not served": lambda: infer(client, x, ["orientation"]),
+        "empty batch": lambda: infer(client, images(0)),
+        "oversized batch": lambda: infer(client, images(MAX_BATCH + 1)),
+        "logits not a boolean": lambda: infer(client, x, ["shape"], parameters={"logits": "yes"}),
+    }[case]
+    named = {
+        "wrong shape": r"unexpected shape for input 'image' for model 'kfdeploy'. Expected \[-1,1,64,64\], got \[2,1,32,64\]",
+        "wrong dtype": r"inference input 'image' data-type is 'FP64', but model 'kfdeploy' expects 'FP32'",
+        "NaN": r"kfdeploy: request 1 of 1: images contain NaN or infinite values",
+        "unknown task": r"unexpected inference output 'colour' for model 'kfdeploy'",
+        "task not served": r"task 'orientation' is not served; served: shape, scale, pos_x",
+        "empty batch": r"input byte size mismatch for input 'image' for model 'kfdeploy'",
+        "oversized batch": rf"inference request batch-size must be <= {MAX_BATCH} for 'kfdeploy'",
+        "logits not a boolean": r"logits must be true or false, got 'yes'",
+    }[case]
+    with pytest.raises(InferenceServerException, match=named):
+        attempt()
+    answer = infer(client, x, ["shape"])
+    np.testing.assert_allclose(answer["shape"], reference(x)["shape"], rtol=1e-5, atol=1e-6)
+    client.close()
+
+
+def test_tasks_are_added_and_removed_live_without_dropping_requests(server, reference):
+    x = images(2, 9)
+    expected = reference(x)
+    stop_event, failures, count = threading.Event(), [], [0]
+
+    def caller():
+        client = grpc.InferenceServerClient(server["grpc"])
+        while not stop_event.is_set():
+            try:
+                np.testing.assert_allclose(infer(client, x, ["shape"])["shape"], expected["shape"], rtol=1e-5, atol=1e-6)
+                count[0] += 1
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                failures.append(repr(exc)[:300])
+        client.close()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    client = http.InferenceServerClient(server["http"])
+    try:
+        for _ in range(3):
+            status, body = control(server, "PUT", "/tasks/pos_y")
+            assert status == 200 and body["served"] == [*SERVED, "pos_y"] and body["switch_ms"] > 0
+            np.testing.assert_allclose(infer(client, x, ["pos_y"])["pos_y"], expected["pos_y"], rtol=1e-5, atol=1e-6)
+            status, body = control(server, "DELETE", "/tasks/pos_y")
+            assert status == 200 and body["served"] == SERVED
+    finally:
+        stop_event.set()
+        thread.join(60)
+    assert not failures, failures
+    assert count[0] > 0
+    # Asked for only now: a refused request fails the dynamic batch it lands in (PyTriton has
+    # one error per batch), so it is not sent beside the caller's requests above.
+    with pytest.raises(InferenceServerException, match="task 'pos_y' is not served"):
+        infer(client, x, ["pos_y"])
+    client.close()
+    status, body = control(server, "DELETE", "/tasks/pos_y")
+    assert status == 404 and body["error"] == "task 'pos_y' is not served; served: shape, scale, pos_x"
+    status, body = control(server, "PUT", "/tasks/colour")
+    assert status == 404 and body["error"].startswith("unknown task 'colour' in bundle")
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, reference):
+    with kfdeploy_serve(bundle, tmp_path, "--tasks", "shape", name="drain") as running:
+        x = images(256, 3)  # the bundle's largest batch: each takes a while on 2 cores
+        expected = reference(x, tasks=["shape"])["shape"]
+        results, started = [], threading.Barrier(5)
+
+        def worker():
+            client = http.InferenceServerClient(running["http"], network_timeout=120)
+            started.wait(60)
+            try:
+                results.append(infer(client, x, ["shape"])["shape"])
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                results.append(exc)
+            client.close()
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        started.wait(60)
+        time.sleep(0.3)  # the requests are in Triton now
+        running["process"].send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(120)
+        code = running["process"].wait(120)
+    assert len(results) == 4
+    for result in results:
+        assert isinstance(result, np.ndarray), result
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+    log = running["log"].read_text()
+    assert code == 0, log[-3000:]
+    assert "SIGTERM: draining in-flight requests" in log and "answered 4 request(s)" in log
+
+
+def test_serve_refuses_mistakes_in_one_line_before_starting(bundle, tmp_path):
+    env = need_serve_env()
+    for args, message in [
+        (["--tasks", "shape,colour"], "unknown task 'colour' in bundle"),
+        (["--port", "70000"], "--port must be a port number (1-65535), got 70000"),
+        (["--max-batch-size", "100000"], "--max-batch-size must be between 1 and the bundle's batch maximum"),
+        (["--max-queue-delay-us", "-5"], "--max-queue-delay-us must be 0 or more, got -5"),
+    ]:
+        result = subprocess.run([env["python"], "-m", "kfdeploy", "serve", str(bundle), *args], capture_output=True,
+                                text=True, timeout=120, cwd=REPO)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("kfdeploy: error:")]
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+
+
+def test_without_pytriton_serve_names_the_extra(bundle):
+    import importlib.util
+
+    if importlib.util.find_spec("pytriton") is not None:
+        pytest.skip("PyTriton is installed in this environment")
+    result = subprocess.run([sys.executable, "-m", "kfdeploy", "serve", str(bundle)], capture_output=True, text=True,
+                            timeout=120, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "kfdeploy: error: pytriton is not installed: pip install 'kfdeploy[serve]'"
