@@ -352,18 +352,35 @@ def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
 
 def heldout_examples(info: dict, config: FactorConfig, count: int = EXAMPLE_IMAGES):
     """`count` held-out images of the run's data for the bundle's examples, with their labels:
-    (images (N, C, H, W) in [0, 1], {task: (N,) class indices}); None where kfdeploy cannot
-    draw held-out images for the run's data by itself (pass `examples=` to export_bundle)."""
-    if info.get("data", "sprites") != "sprites":
+    (images (N, C, H, W) in [0, 1], {task: (N,) class indices}); None for datasets passed from
+    Python, which kfdeploy cannot open again (pass `examples=` to export_bundle)."""
+    data = info.get("data", "sprites")
+    if data == "custom":
         return None
-    from .data import TASK_NAMES, SpritesSource
-    from .pipeline import resize_images
+    if data == "sprites":  # every sprite factor labelled, whatever tasks the run has
+        from .data import TASK_NAMES, SpritesSource
+        from .pipeline import resize_images
 
-    images, labels = SpritesSource(tasks=list(TASK_NAMES)).heldout(count, offset=EXAMPLES_OFFSET)
-    return resize_images(images, config.trunk.image_size), labels
+        images, labels = SpritesSource(tasks=list(TASK_NAMES)).heldout(count, offset=EXAMPLES_OFFSET)
+        return resize_images(images, config.trunk.image_size), labels
+    from .pipeline import open_run_data  # colour sprites, an image folder: opened as the run recorded them
+
+    opened = open_run_data(info)
+    images, labels = opened.source.heldout(count, offset=0 if opened.kind == "folder" else EXAMPLES_OFFSET)
+    return (images, labels) if len(images) else None
 
 
 EXAMPLES_OFFSET = 1000  # past the first held-out sprites, which evaluation and parity use
+
+
+def _run_examples(info: dict, config: FactorConfig, progress):
+    """heldout_examples, or none with a line saying why (a folder moved since training, say):
+    examples are for demos, not a reason to refuse an export."""
+    try:
+        return heldout_examples(info, config)
+    except KfError as exc:
+        progress(f"no example images in the bundle: {exc}")
+        return None
 
 
 def _examples_from_dataset(dataset, count: int = EXAMPLE_IMAGES):
@@ -477,7 +494,7 @@ def export_bundle(
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        found = _examples_from_dataset(examples) if examples is not None else heldout_examples(info, model.config)
+        found = _examples_from_dataset(examples) if examples is not None else _run_examples(info, model.config, progress)
         manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, found)
         write_json_atomic(staging / MANIFEST, manifest)
         _exchange(staging, out)

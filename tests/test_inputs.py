@@ -354,6 +354,35 @@ def test_run_resizes_and_converts_image_files_as_kfdeploy_load_sees_them(request
     assert converted in captured.err and "resized (2 of 2)" in captured.err
 
 
+def test_a_folder_run_exports_its_normalization_and_held_out_images_and_run_answers_its_files(tmp_path, capsys):
+    """The chain on a labelled folder of RGB PNGs and JPEGs of three sizes: teacher, factorize,
+    export (normalization and examples from the run), then `kfdeploy run` on the held-out files."""
+    from test_folder_data import SHORT, make_folder, read_rows
+
+    folder = make_folder(tmp_path / "shapes")
+    teacher, kf, bundle = tmp_path / "teacher", tmp_path / "kf", tmp_path / "bundle"
+    assert main(["teacher", "--data", str(folder), "--out", str(teacher), "--image-size", "32", *SHORT]) == 0
+    assert main(["factorize", "--teacher", str(teacher), "--out", str(kf), *SHORT]) == 0
+    assert main(["export", str(kf), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    manifest, run = _manifest(bundle), json.loads((kf / "run.json").read_text())
+    normalization = manifest["input"]["normalization"]
+    assert (normalization["mean"], normalization["std"]) == (run["input"]["mean"], run["input"]["std"]) != ([0.0] * 3, [1.0] * 3)
+    heldout = [row for row in read_rows(folder) if row["split"] == "heldout"]
+    assert len(manifest["examples"]) == EXAMPLE_IMAGES
+    for record, row in zip(manifest["examples"], heldout):
+        assert record["labels"] == {"shape": row["shape"], "colour": row["colour"]}
+    files = [folder / row["file"] for row in heldout]
+    assert main(["run", str(bundle), *map(str, files), "--json", "--top", "2"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    model = kfdeploy.load(bundle, **QUIET)
+    expected = model.top(model(np.stack([_as_the_bundle_takes(path, "RGB", 32) for path in files])), k=2)
+    for i, answer in enumerate(answers):
+        for task in ("shape", "colour"):
+            assert [e["label"] for e in answer[task]] == [label for label, _ in expected[task][i]]
+            np.testing.assert_allclose([e["probability"] for e in answer[task]], [p for _, p in expected[task][i]], atol=1e-6)
+
+
 def test_run_refuses_an_unreadable_file_before_opening_the_bundle(tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not a picture")
     cli_fails(["run", str(tmp_path / "no-bundle"), str(tmp_path / "notes.png")], capsys, "notes.png is not an image that can be read")
