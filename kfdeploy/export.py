@@ -458,9 +458,10 @@ def export_bundle(
 ) -> Path:
     """Export run_dir's factor modules into bundle `out` (or add them to it with `into`).
 
-    The bundle stores a few held-out images as examples: sprites runs draw their own;
-    for other data pass `examples`, a dataset of (image (C, H, W) in [0, 1], {task: int
-    label}) items (the first EXAMPLE_IMAGES are taken), such as your held-out set.
+    The bundle stores a few held-out images as examples, drawn from the run's data (sprites,
+    colour sprites, an image folder). For datasets passed from Python, which kfdeploy cannot
+    open again, pass `examples`: a dataset of (image (C, H, W) in [0, 1], {task: int label})
+    items (the first EXAMPLE_IMAGES are taken), such as your held-out set.
     """
     from .pipeline import parse_tasks
 
