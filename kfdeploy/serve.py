@@ -213,8 +213,10 @@ class Server:
         self.triton = None
         self.control = None
 
-    def start(self) -> None:
-        """Start Triton (from this thread, which must outlive it) and the control endpoint."""
+    def start(self, also=None) -> None:
+        """Start Triton (from this thread, which must outlive it) and the control endpoint.
+        `also(triton)`, if given, binds more models before Triton starts (benchmarks/serve.py
+        binds a no-op model beside ours, to measure the server's own floor)."""
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
 
@@ -245,6 +247,8 @@ class Server:
             outputs=[Tensor(name=task, dtype=np.float32, shape=(bundle.task(task)["classes"],)) for task in bundle.tasks],
             config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batcher), strict=False)
         self._describe_in_config()
+        if also is not None:
+            also(self.triton)
         self.triton.run()
 
     def _describe_in_config(self) -> None:
@@ -293,9 +297,10 @@ class Server:
         return self.model.stats.running == 0
 
 
-def run(server: Server, ready=None) -> int:
-    """Start `server`, serve until SIGTERM/SIGINT (or until Triton dies), drain, stop.
-    Returns the exit code: 0 when every request in flight at the signal was answered."""
+def run(server: Server, ready=None, also=None) -> int:
+    """Start `server` (`also`: see Server.start), serve until SIGTERM/SIGINT (or until Triton
+    dies), drain, stop. Returns the exit code: 0 when every request in flight at the signal
+    was answered."""
     stop = threading.Event()
     received = []
 
@@ -306,7 +311,7 @@ def run(server: Server, ready=None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            server.start()
+            server.start(also)
         except KfError:
             raise
         except Exception as exc:  # PyTriton's own errors (a port in use, Triton failing to start)

@@ -1,0 +1,280 @@
+"""Serving benchmark: `kfdeploy serve` under a bounded local load, against its ceilings.
+
+    python benchmarks/serve.py --bundle runs/quickstart/bundle     # in the serve environment
+
+Runs in an environment with the serve extra (PyTriton, tritonclient; numpy<2). It starts
+the server in a child process (`--child`: kfdeploy.serve.Server plus a no-op model bound
+beside it, the server's own floor), then drives it from this process over loopback gRPC
+with one synchronous client per thread (tritonclient.http's async_infer spaces requests
+~10 ms apart, so it never forms batches). Every load is bounded: --requests per level and
+--seconds per level, whichever ends first.
+
+Measured, for batch-1 requests at concurrency 1, 4, 16, 64, with dynamic batching on and
+off (the server restarted between the two):
+- single: every request asks for the same task set (all served tasks);
+- mixed:  requests cycle through five different task sets;
+- noop:   the no-op model (concurrency 1 and 16): what Triton + PyTriton cost by themselves;
+plus, in this process, `kfdeploy.load` called one image at a time (the in-process ceiling),
+and what answering a mixed batch costs with the routed composition (kfdeploy/routing.py:
+the trunk once, each task on its rows) against grouping rows by task set and running each
+group's composition. Writes results/serve-<device>.json. Client and server share this
+machine's cores: run it alone, and read the numbers as the whole system's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASK_SETS = [["shape"], ["scale", "pos_x"], ["orientation"], ["pos_x", "pos_y"], None]  # None: all served
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def child(args) -> int:
+    """The server: kfdeploy's model and a no-op model on one Triton."""
+    from pytriton.model_config import ModelConfig, DynamicBatcher, Tensor
+
+    from kfdeploy.serve import Server, run
+
+    def noop(requests):
+        return [{"out": np.zeros((len(r["image"]), 1), np.float32)} for r in requests]
+
+    def bind_noop(triton):
+        batcher = DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us) if not args.no_dynamic_batching else None
+        triton.bind(model_name="noop", infer_func=noop, inputs=[Tensor(name="image", dtype=np.float32, shape=(1, 64, 64))],
+                    outputs=[Tensor(name="out", dtype=np.float32, shape=(1,))],
+                    config=ModelConfig(max_batch_size=256, batcher=batcher))
+
+    server = Server(args.bundle, port=args.port, max_queue_delay_us=args.queue_delay_us,
+                    dynamic_batching=not args.no_dynamic_batching, drain_timeout_s=5)
+    return run(server, also=bind_noop)
+
+
+def consecutive_free_ports(count: int = 4) -> int:
+    """A port p such that p .. p+count-1 are free on 127.0.0.1 now (HTTP, gRPC, metrics, control)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            held = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise SystemExit("no 4 consecutive free ports on 127.0.0.1")
+
+
+def start_server(args, dynamic: bool):
+    port = consecutive_free_ports()
+    command = [sys.executable, __file__, "--child", "--bundle", str(args.bundle), "--port", str(port),
+               "--queue-delay-us", str(args.queue_delay_us)] + ([] if dynamic else ["--no-dynamic-batching"])
+    log = open(RESULTS / f".serve-benchmark-{port}.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}; see {log.name}")
+        try:
+            ready = all(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{m}/ready", timeout=2).status == 200
+                        for m in ("kfdeploy", "noop"))
+            if ready:
+                return process, port, Path(log.name)
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the server was not ready within 180 s")
+
+
+def stop_server(process) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def load(port: int, model: str, concurrency: int, requests: int, seconds: float, task_sets) -> dict:
+    """`requests` batch-1 requests over `concurrency` threads, each with its own gRPC client;
+    stops early after `seconds`. Returns requests/s and latency percentiles."""
+    import tritonclient.grpc as grpc
+
+    x = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
+    latencies, errors, lock = [], [], threading.Lock()
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + seconds
+    barrier = threading.Barrier(concurrency + 1)
+
+    def worker():
+        client = grpc.InferenceServerClient(f"127.0.0.1:{port + 1}")
+        image = grpc.InferInput("image", [1, 1, 64, 64], "FP32")
+        image.set_data_from_numpy(x)
+        barrier.wait()
+        while time.perf_counter() < deadline:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                break
+            tasks = task_sets[index % len(task_sets)] if task_sets else None
+            outputs = [grpc.InferRequestedOutput(t) for t in tasks] if tasks else None
+            started = time.perf_counter()
+            try:
+                client.infer(model, [image], outputs=outputs, client_timeout=60)
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(str(exc)[:200])
+        client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    ms = sorted(1e3 * v for v in latencies)
+    return {"concurrency": concurrency, "requests": len(ms), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "seconds": round(elapsed, 2), "requests_per_s": round(len(ms) / elapsed, 1),
+            "p50_ms": round(ms[len(ms) // 2], 3) if ms else None, "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3) if ms else None}
+
+
+def stats(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port + 3}/stats", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def in_process(bundle: Path, seconds: float) -> dict:
+    """The ceiling: kfdeploy.load one image at a time; and routed vs grouped mixed batches."""
+    import kfdeploy
+    from kfdeploy.routing import Router
+
+    quiet = {"log": lambda line: None}
+    model = kfdeploy.load(bundle, **quiet)
+    x = np.random.default_rng(1).random((1, 1, 64, 64), dtype=np.float32)
+    for _ in range(50):
+        model(x)
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - started)
+    result = {"load_batch1": {"requests_per_s": round(len(times) / sum(times), 1),
+                              "p50_ms": round(1e3 * statistics.median(times), 3)}}
+    router = Router(bundle, **quiet)
+    served = router.tasks
+    # grouping: each task set's own composition, made beforehand (as a cache would hold it)
+    groups = {tuple(t or served): kfdeploy.load(bundle, tasks=list(t or served), **quiet) for t in TASK_SETS}
+    comparison = []
+    for rows in (4, 16, 64):
+        images = np.random.default_rng(rows).random((rows, 1, 64, 64), dtype=np.float32)
+        requests = [(images[i:i + 1], TASK_SETS[i % len(TASK_SETS)], False) for i in range(rows)]
+
+        def routed():
+            router.run_requests(requests)
+
+        def grouped():
+            by_set = {}
+            for i, (_, tasks, _) in enumerate(requests):
+                by_set.setdefault(tuple(tasks or served), []).append(i)
+            for key, index in by_set.items():
+                groups[key](images[index])
+
+        timings = {"routed": [], "grouped": []}
+        for _ in range(5):
+            routed(), grouped()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:  # taking turns, so drift hits both alike
+            for name, call in (("routed", routed), ("grouped", grouped)):
+                started = time.perf_counter()
+                call()
+                timings[name].append(time.perf_counter() - started)
+        routed_ms, grouped_ms = (1e3 * statistics.median(timings[k]) for k in ("routed", "grouped"))
+        comparison.append({"rows": rows, "task_sets": len(TASK_SETS), "routed_ms": round(routed_ms, 3),
+                           "grouped_ms": round(grouped_ms, 3), "grouped_over_routed": round(grouped_ms / routed_ms, 2)})
+    result["mixed_batch_routed_vs_grouped"] = comparison
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--requests", type=int, default=600, help="requests per load level (default 600)")
+    parser.add_argument("--seconds", type=float, default=15, help="time limit per load level (default 15)")
+    parser.add_argument("--queue-delay-us", type=int, default=500)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-dynamic-batching", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    RESULTS.mkdir(exist_ok=True)
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+                          "note": "client threads and server share these cores"},
+              "bundle": str(args.bundle), "queue_delay_us": args.queue_delay_us, "served": {}}
+    for dynamic in (True, False):
+        process, port, log = start_server(args, dynamic)
+        key = "dynamic_batching" if dynamic else "no_dynamic_batching"
+        try:
+            levels = {}
+            load(port, "kfdeploy", 4, 100, 10, None)  # warm-up
+            for name, model, sets, concurrencies in [("noop", "noop", None, (1, 16)), ("single", "kfdeploy", None, CONCURRENCY),
+                                                     ("mixed", "kfdeploy", TASK_SETS, CONCURRENCY)]:
+                levels[name] = []
+                for concurrency in concurrencies:
+                    before = stats(port)
+                    level = load(port, model, concurrency, args.requests, args.seconds, sets)
+                    if model == "kfdeploy":
+                        after = stats(port)
+                        batches = after["batches"] - before["batches"]
+                        level["requests_per_batch"] = round((after["requests"] - before["requests"]) / batches, 2) if batches else None
+                    levels[name].append(level)
+                    print(f"{key:20} {name:6} c={concurrency:<3} {level['requests_per_s']:8.1f} req/s  p50 {level['p50_ms']} ms  "
+                          f"p99 {level['p99_ms']} ms  {level.get('requests_per_batch', '')} req/batch  errors {level['errors']}", flush=True)
+            report["served"][key] = levels
+        finally:
+            stop_server(process)
+            log.unlink(missing_ok=True)
+    report["in_process"] = in_process(args.bundle, args.seconds / 3)
+    print(json.dumps(report["in_process"], indent=1))
+    dyn = report["served"]["dynamic_batching"]
+    single = {lv["concurrency"]: lv for lv in dyn["single"]}
+    mixed = {lv["concurrency"]: lv for lv in dyn["mixed"]}
+    report["goals"] = {
+        "c16_over_c1_throughput (>= 3)": round(single[16]["requests_per_s"] / single[1]["requests_per_s"], 2),
+        "single_over_mixed_throughput_c16 (<= 1.3)": round(single[16]["requests_per_s"] / mixed[16]["requests_per_s"], 2),
+        "p50_c1_minus_noop_ms (<= 1)": round(single[1]["p50_ms"] - dyn["noop"][0]["p50_ms"], 3),
+    }
+    print(json.dumps(report["goals"], indent=1))
+    out = RESULTS / "serve-cpu.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
