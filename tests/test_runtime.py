@@ -351,6 +351,20 @@ def test_a_task_from_another_trunk_is_refused(bundle, tmp_path):
     model = kfdeploy.load(copy, tasks=["shape"], **QUIET)
     with pytest.raises(KfError, match="trained with another trunk"):
         model.add_task("scale")
+    assert model.tasks == ["shape"]
+
+
+def test_a_task_from_another_trunk_is_refused_before_any_session_exists(bundle, tmp_path, monkeypatch):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tasks"]["pos_y"]["trunk_fingerprint"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    sessions = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: sessions.append(a))
+    with pytest.raises(KfError, match="task 'pos_y' was trained with another trunk"):
+        kfdeploy.load(copy, **QUIET)
+    assert sessions == []
 
 
 def test_a_checksum_mismatch_is_refused_before_any_session_exists(bundle, tmp_path, monkeypatch):
