@@ -124,20 +124,24 @@ class Bundle:
         yield trunk
         if "weights" in trunk:
             yield trunk["weights"]
+        yield from trunk.get("variants", {}).values()
         for task in self.manifest["tasks"].values():
             yield task
             if "weights" in task:
                 yield task["weights"]
+            yield from task.get("variants", {}).values()
         yield from self.manifest.get("engines", [])
         yield from self.examples
 
     def verify(self) -> None:
         """Every file record's checksum; module graphs through graph(), which also refuses
         tensors kept in external files."""
-        modules = {id(record): module for module, record in self.modules().items()}
+        modules = {id(record): (module, "fp32") for module, record in self.modules().items()}
+        modules.update({id(variant): (module, precision) for module, record in self.modules().items()
+                        for precision, variant in record.get("variants", {}).items()})
         for entry in self.entries():
             if id(entry) in modules:
-                self.graph(modules[id(entry)])
+                self.graph(*modules[id(entry)])
             elif sha256_file(self.file(entry["file"])) != entry["sha256"]:
                 raise _checksum_mismatch(entry["file"], self.root)
 
@@ -145,7 +149,28 @@ class Bundle:
         """The trunk's record, then each task's, by module name ("trunk" or the task)."""
         return {"trunk": self.manifest["trunk"], **self.manifest["tasks"]}
 
-    def graph(self, module: str):
+    def variant(self, module: str, precision: str = "fp32") -> dict:
+        """The file record of a module ("trunk" or a task) at `precision`: the module's own
+        record for fp32, else its entry in `variants` (written by `kfdeploy quantize`)."""
+        record = self.manifest["trunk"] if module == "trunk" else self.task(module)
+        if precision == "fp32":
+            return record
+        if precision not in VARIANT_PRECISIONS:
+            raise KfError(f"unknown precision {precision!r}; choose one of fp32, {', '.join(VARIANT_PRECISIONS)}")
+        variant = record.get("variants", {}).get(precision)
+        if variant is None:
+            which = "the trunk" if module == "trunk" else f"task {module!r}"
+            only = "" if module == "trunk" else f" --tasks {module}"
+            raise KfError(f"bundle {self.root} has no {precision} variant of {which}; make it with "
+                          f"`kfdeploy quantize {self.root} --{precision}{only}`")
+        return variant
+
+    def precisions(self) -> List[str]:
+        """The precisions every module of the bundle has: fp32, and each variant all of them carry."""
+        modules = self.modules().values()
+        return ["fp32", *(p for p in VARIANT_PRECISIONS if all(p in m.get("variants", {}) for m in modules))]
+
+    def graph(self, module: str, precision: str = "fp32"):
         """The parsed ONNX graph of one module ("trunk" or a task), self-contained or refused.
 
         A tensor stored as external data would be read from a path the graph names, outside
@@ -153,7 +178,7 @@ class Bundle:
         """
         import onnx
 
-        record = self.manifest["trunk"] if module == "trunk" else self.task(module)
+        record = self.variant(module, precision)
         path = self.file(record["file"])
         data = path.read_bytes()
         # The bytes parsed are the bytes checked: the file may have changed since open().
@@ -299,6 +324,9 @@ Shape = Annotated[list, _rule('["batch", C, H, W] with C, H and W positive integ
 Range = Annotated[List[float], _rule("[low, high] with finite low < high", lambda v: (
     len(v) == 2 and all(math.isfinite(x) for x in v) and v[0] < v[1]))]
 Precision = Literal["fp32", "fp16"]
+# Reduced-precision variants of a module's graph (kfdeploy/quantize.py writes them).
+VariantPrecision = Literal["int8", "fp16"]
+VARIANT_PRECISIONS = ("int8", "fp16")
 Finite = Annotated[float, _rule("a finite number", math.isfinite)]
 # What readers (runtime, `kfdeploy run`, demo) take as pixels: uint8 0-255, divided by 255,
 # and floats in input.range, cast to float32. The graphs themselves take float32 only.
@@ -345,12 +373,38 @@ class Output:
 
 
 @dataclass(kw_only=True)
+class Variant(FileRecord):
+    """A module's graph at reduced precision: same inputs and outputs (names, float32), other
+    arithmetic inside. `fallback` "fp32": the module's own fp32 file stands in (--allow-mixed)."""
+
+    precision: VariantPrecision
+    fallback: Optional[Literal["fp32"]] = None
+    method: dict = None  # how it was made: tool, calibration method, image count, seed, data
+    heldout_accuracy: Optional[float] = None  # tasks: composed at this precision, held-out images
+    fp32_heldout_accuracy: Optional[float] = None  # the fp32 composition on the same images
+    agreement: Optional[float] = None  # tasks: argmax agreement with the fp32 composition
+    images: Size = None  # how many held-out images those three were measured on
+
+
+def _variants_invariant(record: dict) -> Optional[Tuple[str, str]]:
+    for precision, variant in record.get("variants", {}).items():
+        if variant["precision"] != precision:
+            return f"variants.{precision}.precision", f"must be {json.dumps(precision)}, got {_describe(variant['precision'])}"
+        if variant.get("fallback") == "fp32" and (variant["file"], variant["sha256"]) != (record["file"], record["sha256"]):
+            return f"variants.{precision}.file", "must be the module's own file and sha256 when fallback is \"fp32\""
+    return None
+
+
+@dataclass(kw_only=True)
 class Trunk(FileRecord):
     inputs: List[str] = None
     output: Output
     fingerprint: Sha256
     weights: FileRecord
     parity: Parity
+    variants: Dict[VariantPrecision, Variant] = None
+
+    invariant = staticmethod(_variants_invariant)
 
 
 @dataclass(kw_only=True)
@@ -363,12 +417,13 @@ class Task(FileRecord):
     heldout_accuracy: Optional[float]
     parity: TaskParity
     weights: FileRecord
+    variants: Dict[VariantPrecision, Variant] = None
 
     @staticmethod
     def invariant(task: dict) -> Optional[Tuple[str, str]]:
         if len(task["labels"]) != task["classes"]:
             return "labels", f"must hold one label per class ({task['classes']}), got {len(task['labels'])}"
-        return None
+        return _variants_invariant(task)
 
 
 @dataclass(kw_only=True)

@@ -21,6 +21,7 @@ EXAMPLES = {
     "verify": "kfdeploy verify bundles/sprites\n  kfdeploy verify bundles/sprites.tar.gz",
     "build-engines": "kfdeploy build-engines bundles/sprites --precision fp16\n  kfdeploy build-engines bundles/sprites --with torch-tensorrt",
     "check-trt": "kfdeploy check-trt bundles/sprites",
+    "quantize": "kfdeploy quantize bundles/sprites --int8\n  kfdeploy quantize bundles/sprites --int8 --method entropy --images 1024\n  kfdeploy quantize bundles/photos --int8 --calibration photos/unlabelled/\n  kfdeploy quantize bundles/sprites --int8 --tasks pos_x   # a task added later\n  kfdeploy quantize bundles/sprites --fp16",
     "demo": "kfdeploy demo runs/quickstart/bundle\n  kfdeploy demo bundles/sprites --host 0.0.0.0 --port 8080",
     "run": "kfdeploy run bundles/sprites --tasks shape,scale images/*.png\n  kfdeploy run bundles/sprites batch.npy --json --top 3",
     "triton-repo": "kfdeploy triton-repo bundles/sprites --out repo\n  kfdeploy triton-repo bundles/sprites --out repo --ensemble shape,scale --ensemble pos=pos_x,pos_y\n  kfdeploy triton-repo bundles/sprites --out repo --backend tensorrt --engine-device orin-sm87-trt10.3",
@@ -127,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="builders", action="append", choices=["tensorrt", "torch-tensorrt"],
                    help="builder(s) to use (default tensorrt; repeat for both)")
 
+    p = command("quantize", "Add INT8 or FP16 variants of every module to a bundle, judged on held-out images.")
+    p.add_argument("bundle", type=Path, help="bundle folder (changed atomically)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                       help="static INT8 (ONNX Runtime, QDQ, per-channel s8 weights, u8 activations): CPUs with VNNI, TensorRT")
+    which.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                       help="fp16 graphs with fp32 inputs and outputs, for GPU providers")
+    p.add_argument("--tasks", help="comma-separated tasks (default: all; the trunk's variant is kept when it has one)")
+    p.add_argument("--calibration", type=Path, metavar="FOLDER", help="images to calibrate INT8 on (default: the run's training stream)")
+    p.add_argument("--images", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax", help="calibration method (default minmax)")
+    p.add_argument("--seed", type=int, default=0, help="which calibration images (default 0)")
+    p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="held-out accuracy a task may lose, in points (default 1.0)")
+    p.add_argument("--allow-mixed", action="store_true", help="keep a task that loses more at fp32 instead of failing")
+
     p = command("check-trt", "Statically check every graph against what TensorRT's ONNX parser accepts.")
     p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
 
@@ -136,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "size and channels), or one .npy batch (N, C, H, W) taken as it is")
     p.add_argument("--tasks", help="comma-separated tasks (default: all in the bundle)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime")
+    p.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32",
+                   help="module graphs to compose (default fp32; int8/fp16 once `kfdeploy quantize` made them)")
     p.add_argument("--top", type=int, default=1, help="classes to show per task (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
 
@@ -283,6 +302,18 @@ def cmd_inspect(args) -> None:
         labels = ", ".join(task["labels"][:4]) + (", ..." if len(task["labels"]) > 4 else "")
         print(f"{name:<12} {task['classes']:>7} {_human_bytes(task['bytes']):>9} {accuracy:>8} {task['parity']['max_abs_err']:>11.1e} "
               f"{task['parity']['argmax_agreement']:>7.4f}  {task['sha256'][:12]}  {labels}")
+    print(f"precisions: {', '.join(bundle.precisions())}")
+    for name, record in bundle.modules().items():
+        for precision, v in record.get("variants", {}).items():
+            how = v.get("method") or {}
+            made = f"{how.get('calibration')} on {how.get('images')} images" if precision == "int8" and how else ""
+            judged = "" if v.get("agreement") is None else (
+                f", accuracy {'-' if v.get('heldout_accuracy') is None else format(v['heldout_accuracy'], '.4f')}"
+                f" (fp32 {'-' if v.get('fp32_heldout_accuracy') is None else format(v['fp32_heldout_accuracy'], '.4f')}),"
+                f" agreement {v['agreement']:.4f}")
+            fallback = ", fp32 fallback (--allow-mixed)" if v.get("fallback") else ""
+            print(f"  {name:<12} {precision} {_human_bytes(v['bytes']):>9} {v['file']}{fallback}"
+                  f"{' ' + made if made else ''}{judged}")
     engines = m.get("engines", [])
     print(f"engines: {len(engines) or 'none (build them on the target with `kfdeploy build-engines`)'}")
     for engine in engines:
@@ -303,6 +334,18 @@ def cmd_build_engines(args) -> None:
 
     records = build_engines(args.bundle, args.precision, args.builders or ["tensorrt"])
     print(f"{len(records)} engines recorded in {args.bundle / 'manifest.json'}")
+
+
+def cmd_quantize(args) -> None:
+    from .quantize import quantize_bundle
+
+    started = time.perf_counter()
+    records = quantize_bundle(args.bundle, args.precision, tasks=_task_list(args.tasks), calibration=args.calibration,
+                              images=args.images, method=args.method, seed=args.seed, max_drop=args.max_drop / 100,
+                              allow_mixed=args.allow_mixed)
+    size = sum(r["bytes"] for r in records.values())
+    print(f"{args.precision}: {len(records)} module(s) recorded in {args.bundle / 'manifest.json'} "
+          f"({_human_bytes(size)}) in {time.perf_counter() - started:.1f} s")
 
 
 def cmd_check_trt(args) -> int:
@@ -372,7 +415,7 @@ def cmd_run(args) -> None:
         if line:
             print(line, file=sys.stderr)
     tasks = args.tasks.split(",") if args.tasks else None
-    model = load(bundle, tasks=tasks, backend=args.backend)
+    model = load(bundle, tasks=tasks, backend=args.backend, precision=args.precision)
     top = model.top(model(images), k=args.top)
     names = [str(p) for p in args.inputs] if len(images) == len(args.inputs) else [f"#{i}" for i in range(len(images))]
     if args.json:
@@ -469,7 +512,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {
     "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
     "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
-    "check-trt": cmd_check_trt, "run": cmd_run, "demo": cmd_demo,
+    "check-trt": cmd_check_trt, "quantize": cmd_quantize, "run": cmd_run, "demo": cmd_demo,
     "triton-repo": cmd_triton_repo, "serve": cmd_serve,
 }
 
@@ -479,7 +522,7 @@ COMMANDS = {
 # only the base install; run's backends ask for theirs when the assembly is made.
 NEEDS = {
     "teacher": ("train",), "factorize": ("train",), "evaluate": ("train",), "build-engines": ("train",),
-    "export": ("train", "cpu"), "verify": ("train", "cpu"), "quickstart": ("train", "cpu"), "demo": ("demo", "cpu"),
+    "export": ("train", "cpu"), "quantize": ("train", "cpu"), "verify": ("train", "cpu"), "quickstart": ("train", "cpu"), "demo": ("demo", "cpu"),
 }
 
 

@@ -97,15 +97,16 @@ class Composer:
         return header.SerializeToString() + b"".join(_graph_field(part) for part in [*parts, tail.SerializeToString()])
 
 
-def fuse_bundle(bundle, tasks: Sequence[str], path: Path) -> Path:
-    """Write the composition of `tasks` to `path` (atomically), checked by onnx.checker."""
+def fuse_bundle(bundle, tasks: Sequence[str], path: Path, precision: str = "fp32") -> Path:
+    """Write the composition of `tasks` to `path` (atomically), checked by onnx.checker;
+    every module at `precision` (its fp32 graph, or the variant `kfdeploy quantize` made)."""
     import onnx
 
     from .atomic import atomic_write
 
     if not tasks:
         raise KfError("save_fused needs at least one task")
-    fused = onnx.load_model_from_string(Composer(bundle.graph).compose(tasks))
+    fused = onnx.load_model_from_string(Composer(lambda module: bundle.graph(module, precision)).compose(tasks))
     onnx.checker.check_model(fused, full_check=True)
     path = Path(path)
     with atomic_write(path) as tmp:

@@ -284,9 +284,13 @@ class Assembly:
     """
 
     def __init__(self, bundle: Bundle, backend: str, tasks: Sequence[str], providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, cache_size: int = 4, log=print):
+                 threads: Optional[int] = None, cache_size: int = 4, log=print, precision: str = "fp32"):
         if backend not in BACKENDS:
             raise KfError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if precision != "fp32" and backend != "onnxruntime":
+            raise KfError(f"precision {precision!r} runs on the onnxruntime backend only (the {backend} backend runs "
+                          "fp32 modules or its own engines); use backend='onnxruntime'")
+        self.precision = precision
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.threads = threads or physical_cores()
@@ -298,7 +302,9 @@ class Assembly:
         self._cache: "OrderedDict[FrozenSet[str], Composition]" = OrderedDict()
         self._pending: set = set()
         self._builder = None
-        self._composer = Composer(bundle.graph)  # each module read once, checksum of the bytes checked
+        # Each module read once at this precision (all modules alike), checksum of the bytes checked.
+        self._composer = Composer(lambda module: bundle.graph(module, precision))
+        bundle.variant("trunk", precision)  # a bundle without the precision is refused here, naming the command
         self._modules: Dict[str, object] = {}
         self._state: Tuple[Tuple[str, ...], object] = ((), None)  # (selected tasks, what runs them), swapped whole
         self.last_switch_ms: Optional[float] = None
@@ -338,6 +344,7 @@ class Assembly:
     # -- task selection ---------------------------------------------------------------
     def _check_task(self, name: str) -> None:
         record = self.bundle.task(name)
+        self.bundle.variant(name, self.precision)
         if record["trunk_fingerprint"] != self.manifest["trunk"]["fingerprint"]:
             raise KfError(
                 f"task {name!r} was trained with another trunk (fingerprint {record['trunk_fingerprint'][:12]}, "
@@ -451,8 +458,8 @@ class Assembly:
         from . import tensorrt as trt_backend
 
         precision = self.manifest.get("profile", {}).get("precision", "fp32")
-        modules = self.bundle.modules()
-        identity = {"tasks": sorted(key), "sha256": {m: modules[m]["sha256"] for m in ["trunk", *sorted(key)]},
+        identity = {"tasks": sorted(key), "sha256": {m: self.bundle.variant(m, self.precision)["sha256"]
+                                                     for m in ["trunk", *sorted(key)]},
                     "precision": precision, "gpu": gpu_name()}
         cache = trt_backend.ep_cache_dir(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24])
         try:
@@ -582,19 +589,18 @@ class Assembly:
 
     # -- description, fusion -------------------------------------------------------
     def module_bytes(self) -> Dict[str, int]:
-        sizes = {"trunk": self.manifest["trunk"]["bytes"]}
-        sizes.update({t: self.bundle.task(t)["bytes"] for t in self.tasks})
+        sizes = {m: self.bundle.variant(m, self.precision)["bytes"] for m in ["trunk", *self.tasks]}
         return sizes
 
     def describe(self) -> str:
         sizes = self.module_bytes()
         lines = [
-            f"Assembly of {self.bundle.root} ({self.backend}: {', '.join(self.providers)})",
+            f"Assembly of {self.bundle.root} ({self.backend}: {', '.join(self.providers)}; {self.precision})",
             f"  trunk      {sizes['trunk'] / 1e6:6.2f} MB  -> common[{self.manifest['trunk']['output']['width']}]",
         ]
         for task in self.tasks:
             record = self.bundle.task(task)
-            accuracy = record.get("heldout_accuracy")
+            accuracy = self.bundle.variant(task, self.precision).get("heldout_accuracy")  # at this precision
             lines.append(f"  {task:<10} {sizes[task] / 1e6:6.2f} MB  {record['classes']} classes"
                          + (f", held-out accuracy {accuracy:.4f}" if accuracy is not None else ""))
         lines.append(f"  total      {sum(sizes.values()) / 1e6:6.2f} MB for {len(self.tasks)} task(s)")
@@ -605,22 +611,24 @@ class Assembly:
         this assembly runs, outputs `<task>` (logits) and `<task>:probs`."""
         from .fuse import fuse_bundle
 
-        return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path))
+        return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path), self.precision)
 
 
 def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxruntime",
          providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, cache_size: int = 4,
-         verify: bool = True, log=None) -> Assembly:
+         verify: bool = True, log=None, precision: str = "fp32") -> Assembly:
     """Open a bundle (folder or .tar.gz), check it, and compose the trunk with `tasks` (default all).
 
     Every checksum is verified before any session is created; a task whose trunk
     fingerprint differs from the bundle's trunk is refused. `threads` sizes ONNX Runtime's
     intra-op pool (default: the cores this process may use); `cache_size` how many recently
-    used task-set compositions stay loaded.
+    used task-set compositions stay loaded. `precision` ("fp32", or "int8"/"fp16" once
+    `kfdeploy quantize` made them) picks every module's graph: one precision for all.
     """
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     log = log or (lambda line: print(line, file=sys.stderr))
     selected = list(tasks) if tasks is not None else opened.tasks
     for task in selected:
         opened.task(task)  # unknown names fail here, listing the available ones
-    return Assembly(opened, backend, selected, providers=providers, threads=threads, cache_size=cache_size, log=log)
+    return Assembly(opened, backend, selected, providers=providers, threads=threads, cache_size=cache_size, log=log,
+                    precision=precision)
