@@ -43,6 +43,12 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--feed", default="auto", choices=["auto", "inline", "prefetch", "device"],
+                   help="how batches reach the device: device (sprites rendered on the GPU), prefetch (a background thread "
+                   "loads the next batches), inline (made in the step); auto: device for sprites on CUDA, prefetch for "
+                   "other data on CUDA, inline on a CPU. Every feed gives the same batches")
+    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the training step (mode default; reduce-overhead adds CUDA graphs on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -61,6 +67,7 @@ def _train_config(args):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         time_budget_s=args.minutes * 60 if args.minutes else None,
+        feed=args.feed, compile=args.compile,
     )
 
 

@@ -87,13 +87,16 @@ def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (hx2 + hy * hy - 1.0) ** 3 - hx2 * hy * hy * hy <= 0.0
 
 
-def _sprite_windows(factors: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sprite membership in a window around each sprite, for an (N, 5) int array of factor indices.
+def sprite_geometry(factors: np.ndarray, size: int) -> Dict[str, np.ndarray]:
+    """Per-sprite numbers of the rendering, for an (N, 5) int array of factor indices at size x size.
 
-    Returns (window bool (N, w, w), row and column of each window's top-left pixel (N,)),
-    some of which lie outside the image near its edges. The geometry is the 64x64 one
-    scaled by size / 64. Computing the window alone keeps rendering at tens of thousands
-    of images per second on one core.
+    `half`: the window's half-width (the window is 2 * half + 1 pixels square, _WINDOW at
+    64x64); per sprite: `shape`, the row and column of its window's top-left pixel
+    (`origin_y`, `origin_x`, int64; some lie outside the image near its edges), its centre
+    in pixels (`centre_y`, `centre_x`, float64), 1 / radius in pixels (`inv_radius`,
+    float32) and the rotation (`cos`, `sin`, float32). The geometry is the 64x64 one scaled
+    by size / 64. Both renderers start from these numbers (numpy here, torch on the
+    training device in kfdeploy.feed), so they can only differ in the per-pixel arithmetic.
     """
     factors = np.asarray(factors, dtype=np.int64).reshape(-1, len(TASK_NAMES))
     k = size / IMAGE_SIZE
@@ -101,16 +104,31 @@ def _sprite_windows(factors: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndar
     shape, scale, orient, px, py = (factors[:, i] for i in range(5))
     centre_x = k * (_CENTRE_LO + POSITIONS[px] * (_CENTRE_HI - _CENTRE_LO))
     centre_y = k * (_CENTRE_LO + POSITIONS[py] * (_CENTRE_HI - _CENTRE_LO))
-    origin_x = np.floor(centre_x).astype(np.int64) - half
-    origin_y = np.floor(centre_y).astype(np.int64) - half
-    offsets = np.arange(2 * half + 1)
-    # Pixel centres relative to the sprite centre, in units of the sprite radius.
-    inv_radius = (1.0 / (k * _RADIUS_PX * SCALES[scale])).astype(np.float32)[:, None]
-    dx = ((origin_x[:, None] + offsets + 0.5 - centre_x[:, None]) * inv_radius)[:, None, :]
-    dy = ((origin_y[:, None] + offsets + 0.5 - centre_y[:, None]) * inv_radius)[:, :, None]
     angle = ORIENTATIONS[orient]
-    cos = np.cos(angle).astype(np.float32)[:, None, None]
-    sin = np.sin(angle).astype(np.float32)[:, None, None]
+    return {
+        "half": half, "shape": shape,
+        "origin_x": np.floor(centre_x).astype(np.int64) - half, "origin_y": np.floor(centre_y).astype(np.int64) - half,
+        "centre_x": centre_x, "centre_y": centre_y,
+        "inv_radius": (1.0 / (k * _RADIUS_PX * SCALES[scale])).astype(np.float32),
+        "cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32),
+    }
+
+
+def _sprite_windows(factors: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sprite membership in a window around each sprite, for an (N, 5) int array of factor indices.
+
+    Returns (window bool (N, w, w), row and column of each window's top-left pixel (N,)),
+    some of which lie outside the image near its edges. Computing the window alone keeps
+    rendering at tens of thousands of images per second on one core.
+    """
+    g = sprite_geometry(factors, size)
+    origin_x, origin_y, shape = g["origin_x"], g["origin_y"], g["shape"]
+    offsets = np.arange(2 * g["half"] + 1)
+    # Pixel centres relative to the sprite centre, in units of the sprite radius.
+    inv_radius = g["inv_radius"][:, None]
+    dx = ((origin_x[:, None] + offsets + 0.5 - g["centre_x"][:, None]) * inv_radius)[:, None, :]
+    dy = ((origin_y[:, None] + offsets + 0.5 - g["centre_y"][:, None]) * inv_radius)[:, :, None]
+    cos, sin = g["cos"][:, None, None], g["sin"][:, None, None]
     # Rotate image coordinates into the shape's frame; image y grows downwards.
     u = cos * dx - sin * dy
     v = -sin * dx - cos * dy
@@ -177,6 +195,14 @@ class SpritesSource:
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
         return _to_batch(self.train_factors(step, batch_size, rank), self.tasks)
+
+    renders_on_device = True  # kfdeploy.feed: --feed device
+
+    def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu") -> Batch:
+        """batch(step) rendered with torch on `device` (kfdeploy.feed): the same draws, the same pixels."""
+        from .feed import sprites_batch
+
+        return sprites_batch(self.train_factors(step, batch_size, rank), self.tasks, device)
 
     def heldout(self, count: int, offset: int = 0) -> Batch:
         combos = heldout_combinations()[offset : offset + count]
@@ -297,6 +323,14 @@ class SpritesRGBSource:
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
         return _rgb_batch(*self.train_factors(step, batch_size, rank), self.tasks)
+
+    renders_on_device = True  # kfdeploy.feed: --feed device
+
+    def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu") -> Batch:
+        """batch(step) rendered with torch on `device` (kfdeploy.feed): the same draws, the same pixels."""
+        from .feed import sprites_rgb_batch
+
+        return sprites_rgb_batch(*self.train_factors(step, batch_size, rank), self.tasks, device)
 
     def heldout_factors(self, count: int, offset: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         combos = rgb_heldout_combinations()[offset : offset + count]

@@ -31,6 +31,7 @@ from .data import (
     DatasetSource, SpritesRGBSource, SpritesSource, collate,
 )
 from .errors import KfError
+from .feed import resolve_feed
 from .losses import FactorizationObjective, LossWeights, TeacherObjective
 from .models import BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
 from .runs import RUN_FILE, load_teacher, prepare_run_dir, read_json, write_json_atomic
@@ -67,6 +68,14 @@ class ResizedSource:
 
     def batch(self, step: int, batch_size: int, rank: int = 0):
         images, labels = self.source.batch(step, batch_size, rank)
+        return resize_images(images, self.size), labels
+
+    @property
+    def renders_on_device(self) -> bool:
+        return getattr(self.source, "renders_on_device", False)
+
+    def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu"):
+        images, labels = self.source.device_batch(step, batch_size, rank, device)
         return resize_images(images, self.size), labels
 
     def heldout(self, count: int, offset: int = 0):
@@ -231,6 +240,14 @@ class NormalizedSource:
     def batch(self, step: int, batch_size: int, rank: int = 0):
         return self._normalize(self.source.batch(step, batch_size, rank))
 
+    @property
+    def renders_on_device(self) -> bool:
+        return getattr(self.source, "renders_on_device", False)
+
+    def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu"):
+        images, labels = self.source.device_batch(step, batch_size, rank, device)
+        return (images - self.mean.to(images.device)) / self.std.to(images.device), labels
+
     def heldout(self, count: int, offset: int = 0):
         return self._normalize(self.source.heldout(count, offset))
 
@@ -265,6 +282,11 @@ def _pretrained_record(path: Optional[Path], notes: Dict[str, str]) -> Optional[
 def _held_out_batch(heldout_data, tasks: Sequence[str]):
     items = [heldout_data[i] for i in range(min(EVAL_IMAGES, len(heldout_data)))]
     return collate(items, tasks)
+
+
+def _stored_config(info: dict, asked: TrainConfig) -> TrainConfig:
+    """The run's training settings as run.json stores them; how the steps run (feed, compile) as asked now."""
+    return replace(TrainConfig(**info["train"]), feed=asked.feed, compile=asked.compile)
 
 
 def _start_run(out: Path, resume: bool, env: Distributed, info: dict) -> tuple[bool, dict]:
@@ -326,6 +348,7 @@ def train_teacher(
     # folder exists: bad labels, an unknown architecture, an image size it cannot take or
     # weights that do not fit leave nothing behind.
     opened = open_data(data, tasks, seed=config.seed, image_size=backbone.image_size, channels=channels, world_size=env.world_size)
+    resolve_feed(config.feed, opened.source, env.device)
     backbone = replace(backbone, in_channels=opened.channels)
     torch.manual_seed(config.seed)
     model = SpritesTeacher(TeacherConfig(opened.task_classes, backbone))
@@ -340,7 +363,7 @@ def train_teacher(
     requested = (model.config, config.seed)
     resuming, info = _start_run(out, resume, env, info)
     model_config = TeacherConfig.from_dict(info["model"])
-    config = TrainConfig(**info["train"])
+    config = _stored_config(info, config)
     if (model_config, config.seed) != requested:  # resuming a run made with other settings
         torch.manual_seed(config.seed)
         model = SpritesTeacher(model_config)
@@ -574,10 +597,12 @@ def factorize(
         "model": student.config.to_dict(), "task_labels": task_labels,
         "train": asdict(config), "loss_weights": asdict(weights), "pretrained": _pretrained_record(pretrained, notes),
     }
+    if opened is not None:
+        resolve_feed(config.feed, opened.source, env.device)
     requested = (student.config, config.seed)
     resuming, info = _start_run(out, resume, env, info)
     model_config = FactorConfig.from_dict(info["model"])
-    config = TrainConfig(**info["train"])
+    config = _stored_config(info, config)
     if (model_config, config.seed) != requested:  # resuming a run made with other settings
         torch.manual_seed(config.seed)
         student = FactorNet(model_config)

@@ -3,6 +3,10 @@
 One process, or many under torchrun (DistributedDataParallel: nccl on GPU, gloo on CPU).
 Each step's batch is a pure function of (seed, rank, step), so `--resume` continues the
 exact stream, the learning-rate schedule and the Adam moments where they stopped.
+
+On a GPU nothing in a step waits for the host: batches come from a feed (kfdeploy.feed:
+sprites rendered on the device, other data prefetched by a thread) and the losses are
+summed on the device, read back once per log line rather than once per loss per step.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import Batch, BatchSource
+from .data import BatchSource
+from .feed import open_feed
 from .runs import METRICS_FILE, MODEL_FILE, load_checkpoint, save_checkpoint, save_tensors_atomic
 
 
@@ -38,6 +43,9 @@ class TrainConfig:
     log_every: int = 25
     seed: int = 0
     time_budget_s: Optional[float] = None  # stop early (and still finish cleanly) past this
+    # How the steps run, not what they compute (a resumed run takes the ones asked now):
+    feed: str = "auto"  # how batches reach the device: kfdeploy.feed (auto, inline, prefetch, device)
+    compile: Optional[str] = None  # a torch.compile mode for the step ("reduce-overhead": CUDA graphs too), None: eager
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay: a function of the step alone, so resumable."""
@@ -84,9 +92,7 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    images, labels = batch
-    return images.to(device, non_blocking=True), {t: y.to(device, non_blocking=True) for t, y in labels.items()}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @torch.no_grad()
@@ -136,7 +142,12 @@ def train(
     model: nn.Module = objective.model
     objective.to(env.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    cuda = env.device.type == "cuda"
+    # On CUDA one fused kernel updates every parameter (instead of a launch per tensor and
+    # operation); the CPU keeps PyTorch's default, which resumed runs there are compared with.
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if cuda else {}))
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     state = {"step": 0, "train_time_s": 0.0}
     if resume:
         restored = load_checkpoint(run_dir, model, optimizer)
@@ -149,17 +160,23 @@ def train(
         wrapped = nn.parallel.DistributedDataParallel(
             objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
         )
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if env.device.type == "cuda" else contextlib.nullcontext()
-    )
+    if config.compile is not None:
+        if config.compile not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, not {config.compile!r}")
+        wrapped = torch.compile(wrapped, mode=config.compile)
+    cuda_graphs = config.compile == "reduce-overhead" and cuda
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     log = MetricsLog(run_dir, env.is_main)
     progress = tqdm(
         total=config.steps, initial=state["step"], desc=desc, disable=not env.is_main,
         dynamic_ncols=True, mininterval=1.0,
     )
     started = time.perf_counter() - state["train_time_s"]
-    running: Dict[str, float] = {}
+    # Losses summed over the log interval on the device, in float64: the same sums as adding
+    # each step's .item() on the host, without making the host wait for every step.
+    running: Optional[torch.Tensor] = None
+    names: list = []
+    batches = open_feed(config.feed, source, env.device, config.batch_size, env.rank, start=state["step"], stop=config.steps)
 
     def elapsed() -> float:
         return time.perf_counter() - started
@@ -178,19 +195,23 @@ def train(
                 break
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
-            images, labels = _to_device(source.batch(step, config.batch_size, env.rank), env.device)
+            images, labels = batches.batch(step)
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are done with
             with autocast:
                 loss, parts = wrapped(images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state["step"] = step + 1
-            for k, v in {"loss": loss, **parts}.items():
-                running[k] = running.get(k, 0.0) + v.item()
+            values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).double()
+            if running is None:
+                names, running = ["loss", *parts], torch.zeros_like(values)
+            running += values
             progress.update(1)
             if state["step"] % config.log_every == 0:
-                means = {k: v / config.log_every for k, v in running.items()}
-                running.clear()
+                means = {k: v / config.log_every for k, v in zip(names, running.tolist())}
+                running.zero_()
                 progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
                 log.write({"step": state["step"], "time_s": round(elapsed(), 2), "lr": config.lr_at(step), **means})
             if state["step"] % config.eval_every == 0 and state["step"] < config.steps:
@@ -202,6 +223,8 @@ def train(
         checkpoint()
         progress.close()
         raise
+    finally:
+        batches.close()
     progress.close()
     if env.world_size > 1:
         # Gradients are all-reduced, so parameters agree; BatchNorm running statistics are
