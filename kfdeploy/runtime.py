@@ -521,12 +521,14 @@ class Assembly:
         others once their own composition is built (in the background, on first use).
         """
         selected, runner = self._state  # a snapshot: add/remove elsewhere cannot disturb this call
-        wanted = selected if tasks is None else tuple(dict.fromkeys(tasks))
-        unknown = [t for t in wanted if t not in selected]
-        if unknown:
-            raise KfError(f"task {unknown[0]!r} is not selected; selected: {', '.join(selected) or 'none'}")
-        if isinstance(runner, Composition) and set(wanted) != set(selected) and wanted:
-            runner = self._cached_or_scheduled(frozenset(wanted)) or runner
+        wanted = selected
+        if tasks is not None:  # the common call skips this: at batch 1 every microsecond shows
+            wanted = tuple(dict.fromkeys(tasks))
+            unknown = [t for t in wanted if t not in selected]
+            if unknown:
+                raise KfError(f"task {unknown[0]!r} is not selected; selected: {', '.join(selected) or 'none'}")
+            if isinstance(runner, Composition) and wanted and set(wanted) != set(selected):
+                runner = self._cached_or_scheduled(frozenset(wanted)) or runner
         x = self.prepare(images)
         timings = Timings()
         self._local.timings = timings
