@@ -2,15 +2,24 @@
 
     python benchmarks/train.py                       # train quickstart-sized runs here, then report
     python benchmarks/train.py --runs runs/quickstart  # report on runs you already have
+    python benchmarks/train.py --feeds-only          # only the feed comparison (a minute or two)
 
 Throughput comes from the runs' own metrics.jsonl (steps x batch / training time between
 the first and last logged step, periodic held-out evaluation included), so it is what a
 user of `kfdeploy teacher` / `factorize` gets. Writes results/train-<device>.json and .png.
+
+The feed comparison factorizes a SimpleConv sprites teacher for a few dozen steps per
+configuration — feed (inline: made on the host in the step; prefetch: a background
+thread; device: sprites rendered on the training device), batch size and torch.compile —
+and reports samples/s from the same metrics.jsonl timing (the first logged interval, with
+any compilation, is left out), plus how fast each renderer makes images on its own.
+Writes results/train-feeds-<device>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -18,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from kfdeploy import feed
 from kfdeploy.cli import QUICKSTART_FACTORIZE_STEPS, QUICKSTART_TEACHER_STEPS
-from kfdeploy.data import SpritesSource, render
+from kfdeploy.data import SpritesRGBSource, SpritesSource, render, render_rgb
 from kfdeploy.pipeline import factorize, train_teacher
 from kfdeploy.runs import METRICS_FILE, RUN_FILE
 from kfdeploy.train import TrainConfig
@@ -43,6 +53,69 @@ def data_rate(seconds: float = 3.0) -> float:
         render(factors)
         count += len(factors)
     return count / (time.perf_counter() - started)
+
+
+def renderer_rates(device: str, seconds: float = 2.0) -> dict:
+    """Images per second of each renderer: numpy on the host (one core) and torch on `device`."""
+    def rate(make, count) -> float:
+        make()  # warm-up: the texture bank, CUDA kernels
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            make()
+            done += count
+        sync()
+        return done / (time.perf_counter() - started)
+
+    grey = SpritesSource().train_factors(0, 4096)
+    rgb, nuisances = SpritesRGBSource().train_factors(0, 1024)
+    return {
+        "numpy_sprites_64": rate(lambda: render(grey), len(grey)),
+        "numpy_sprites_rgb_128": rate(lambda: render_rgb(rgb, nuisances), len(rgb)),
+        f"torch_{device}_sprites_64": rate(lambda: feed.sprites_batch(grey, ["shape"], device), len(grey)),
+        f"torch_{device}_sprites_rgb_128": rate(lambda: feed.sprites_rgb_batch(rgb, nuisances, ["shape"], device), len(rgb)),
+    }
+
+
+def feed_configs(device: str, compile_modes) -> list:
+    """(feed, batch size, compile mode) to compare. Batch 128 inline is the path every run
+    took before feeds existed; the turn-1 GPU figure (2,429 samples/s on an H100) is that."""
+    if device.startswith("cuda"):
+        configs = [("inline", 128, None), ("prefetch", 128, None), ("device", 128, None),
+                   ("inline", 1024, None), ("device", 1024, None), ("device", 4096, None)]
+        configs += [("device", batch, mode) for mode in compile_modes for batch in (1024, 4096)]
+    else:
+        configs = [("inline", 128, None), ("prefetch", 128, None), ("device", 128, None),
+                   ("inline", 512, None), ("prefetch", 512, None)]
+        configs += [("inline", 128, mode) for mode in compile_modes]
+    return configs
+
+
+def measure_feeds(device: str, steps: int, compile_modes, work: Path) -> list:
+    """Factorize throughput per configuration, each a fresh factorization of the same teacher."""
+    teacher = work / "teacher"
+    train_teacher(teacher, config=TrainConfig(steps=1, batch_size=8), device=device)
+    rows = []
+    for name, batch, mode in feed_configs(device, compile_modes):
+        log_every = max(2, steps // 8)
+        config = TrainConfig(steps=steps, batch_size=batch, log_every=log_every, eval_every=10 ** 9,
+                             checkpoint_every=10 ** 9, feed=name, compile=mode)
+        out = work / f"kf-{name}-{batch}-{mode or 'eager'}"
+        started = time.perf_counter()
+        factorize(teacher, out, config=config, device=device)
+        run = read_run(out)
+        row = {"feed": name, "batch": batch, "compile": mode, "steps": steps,
+               "samples_per_s": run["samples_per_s"], "wall_s": time.perf_counter() - started}
+        rows.append(row)
+        print(f"feed {name:<8} batch {batch:>5} compile {mode or '-':<15} {row['samples_per_s']:>9,.0f} samples/s "
+              f"(whole command {row['wall_s']:.0f} s)", flush=True)
+    return rows
+
+
+def load_note() -> str:
+    load1, load5, _ = os.getloadavg()
+    return f"load average {load1:.1f} (1 min), {load5:.1f} (5 min) on {os.cpu_count()} cores when it ended"
 
 
 def read_run(run: Path) -> dict:
@@ -90,7 +163,30 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="folder with teacher/ and kf/ runs to report on (no training)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--feeds-only", action="store_true", help="only the feed comparison; no accuracy runs")
+    parser.add_argument("--feed-steps", type=int, help="steps per feed configuration (default 40 on a CPU, 60 on a GPU)")
+    parser.add_argument("--compile", action="append", default=[], choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also measure torch.compile in this mode (repeat for more)")
     args = parser.parse_args()
+
+    slug = "gpu" if args.device.startswith("cuda") else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    feeds = {
+        "device": device_name(args.device), "torch": torch.__version__,
+        "renderer_images_per_s": renderer_rates(args.device),
+        "rows": measure_feeds(args.device, args.feed_steps or (60 if slug == "gpu" else 40), args.compile,
+                              Path(tempfile.mkdtemp(prefix="kf-feeds-"))),
+        "load": load_note(),
+    }
+    base = next(r for r in feeds["rows"] if (r["feed"], r["batch"], r["compile"]) == ("inline", 128, None))
+    for row in feeds["rows"]:
+        row["vs_inline_128"] = row["samples_per_s"] / base["samples_per_s"]
+    print("renderers (images/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in feeds["renderer_images_per_s"].items()))
+    print(f"best: {max(r['vs_inline_128'] for r in feeds['rows']):.2f}x the batch-128 inline path; {feeds['load']}")
+    (args.out / f"train-feeds-{slug}.json").write_text(json.dumps(feeds, indent=2) + "\n")
+    print(f"wrote {args.out / f'train-feeds-{slug}.json'}")
+    if args.feeds_only:
+        return
 
     runs = args.runs
     if runs is None:
@@ -111,8 +207,6 @@ def main() -> None:
         r = results[stage]
         accs = " ".join(f"{t}={a:.3f}" for t, a in r["final_accuracy"].items())
         print(f"{stage:<10} {r['samples_per_s']:>10.0f} {r['steps']:>6} {r['train_time_s']:>9.1f}  {accs}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "gpu" if args.device.startswith("cuda") else "cpu"
     (args.out / f"train-{slug}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / f"train-{slug}.png")
     print(f"wrote {args.out / f'train-{slug}.json'} and .png")
