@@ -31,6 +31,27 @@ def cli_fails(argv, capsys, expected: str) -> str:
     return err
 
 
+def chromium_driver():
+    """Headless Debian Chromium for the browser tests: skipped where it is not installed,
+    failed under CI, which must install it (.ci/run does)."""
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+
+    if not Path("/usr/bin/chromium").exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update", "--window-size=1400,1900"):
+        options.add_argument(flag)
+    try:
+        return webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    except WebDriverException as exc:
+        pytest.fail(f"chromium did not start: {exc.msg}")
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "teacher"

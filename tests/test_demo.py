@@ -12,6 +12,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import kfdeploy
+from conftest import chromium_driver
 from kfdeploy.data import render
 from kfdeploy.demo import MAX_UPLOAD_BYTES, build_app, launch, to_model_input
 from kfdeploy.errors import KfError
@@ -214,24 +215,10 @@ def test_an_upload_above_the_size_cap_is_refused_by_the_server(server, tmp_path)
 
 @pytest.mark.slow
 def test_a_browser_ticks_tasks_generates_a_sprite_and_sees_the_labels(server, bundle, tmp_path):
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    if not Path("/usr/bin/chromium").exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
-        pytest.skip("Debian's chromium is not installed: apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update", "--window-size=1400,1900"):
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
-    except WebDriverException as exc:
-        pytest.fail(f"chromium did not start: {exc.msg}")
+    driver = chromium_driver()
     try:
         driver.get(server)
         wait = WebDriverWait(driver, 60)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import kfdeploy
-from conftest import cli_fails
+from conftest import chromium_driver, cli_fails
 from kfdeploy.architectures import BackboneConfig
 from kfdeploy.bundle import FORMAT_VERSION, Bundle
 from kfdeploy.cli import main
@@ -484,26 +484,10 @@ def test_a_bundle_with_a_tampered_example_is_explained_by_the_demo(rgb_copy):
 
 @pytest.mark.slow
 def test_a_browser_clicks_an_example_of_a_non_sprites_bundle_and_sees_the_answer(rgb_server, rgb_bundle, tmp_path):
-    import os
-
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    if not os.path.exists("/usr/bin/chromium"):
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
-        pytest.skip("Debian's chromium is not installed: apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update", "--window-size=1400,1900"):
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
-    except WebDriverException as exc:
-        pytest.fail(f"chromium did not start: {exc.msg}")
+    driver = chromium_driver()
     try:
         driver.get(rgb_server[0])
         wait = WebDriverWait(driver, 60)
