@@ -235,7 +235,7 @@ class NormalizedSource:
 
     def _normalize(self, batch):
         images, labels = batch
-        return (images - self.mean) / self.std, labels
+        return (images - self.mean.to(images.device)) / self.std.to(images.device), labels
 
     def batch(self, step: int, batch_size: int, rank: int = 0):
         return self._normalize(self.source.batch(step, batch_size, rank))
@@ -246,7 +246,9 @@ class NormalizedSource:
 
     def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu"):
         images, labels = self.source.device_batch(step, batch_size, rank, device)
-        return (images - self.mean.to(images.device)) / self.std.to(images.device), labels
+        if self.mean.device != images.device:  # once: a copy from the host each step would wait for the device
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (images - self.mean) / self.std, labels
 
     def heldout(self, count: int, offset: int = 0):
         return self._normalize(self.source.heldout(count, offset))
