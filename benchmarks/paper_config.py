@@ -1,0 +1,293 @@
+"""The paper's configuration on colour sprites: a ResNet-50 teacher against factor networks
+made of a ResNet-18 trunk and MobileNetV2 x0.5 task networks, end to end through the CLI.
+
+    python benchmarks/paper_config.py                          # the CPU budget: ~10-15 minutes on 2 cores
+    python benchmarks/paper_config.py --teacher-steps 20000 --factorize-steps 10000 --batch-size 256   # a GPU budget
+    python benchmarks/paper_config.py --work runs/paper        # keeps the runs; run again, it reuses what is done
+
+Runs, as a user would:
+    kfdeploy teacher   --data sprites-rgb --arch resnet50 --image-size 64 ...
+    kfdeploy factorize --trunk-arch resnet18 --task-arch mobilenetv2_050 ...
+    kfdeploy export
+and reports, for the one held-out set of the run's data:
+- accuracy per task: the teacher, the factor networks (PyTorch) and the exported assembly
+  (ONNX Runtime, kfdeploy.load), all on the same held-out images;
+- parameters and FLOPs per image (torch.utils.flop_counter; multiply-add = 2 FLOPs) of the
+  teacher, the trunk and each task module as deployed (the task network, mu and its head);
+- export parity: each module's error as `kfdeploy export` recorded it (on noise images for
+  this data), and the assembly's logits against PyTorch's on the held-out images;
+- the runtime's composition at this scale, at batch 1 and 64, each variant taking turns with
+  the assembly (benchmarks/runtime.py's time_in_turns): the assembly of every task, the same
+  tasks as one fused graph in a plain session, the monolithic teacher as one ONNX graph, and
+  the trunk alone (so what the task modules add shows).
+  DESIGN's bar: the assembly at least 1.5x faster than the teacher at both batch sizes.
+
+Writes results/paper_config-<device>.json and prints a table. Training shares the machine
+with nothing else only if you make it so: on 2 cores another busy process halves every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime import alike_session, time_in_turns  # noqa: E402  (benchmarks/runtime.py)
+
+import kfdeploy  # noqa: E402
+from kfdeploy.bundle import Bundle  # noqa: E402
+from kfdeploy.evaluate import evaluate_run  # noqa: E402
+from kfdeploy.export import ExportProfile, Normalize, _quiet_export, graph_modules, run_normalization  # noqa: E402
+from kfdeploy.fuse import Composer, probs_output  # noqa: E402
+from kfdeploy.models import count_parameters  # noqa: E402
+from kfdeploy.pipeline import open_run_data  # noqa: E402
+from kfdeploy.runs import load_factor_run, load_teacher, read_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+BATCHES = (1, 64)
+GOAL_SPEEDUP = 1.5  # DESIGN section 5: the assembly of every task vs the monolithic teacher
+
+
+def kfdeploy_cli(*args: str) -> float:
+    """Run `python -m kfdeploy ARGS` in the repository, its output on this terminal; seconds taken."""
+    print("$ kfdeploy " + " ".join(args), flush=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "kfdeploy", *args], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return time.perf_counter() - started
+
+
+def flops(fn, *inputs: torch.Tensor) -> int:
+    """FLOPs of one call (multiply-add = 2), as torch.utils.flop_counter counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return int(counter.get_total_flops())
+
+
+def deployed_parameters(task_module: torch.nn.Module) -> int:
+    """A task module's parameters that its exported graph holds: not the training-only
+    log-variance layer and auxiliary head."""
+    return sum(p.numel() for name, p in task_module.named_parameters() if not name.startswith(("logvar.", "aux_head.")))
+
+
+class TeacherGraph(torch.nn.Module):
+    """The monolithic teacher as one graph: 0-1 pixels in (normalized inside, like the bundle's), every task's logits out."""
+
+    def __init__(self, teacher, normalization):
+        super().__init__()
+        self.teacher, self.normalize = teacher, Normalize(normalization)
+
+    def forward(self, image):
+        return tuple(self.teacher(self.normalize(image)).values())
+
+
+def sizes_and_flops(teacher, teacher_info, model, normalization, channels: int, size: int) -> dict:
+    x = torch.zeros(1, channels, size, size)
+    modules = graph_modules(model, normalization)
+    common = modules["trunk"](x)
+    teacher_mean_std = (teacher_info["input"]["mean"], teacher_info["input"]["std"]) if teacher_info.get("input") else normalization
+    rows = {"teacher": {"parameters": count_parameters(teacher), "flops": flops(TeacherGraph(teacher, teacher_mean_std), x)},
+            "trunk": {"parameters": count_parameters(model.trunk), "flops": flops(modules["trunk"], x)}}
+    for task, module in model.tasks.items():
+        rows[task] = {"parameters": deployed_parameters(module), "flops": flops(modules[task], x, common)}
+    tasks = list(model.tasks)
+    rows["assembly"] = {key: rows["trunk"][key] + sum(rows[t][key] for t in tasks) for key in ("parameters", "flops")}
+    return rows
+
+
+def accuracies(kf: Path, bundle: Path, images: int) -> dict:
+    """Teacher and factor networks (evaluate_run) and the exported assembly on the same held-out images."""
+    evaluation = evaluate_run(kf, images=images)
+    info = read_json(kf / "run.json")
+    # 0-1 pixels, as apps feed a bundle (its graphs normalize); the held-out set evaluate_run
+    # scored (the same images: it normalizes these).
+    x, labels = open_run_data(info).source.heldout(images)
+    assembly = kfdeploy.load(bundle, log=lambda s: None)
+    x = x.numpy()
+    correct = {t: 0 for t in assembly.tasks}
+    for start in range(0, len(x), 256):
+        logits = assembly(x[start:start + 256], logits=True)
+        for t in correct:
+            correct[t] += int((logits[t].argmax(1) == labels[t][start:start + 256].numpy()).sum())
+    return {"evaluation": evaluation, "assembly_accuracy": {t: c / len(x) for t, c in correct.items()}, "images": len(x)}
+
+
+def heldout_parity(kf: Path, bundle: Path, count: int = 256) -> dict:
+    """The assembly's logits (ONNX Runtime, one composed graph) against PyTorch's on held-out images."""
+    model, info = load_factor_run(kf)
+    modules = graph_modules(model, run_normalization(info, model.config, kf))
+    x, _ = open_run_data(info).source.heldout(count)
+    with torch.no_grad():
+        common = modules["trunk"](x)
+        reference = {t: modules[t](x, common).numpy() for t in model.tasks}
+    got = kfdeploy.load(bundle, log=lambda s: None)(x.numpy(), logits=True)
+    result = {}
+    for t, ref in reference.items():
+        error = float(np.abs(ref - got[t]).max())
+        result[t] = {"max_abs_err": error, "max_rel_err": error / max(float(np.abs(ref).max()), 1e-12),
+                     "argmax_agreement": float((ref.argmax(1) == got[t].argmax(1)).mean())}
+    return result
+
+
+def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: float) -> dict:
+    """Assembly vs fused graph vs monolithic teacher, batch 1 and 64, each taking turns with the assembly."""
+    bundle = Bundle.open(bundle_path)
+    spec = bundle.manifest["input"]
+    channels, size = spec["shape"][1], spec["shape"][2]
+    normalization = (teacher_info["input"]["mean"], teacher_info["input"]["std"])
+    teacher_path = work / "teacher.onnx"
+    _quiet_export(TeacherGraph(teacher, normalization), (torch.zeros(2, channels, size, size),), teacher_path, ["image"],
+                  [f"logits_{t}" for t in teacher.task_classes], ExportProfile("bench"))
+    teacher_session = alike_session(teacher_path.read_bytes())
+    tasks = bundle.tasks
+    fused = alike_session(Composer(bundle.graph).compose(tasks))
+    trunk = alike_session(bundle.graph("trunk").SerializeToString())  # the floor: what the tasks add to
+    wanted = [probs_output(t) for t in tasks]
+    assembly = kfdeploy.load(bundle, log=lambda s: None)
+    images = open_run_data(read_json(Path(bundle.manifest["source"]["run"]) / "run.json")).source.heldout(64)[0].numpy()
+    rows = []
+    for batch in BATCHES:
+        x = np.ascontiguousarray(images[:batch])
+        others = {"fused": lambda: fused.run(wanted, {"image": x}), "teacher": lambda: teacher_session.run(None, {"image": x}),
+                  "trunk alone": lambda: trunk.run(None, {"image": x})}
+        pairs = {name: time_in_turns({"assembly": lambda: assembly(x), name: fn}, seconds, turn_seconds=min(0.25, seconds / 2))
+                 for name, fn in others.items()}
+        ms = {"assembly": statistics.median(pair["assembly"] for pair in pairs.values()) * 1e3}
+        ms.update({name: pair[name] / pair["assembly"] * ms["assembly"] for name, pair in pairs.items()})
+        rows.append({"batch": batch, "ms": ms, "images_per_s": {n: batch / v * 1e3 for n, v in ms.items()},
+                     "teacher_over_assembly": ms["teacher"] / ms["assembly"], "assembly_over_fused": ms["assembly"] / ms["fused"]})
+        print(f"batch {batch:>2}: " + "  ".join(f"{n} {v:.2f} ms" for n, v in ms.items()), flush=True)
+    return {"tasks": tasks, "rows": rows, "teacher_onnx_bytes": teacher_path.stat().st_size,
+            "goal": f"assembly >= {GOAL_SPEEDUP}x faster than the teacher at batch 1 and 64",
+            "goal_met": all(r["teacher_over_assembly"] >= GOAL_SPEEDUP for r in rows)}
+
+
+def device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def print_report(result: dict) -> None:
+    e = result["accuracy"]["evaluation"]
+    assembly = result["accuracy"]["assembly_accuracy"]
+    print(f"\n{result['config']}; held-out images: {result['accuracy']['images']}")
+    print(f"{'task':<12} {'teacher':>8} {'factor':>8} {'delta':>7} {'assembly':>9} {'chance':>7}")
+    for t, acc in e["teacher_accuracy"].items():
+        f = e["factor_accuracy"][t]
+        print(f"{t:<12} {acc:>8.4f} {f:>8.4f} {f - acc:>+7.4f} {assembly[t]:>9.4f} {e['chance'][t]:>7.3f}")
+    d = e["disentanglement_summary"]
+    print(f"disentanglement: diagonal mean {d['diagonal_mean']:.3f}, off-diagonal mean {d['off_diagonal_mean']:.3f}")
+    print(f"\n{'module':<12} {'parameters':>12} {'MFLOP/image':>12}")
+    for name, row in result["size"].items():
+        print(f"{name:<12} {row['parameters']:>12,} {row['flops'] / 1e6:>12.1f}")
+    worst = max(p["max_abs_err"] for p in result["parity"]["heldout"].values())
+    agreement = min(p["argmax_agreement"] for p in result["parity"]["heldout"].values())
+    recorded = max(p["max_abs_err"] for p in result["parity"]["export"].values())
+    print(f"\nparity: export's check (noise images) max abs err {recorded:.1e}; assembly vs PyTorch on held-out images "
+          f"max abs err {worst:.1e}, argmax agreement {agreement:.4f}")
+    print("\ncomposition (ms per call; teacher / assembly >= 1.5 is the goal)")
+    for row in result["composition"]["rows"]:
+        ms = row["ms"]
+        print(f"batch {row['batch']:>2}: assembly {ms['assembly']:.2f}, fused {ms['fused']:.2f}, teacher {ms['teacher']:.2f}, "
+              f"trunk alone {ms['trunk alone']:.2f}  "
+              f"-> teacher/assembly {row['teacher_over_assembly']:.2f}x, assembly/fused {row['assembly_over_fused']:.2f}x")
+    print(f"goal {'met' if result['composition']['goal_met'] else 'NOT met'}: {result['composition']['goal']}")
+    print("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) + f"; {result['load']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, help="folder for the runs and the bundle (default: a new temporary folder); "
+                        "a finished teacher, factorization or bundle found there is reused, not made again")
+    parser.add_argument("--teacher-arch", default="resnet50", help="resnet50 (default) or resnet34")
+    parser.add_argument("--trunk-arch", default="resnet18")
+    parser.add_argument("--task-arch", default="mobilenetv2_050")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--tasks", help="comma-separated subset of the sprites-rgb tasks (default: all six)")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="default sized for ~5 minutes on 2 CPU cores (~1 s a step)")
+    parser.add_argument("--factorize-steps", type=int, default=160, help="default sized for ~4.5 minutes on 2 CPU cores (~1.6 s a step)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--minutes", type=float, help="cap on each training command's time (kfdeploy --minutes)")
+    parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
+    parser.add_argument("--eval-images", type=int, default=4096, help="held-out images for the accuracies (default 4096)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing window per composition measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="kf-paper-"))
+    teacher_run, kf, bundle = work / "teacher", work / "kf", work / "bundle"
+    seconds = {}
+    common = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", args.device,
+              *(["--minutes", str(args.minutes)] if args.minutes else []), *(["--tasks", args.tasks] if args.tasks else [])]
+    if (teacher_run / "model.safetensors").exists():
+        print(f"reusing the teacher in {teacher_run}")
+    else:
+        seconds["teacher"] = kfdeploy_cli("teacher", "--out", str(teacher_run), "--data", "sprites-rgb", "--arch", args.teacher_arch,
+                                          "--image-size", str(args.image_size), "--steps", str(args.teacher_steps), *common)
+    if (kf / "model.safetensors").exists():
+        print(f"reusing the factor networks in {kf}")
+    else:
+        seconds["factorize"] = kfdeploy_cli("factorize", "--teacher", str(teacher_run), "--out", str(kf), "--trunk-arch", args.trunk_arch,
+                                            "--task-arch", args.task_arch, "--steps", str(args.factorize_steps), *common)
+    if (bundle / "manifest.json").exists():
+        print(f"reusing the bundle {bundle}")
+    else:
+        seconds["export"] = kfdeploy_cli("export", str(kf), "--out", str(bundle))
+    teacher, teacher_info = load_teacher(teacher_run)
+    model, info = load_factor_run(kf)
+    channels, size = model.config.trunk.in_channels, model.config.trunk.image_size
+    started = time.perf_counter()
+    accuracy = accuracies(kf, bundle, args.eval_images)
+    seconds["evaluation"] = time.perf_counter() - started
+    manifest = Bundle.open(bundle).manifest
+    export_parity = {"trunk": manifest["trunk"]["parity"], **{t: r["parity"] for t, r in manifest["tasks"].items()}}
+    started = time.perf_counter()
+    timing = composition(bundle, teacher, teacher_info, work, args.seconds)
+    seconds["composition"] = time.perf_counter() - started
+    finished = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+                for name, run in (("teacher", teacher_run), ("factorize", kf))}
+    trained = {name: record["step"] for name, record in finished.items()}
+    train_device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
+    result = {
+        "config": f"teacher {teacher_info['model']['backbone']['arch']} vs trunk {model.config.trunk_arch} + "
+                  f"{len(model.tasks)} x {model.config.task_arch}, sprites-rgb at {channels}x{size}x{size}",
+        "device": device_label(train_device), "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__, "threads": torch.get_num_threads(),
+        "budget": {"teacher_steps": trained["teacher"], "factorize_steps": trained["factorize"],
+                   "batch_size": {"teacher": teacher_info["train"]["batch_size"], "factorize": info["train"]["batch_size"]},
+                   "lr": {"teacher": teacher_info["train"]["lr"], "factorize": info["train"]["lr"]},
+                   "time_budget_s": {"teacher": teacher_info["train"]["time_budget_s"], "factorize": info["train"]["time_budget_s"]},
+                   "train_time_s": {name: record["time_s"] for name, record in finished.items()}},
+        "accuracy": accuracy,
+        "size": sizes_and_flops(teacher, teacher_info, model, run_normalization(info, model.config, kf), channels, size),
+        "parity": {"export": export_parity, "export_images": "uniform noise (export's parity check for non-grey-sprites data)",
+                   "heldout": heldout_parity(kf, bundle)},
+        "composition": timing,
+        "seconds": seconds,
+        "load": f"load average {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min) on {os.cpu_count()} cores at the end",
+        "work": str(work),
+    }
+    print_report(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "gpu" if train_device == "cuda" else "cpu"
+    path = args.out / f"paper_config-{slug}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

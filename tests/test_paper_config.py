@@ -1,0 +1,44 @@
+"""benchmarks/paper_config.py end to end at toy size: the CLI chain it drives, and every
+figure its report and JSON promise (accuracy per task for teacher, factor networks and the
+exported assembly; parameters and FLOPs per module; parity; composition timings)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_paper_config_benchmark_reports_every_figure_at_toy_size(tmp_path):
+    # SimpleConv stands in for the ResNets here: the timm exports alone take ~25 s on 2 cores
+    # (tests/test_architectures.py covers them); the benchmark's code is the same.
+    tasks = ["colour", "shape"]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/paper_config.py", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"),
+         "--teacher-arch", "simpleconv", "--trunk-arch", "simpleconv", "--task-arch", "simpleconv", "--image-size", "32",
+         "--tasks", ",".join(tasks), "--teacher-steps", "2", "--factorize-steps", "2", "--batch-size", "8",
+         "--eval-images", "64", "--seconds", "0.05", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "paper_config-cpu.json").read_text())
+    assert report["budget"]["teacher_steps"] == 2 and report["budget"]["factorize_steps"] == 2
+    accuracy = report["accuracy"]
+    assert accuracy["images"] == 64
+    for table in (accuracy["evaluation"]["teacher_accuracy"], accuracy["evaluation"]["factor_accuracy"], accuracy["assembly_accuracy"]):
+        assert sorted(table) == sorted(tasks) and all(0.0 <= v <= 1.0 for v in table.values())
+    # The exported assembly answers as the PyTorch factor networks do, on the same images.
+    assert accuracy["assembly_accuracy"] == pytest.approx(accuracy["evaluation"]["factor_accuracy"], abs=1 / 64)
+    size = report["size"]
+    assert set(size) == {"teacher", "trunk", "assembly", *tasks}
+    assert size["assembly"]["flops"] == size["trunk"]["flops"] + sum(size[t]["flops"] for t in tasks) > 0
+    assert all(size[m]["parameters"] > 0 for m in size)
+    assert all(p["argmax_agreement"] == 1.0 and p["max_abs_err"] < 1e-4 for p in report["parity"]["heldout"].values())
+    assert set(report["parity"]["export"]) == {"trunk", *tasks}
+    rows = report["composition"]["rows"]
+    assert [r["batch"] for r in rows] == [1, 64]
+    assert all(set(r["ms"]) == {"assembly", "fused", "teacher", "trunk alone"} and min(r["ms"].values()) > 0 for r in rows)
+    assert isinstance(report["composition"]["goal_met"], bool)
+    assert "teacher/assembly" in result.stdout and "goal" in result.stdout
