@@ -23,8 +23,6 @@ request, so one bad request is named by its index.
 """
 from __future__ import annotations
 
-import threading
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +30,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import KfError
 from .fuse import probs_output
+from .runtime import TaskSelection, load
 
 ROWS_SUFFIX = ":rows"
 Request = Tuple[np.ndarray, Optional[Sequence[str]], bool]  # images, tasks (None: all served), logits
@@ -129,23 +128,21 @@ class Routed:
         return dict(zip(outputs, self.session.run(list(outputs), feeds)))
 
 
-class Router:
+class Router(TaskSelection):
     """A bundle's trunk and a served set of tasks, answering batches of requests that each
     name their own tasks (see the module's docstring)."""
 
+    _set_name = "served"
+
     def __init__(self, bundle, tasks: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, verify: bool = True, log=None):
-        from .runtime import load
-
         # An assembly with no task builds no session: it brings the checks (checksums, trunk
         # fingerprints), the providers and threads, and the input validation.
         self.model = load(bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify), tasks=[],
                           providers=providers, threads=threads, log=log)
         self.bundle = self.model.bundle
         self._graphs: Dict[str, object] = {}
-        self._mutation = threading.Lock()
-        self._state: Tuple[Tuple[str, ...], Optional[Routed]] = ((), None)
-        self.last_switch_ms: Optional[float] = None
+        self._init_selection()
         chosen = list(dict.fromkeys(tasks)) if tasks is not None else self.bundle.tasks
         for task in chosen:
             self.model._check_task(task)  # unknown tasks and foreign trunks are refused here
@@ -153,35 +150,13 @@ class Router:
             self._switch(tuple(chosen))
 
     # -- the served set ---------------------------------------------------------------
-    @property
-    def tasks(self) -> List[str]:
-        return list(self._state[0])
-
     def labels(self, task: str) -> List[str]:
         return self.bundle.task(task)["labels"]
 
-    def add_task(self, name: str) -> None:
-        """Serve one more task of the bundle; batches in flight finish on the previous set."""
-        self.model._check_task(name)
-        with self._mutation:
-            served, _ = self._state
-            if name not in served:
-                self._switch(served + (name,))
+    def _check_task(self, name: str) -> None:
+        self.model._check_task(name)  # unknown tasks and foreign trunks are refused here
 
-    def remove_task(self, name: str) -> None:
-        with self._mutation:
-            served, _ = self._state
-            if name not in served:
-                raise KfError(f"task {name!r} is not served; served: {', '.join(served) or 'none'}")
-            self._switch(tuple(t for t in served if t != name))
-
-    def _switch(self, tasks: Tuple[str, ...]) -> None:
-        started = time.perf_counter()
-        routed = self._build(tasks) if tasks else None
-        self._state = (tasks, routed)  # one assignment: a batch sees the old pair or the new one
-        self.last_switch_ms = (time.perf_counter() - started) * 1e3
-
-    def _build(self, tasks: Tuple[str, ...]) -> Routed:
+    def _runner_for(self, tasks: Tuple[str, ...]) -> Routed:
         from .runtime import _session
 
         ordered = [t for t in self.bundle.tasks if t in tasks]  # bundle order: one graph per set

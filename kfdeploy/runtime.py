@@ -272,7 +272,48 @@ def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> T
     )
 
 
-class Assembly:
+class TaskSelection:
+    """A selected set of tasks and what runs them, swapped as one pair.
+
+    `add_task`/`remove_task` build the new runner (`_runner_for`) in the calling thread,
+    one mutation at a time, while calls keep reading the current pair; one assignment swaps
+    it in. Subclasses check a task (`_check_task`) and say how messages name the set.
+    """
+
+    _set_name = "selected"
+
+    def _init_selection(self) -> None:
+        self._mutation = threading.Lock()  # one add/remove at a time; calls never take it
+        self._state: Tuple[Tuple[str, ...], object] = ((), None)  # (tasks, what runs them), swapped whole
+        self.last_switch_ms: Optional[float] = None
+
+    def add_task(self, name: str) -> None:
+        """Select one more task; calls in other threads go on meanwhile."""
+        self._check_task(name)
+        with self._mutation:
+            selected, _ = self._state
+            if name not in selected:
+                self._switch(selected + (name,))
+
+    def remove_task(self, name: str) -> None:
+        with self._mutation:
+            selected, _ = self._state
+            if name not in selected:
+                raise KfError(f"task {name!r} is not {self._set_name}; {self._set_name}: {', '.join(selected) or 'none'}")
+            self._switch(tuple(t for t in selected if t != name))
+
+    def _switch(self, tasks: Tuple[str, ...]) -> None:
+        started = time.perf_counter()
+        runner = self._runner_for(tasks) if tasks else None
+        self._state = (tasks, runner)  # one assignment: a call sees the old pair or the new one
+        self.last_switch_ms = (time.perf_counter() - started) * 1e3
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._state[0])
+
+
+class Assembly(TaskSelection):
     """A trunk plus selected task modules of one bundle, callable like a model.
 
     With ONNX Runtime the selected modules run composed into one graph (see kfdeploy/fuse.py)
@@ -297,7 +338,7 @@ class Assembly:
         self.cache_size = cache_size
         self._log = log
         self._local = threading.local()
-        self._mutation = threading.Lock()  # one add/remove at a time; calls never take it
+        self._init_selection()
         self._cache_lock = threading.Lock()
         self._cache: "OrderedDict[FrozenSet[str], Composition]" = OrderedDict()
         self._pending: set = set()
@@ -306,8 +347,6 @@ class Assembly:
         self._composer = Composer(lambda module: bundle.graph(module, precision))
         bundle.variant("trunk", precision)  # a bundle without the precision is refused here, naming the command
         self._modules: Dict[str, object] = {}
-        self._state: Tuple[Tuple[str, ...], object] = ((), None)  # (selected tasks, what runs them), swapped whole
-        self.last_switch_ms: Optional[float] = None
         spec = self.manifest["input"]
         self._image_shape = tuple(spec["shape"][1:])
         lowest, highest = spec["range"]
@@ -351,34 +390,10 @@ class Assembly:
                 f"bundle trunk {self.manifest['trunk']['fingerprint'][:12]}); it cannot be composed with this trunk"
             )
 
-    def add_task(self, name: str) -> None:
-        """Select one more task; calls in other threads go on meanwhile."""
-        self._check_task(name)
-        with self._mutation:
-            selected, _ = self._state
-            if name not in selected:
-                self._switch(selected + (name,))
-
-    def remove_task(self, name: str) -> None:
-        with self._mutation:
-            selected, _ = self._state
-            if name not in selected:
-                raise KfError(f"task {name!r} is not selected; selected: {', '.join(selected) or 'none'}")
-            self._switch(tuple(t for t in selected if t != name))
-
-    def _switch(self, tasks: Tuple[str, ...]) -> None:
-        started = time.perf_counter()
-        runner = None
-        if tasks and self.backend == "onnxruntime":
-            runner = self._composition(frozenset(tasks))
-        elif tasks:
-            runner = ModuleChain(self._modules["trunk"], {t: self._module(t) for t in tasks})
-        self._state = (tasks, runner)  # one assignment: a call sees the old pair or the new one
-        self.last_switch_ms = (time.perf_counter() - started) * 1e3
-
-    @property
-    def tasks(self) -> List[str]:
-        return list(self._state[0])
+    def _runner_for(self, tasks: Tuple[str, ...]):
+        if self.backend == "onnxruntime":
+            return self._composition(frozenset(tasks))
+        return ModuleChain(self._modules["trunk"], {t: self._module(t) for t in tasks})
 
     def labels(self, task: str) -> List[str]:
         return self.bundle.task(task)["labels"]
