@@ -88,6 +88,8 @@ class Bundle:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
+        self.verified = False  # whether open() checked every checksum and graph
+        self.archive: Optional[Path] = None  # the .tar.gz it was extracted from: a folder that never changes
 
     @classmethod
     def open(cls, path: Path | str, verify: bool = True) -> "Bundle":
@@ -102,6 +104,7 @@ class Bundle:
         bundle = cls(path, read_manifest(path))
         if verify:
             bundle.verify()
+        bundle.verified = verify
         return bundle
 
     @classmethod
@@ -110,7 +113,9 @@ class Bundle:
         atexit.register(shutil.rmtree, target, True)  # the extraction lives as long as the process
         try:
             extract_archive(archive, target)
-            return cls.open(target, verify)
+            bundle = cls.open(target, verify)
+            bundle.archive = archive
+            return bundle
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise

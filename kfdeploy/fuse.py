@@ -45,10 +45,12 @@ def _graph_field(graph_bytes: bytes) -> bytes:
 
 class Composer:
     """Composes a bundle's module graphs; `graph_of(module)` gives a module's ModelProto
-    (`Bundle.graph`). Modules are parsed, prefixed and serialized once, on first use."""
+    (`Bundle.graph`). Modules are parsed, prefixed and serialized once, on first use.
+    `graph_of` may be replaced (the runtime points it at its bundle re-read from disk):
+    the modules read before stay as they were read."""
 
     def __init__(self, graph_of: Callable[[str], object]):
-        self._graph_of = graph_of
+        self.graph_of = graph_of
         self._fragments: Dict[str, bytes] = {}
         self._outputs: Dict[str, object] = {}  # task -> its logits' TypeProto
         self._header = None  # (ir_version, opset imports, image input) of the trunk
@@ -58,7 +60,7 @@ class Composer:
             import onnx
             from onnx import compose
 
-            model = self._graph_of(module)
+            model = self.graph_of(module)
             image = model.graph.input[0].name
             if module == "trunk":
                 self._header = (model.ir_version, list(model.opset_import), model.graph.input[0])

@@ -140,7 +140,6 @@ class Router(TaskSelection):
         # fingerprints), the providers and threads, and the input validation.
         self.model = load(bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify), tasks=[],
                           providers=providers, threads=threads, log=log)
-        self.bundle = self.model.bundle
         self._graphs: Dict[str, object] = {}
         self._init_selection()
         chosen = list(dict.fromkeys(tasks)) if tasks is not None else self.bundle.tasks
@@ -149,12 +148,17 @@ class Router(TaskSelection):
         with self._mutation:
             self._switch(tuple(chosen))
 
+    @property
+    def bundle(self) -> Bundle:
+        """The assembly's bundle: re-read from its folder when a task added there since is asked for."""
+        return self.model.bundle
+
     # -- the served set ---------------------------------------------------------------
     def labels(self, task: str) -> List[str]:
         return self.bundle.task(task)["labels"]
 
     def _check_task(self, name: str) -> None:
-        self.model._check_task(name)  # unknown tasks and foreign trunks are refused here
+        self.model._check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
 
     def _runner_for(self, tasks: Tuple[str, ...]) -> Routed:
         from .runtime import _session

@@ -6,7 +6,9 @@
     model.remove_task("scale")
 
 One call runs the trunk once and feeds its output, with the image, to every selected
-task. Tasks can be added and removed while other threads are calling the model. This
+task. Tasks can be added and removed while other threads are calling the model, including
+a task added to the bundle's folder since it was loaded (`kfdeploy add-task`): the folder
+is read again, and kept if its trunk and input are the ones running. This
 module imports neither torch nor anything that does (unless backend="torch"), so a
 device with only numpy and onnxruntime can run it.
 """
@@ -23,7 +25,7 @@ from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence,
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, read_manifest
 from .errors import KfError
 from .extras import require
 from .fuse import Composer, probs_output
@@ -313,6 +315,42 @@ class TaskSelection:
         return list(self._state[0])
 
 
+def _reader(bundle: Bundle, precision: str):
+    """A Composer's graph_of: each module's graph at `precision` from `bundle`."""
+    return lambda module: bundle.graph(module, precision)
+
+
+def _input_contract(bundle: Bundle) -> dict:
+    """The manifest's input spec as readers take it (version 1's implied normalization and pixel types filled in)."""
+    mean, std = bundle.normalization()
+    return {**bundle.manifest["input"], "normalization": {"mean": mean, "std": std}, "pixel_types": bundle.pixel_types()}
+
+
+def replacement_problem(old: Bundle, new: Bundle, precision: str = "fp32") -> Optional[str]:
+    """Why `new` (a bundle's folder read again) cannot stand in for `old` in a running
+    assembly, or None when it can: the same trunk (fingerprint and checksums), the same
+    input spec, and every task `old` has still there with the same files; tasks may be added."""
+    trunk, now = old.manifest["trunk"], new.manifest["trunk"]
+    if now["fingerprint"] != trunk["fingerprint"]:
+        return (f"its trunk is another one (fingerprint {now['fingerprint'][:12]}, this assembly runs "
+                f"{trunk['fingerprint'][:12]})")
+    for module in ["trunk", *old.tasks]:
+        if module != "trunk" and module not in new.manifest["tasks"]:
+            return f"task {module!r} is gone from it"
+        before, after = old.modules()[module], new.modules()[module]
+        changed = before["sha256"] != after["sha256"] or (
+            precision in before.get("variants", {})
+            and before["variants"][precision]["sha256"] != after.get("variants", {}).get(precision, {}).get("sha256"))
+        if changed:
+            which = "its trunk" if module == "trunk" else f"task {module!r}"
+            return f"{which} has other files (checksums differ)"
+    before, after = _input_contract(old), _input_contract(new)
+    differing = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if differing:
+        return f"its input spec differs ({', '.join('input.' + key for key in differing)})"
+    return None
+
+
 class Assembly(TaskSelection):
     """A trunk plus selected task modules of one bundle, callable like a model.
 
@@ -332,8 +370,7 @@ class Assembly(TaskSelection):
             raise KfError(f"precision {precision!r} runs on the onnxruntime backend only (the {backend} backend runs "
                           "fp32 modules or its own engines); use backend='onnxruntime'")
         self.precision = precision
-        self.bundle = bundle
-        self.manifest = bundle.manifest
+        self.bundle = bundle  # replaced, in one assignment, by the same folder re-read (_reread)
         self.threads = threads or physical_cores()
         self.cache_size = cache_size
         self._log = log
@@ -343,8 +380,9 @@ class Assembly(TaskSelection):
         self._cache: "OrderedDict[FrozenSet[str], Composition]" = OrderedDict()
         self._pending: set = set()
         self._builder = None
+        self._rereading = threading.Lock()
         # Each module read once at this precision (all modules alike), checksum of the bytes checked.
-        self._composer = Composer(lambda module: bundle.graph(module, precision))
+        self._composer = Composer(_reader(bundle, precision))
         bundle.variant("trunk", precision)  # a bundle without the precision is refused here, naming the command
         self._modules: Dict[str, object] = {}
         spec = self.manifest["input"]
@@ -380,8 +418,14 @@ class Assembly(TaskSelection):
         with self._mutation:
             self._switch(tuple(dict.fromkeys(tasks)))
 
+    @property
+    def manifest(self) -> dict:
+        return self.bundle.manifest
+
     # -- task selection ---------------------------------------------------------------
     def _check_task(self, name: str) -> None:
+        if name not in self.manifest["tasks"]:
+            self._reread(name)
         record = self.bundle.task(name)
         self.bundle.variant(name, self.precision)
         if record["trunk_fingerprint"] != self.manifest["trunk"]["fingerprint"]:
@@ -389,6 +433,35 @@ class Assembly(TaskSelection):
                 f"task {name!r} was trained with another trunk (fingerprint {record['trunk_fingerprint'][:12]}, "
                 f"bundle trunk {self.manifest['trunk']['fingerprint'][:12]}); it cannot be composed with this trunk"
             )
+
+    def _reread(self, name: str) -> None:
+        """Read the bundle's folder again for a task added to it since this assembly read it
+        (`kfdeploy add-task`, `export --into`), and run from the new manifest if it can stand
+        in for the old one (see `replacement_problem`). Calls in other threads go on: each
+        module read before stays as it was read, and `self.bundle` changes in one assignment.
+        An archive's extraction never changes: there, as for a name the folder lacks too,
+        `Bundle.task` refuses it, listing the tasks there are."""
+        with self._rereading:
+            old = self.bundle
+            if name in old.manifest["tasks"] or old.archive is not None:
+                return  # another thread read it meanwhile, or nothing to read
+            manifest = read_manifest(old.root)
+            if name not in manifest["tasks"]:
+                Bundle(old.root, manifest).task(name)  # raises: unknown, listing the folder's tasks (no need to verify them)
+            new = Bundle.open(old.root, verify=old.verified)  # checked as the load checked it
+            problem = replacement_problem(old, new, self.precision)
+            if problem:
+                raise KfError(f"bundle {old.root} changed on disk since this assembly loaded it: {problem}; "
+                              f"to use task {name!r}, load it again with kfdeploy.load({str(old.root)!r})")
+            if self.backend == "torch":
+                from .export import graph_modules, torch_modules
+
+                self._torch_modules = graph_modules(torch_modules(new), new.normalization())
+            elif self.backend == "tensorrt":
+                engines, _ = engines_for_this_device(new.manifest)
+                self._engines = {**(engines or {}), **self._engines}  # the modules loaded keep theirs
+            self._composer.graph_of = _reader(new, self.precision)
+            self.bundle = new
 
     def _runner_for(self, tasks: Tuple[str, ...]):
         if self.backend == "onnxruntime":

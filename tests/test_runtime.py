@@ -1,6 +1,7 @@
 """The runtime: compose trunk + selected tasks, thread-safe, validated, torch-free."""
 import gc
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -425,3 +426,145 @@ def test_an_unknown_backend_is_refused(bundle):
 def test_a_task_outside_the_selection_is_refused_per_call(model, images):
     with pytest.raises(KfError, match="task 'pos_x' is not selected; selected: shape, scale"):
         model(images, tasks=["pos_x"])
+
+
+# -- tasks added to the bundle on disk since it was loaded ---------------------------------
+@pytest.fixture(scope="module")
+def two_tasks(factor_run, tmp_path_factory):
+    """A bundle of shape and scale only: pos_x is what gets added to it on disk."""
+    from kfdeploy.export import export_bundle
+
+    return export_bundle(factor_run, tmp_path_factory.mktemp("two") / "b", tasks=["shape", "scale"], progress=lambda m: None)
+
+
+@pytest.fixture
+def live(two_tasks, tmp_path):
+    """A copy of the two-task bundle, for a test to change on disk while an assembly runs from it."""
+    return shutil.copytree(two_tasks, tmp_path / "live")
+
+
+def _add_on_disk(factor_run, bundle_dir, task="pos_x"):
+    """What `kfdeploy add-task` does: a new bundle beside it, hard-linked, swapped in atomically."""
+    from kfdeploy.export import export_bundle
+
+    export_bundle(factor_run, bundle_dir, tasks=[task], into=True, progress=lambda m: None)
+
+
+def _replace_on_disk(bundle_dir, change):
+    """Swap in a copy of the bundle whose manifest `change` edited, and which lists a new task
+    'pos_x' (scale's files under another name)."""
+    copy = bundle_dir.with_name("replacement")
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tasks"]["pos_x"] = dict(manifest["tasks"]["scale"])
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    old = bundle_dir.with_name("old")
+    bundle_dir.rename(old)
+    copy.rename(bundle_dir)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_task_added_to_the_bundle_on_disk_after_load_can_be_added(live, factor_run, images, backend):
+    model = kfdeploy.load(live, tasks=["shape", "scale"], backend=backend, **QUIET)
+    before = model(images, logits=True)
+    _add_on_disk(factor_run, live)
+    model.add_task("pos_x")
+    assert model.tasks == ["shape", "scale", "pos_x"] and "pos_x" in model.bundle.tasks
+    fresh = kfdeploy.load(live, tasks=["shape", "scale", "pos_x"], backend=backend, **QUIET)(images, logits=True)
+    answers = model(images, logits=True)
+    for task in ("shape", "scale", "pos_x"):
+        np.testing.assert_allclose(answers[task], fresh[task], atol=1e-5)
+    for task in ("shape", "scale"):
+        np.testing.assert_array_equal(answers[task], before[task])
+    assert model.labels("pos_x") == fresh_labels(live, "pos_x")
+    model.remove_task("pos_x")
+    model.add_task("pos_x")  # known now: no second read
+    assert model.tasks == ["shape", "scale", "pos_x"]
+
+
+def fresh_labels(bundle_dir, task):
+    return Bundle.open(bundle_dir, verify=False).task(task)["labels"]
+
+
+def test_calls_are_answered_while_the_bundle_is_read_again(live, factor_run, images, monkeypatch):
+    model = kfdeploy.load(live, tasks=["shape"], **QUIET)
+    expected = model(images)["shape"]
+    _add_on_disk(factor_run, live)
+    reading, release, real_open = threading.Event(), threading.Event(), Bundle.open
+
+    def slow_open(path, verify=True):
+        reading.set()
+        assert release.wait(30)
+        return real_open(path, verify)
+
+    monkeypatch.setattr(runtime.Bundle, "open", slow_open)
+    adder = ExcThread(target=model.add_task, args=("pos_x",))
+    adder.start()
+    assert reading.wait(30)
+    np.testing.assert_array_equal(model(images)["shape"], expected)  # not blocked by the read
+    release.set()
+    adder.join_and_raise(60)
+    assert set(model(images)) == {"shape", "pos_x"}
+
+
+def test_the_read_again_is_verified_as_the_load_was(live, factor_run, monkeypatch):
+    model = kfdeploy.load(live, tasks=["shape"], **QUIET)
+    _add_on_disk(factor_run, live)
+    (live / "tasks" / "pos_x.onnx").write_bytes(b"tampered")
+    with pytest.raises(KfError, match="checksum mismatch for tasks/pos_x.onnx"):
+        model.add_task("pos_x")
+    assert model.tasks == ["shape"] and "pos_x" not in model.bundle.tasks
+
+
+def test_an_unknown_task_is_still_refused_listing_the_bundles_tasks_now(live, factor_run):
+    model = kfdeploy.load(live, tasks=["shape"], **QUIET)
+    _add_on_disk(factor_run, live)
+    with pytest.raises(KfError, match=r"unknown task 'colour' in bundle .*; available: shape, scale, pos_x$"):
+        model.add_task("colour")
+    assert model.tasks == ["shape"]
+
+
+def _other_trunk(manifest):
+    manifest["trunk"]["fingerprint"] = "1" * 64
+    for task in manifest["tasks"].values():
+        task["trunk_fingerprint"] = "1" * 64
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_other_trunk, r"its trunk is another one \(fingerprint 111111111111, this assembly runs [0-9a-f]{12}\)"),
+    (lambda m: m["input"].update(range=[0.0, 2.0]), r"its input spec differs \(input.range\)"),
+], ids=["another-trunk", "another-input-range"])
+def test_a_bundle_replaced_by_an_incompatible_one_is_refused_with_the_fix(live, images, change, problem):
+    model = kfdeploy.load(live, tasks=["shape"], **QUIET)
+    expected = model(images)["shape"]
+    _replace_on_disk(live, change)
+    with pytest.raises(KfError) as refused:
+        model.add_task("pos_x")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1
+    assert re.search(f"^bundle {re.escape(str(live))} changed on disk since this assembly loaded it: {problem}; "
+                     f"to use task 'pos_x', load it again with kfdeploy.load\\('{re.escape(str(live))}'\\)$", message), message
+    assert model.tasks == ["shape"] and "pos_x" not in model.bundle.tasks
+    np.testing.assert_array_equal(model(images)["shape"], expected)  # the running assembly is untouched
+
+
+def test_an_assembly_from_an_archive_does_not_read_it_again(bundle, monkeypatch):
+    model = kfdeploy.load(bundle.with_name(bundle.name + ".tar.gz"), tasks=["shape"], **QUIET)
+    opened = []
+    monkeypatch.setattr(runtime.Bundle, "open", lambda *a, **k: opened.append(a))
+    with pytest.raises(KfError, match="unknown task 'colour' in bundle .*; available: shape, scale, orientation, pos_x, pos_y$"):
+        model.add_task("colour")
+    assert opened == []
+
+
+def test_a_router_serves_a_task_added_to_the_bundle_on_disk(live, factor_run, images):
+    from kfdeploy.routing import Router
+
+    router = Router(live, tasks=["shape"], **QUIET)
+    _add_on_disk(factor_run, live)
+    router.add_task("pos_x")
+    assert router.tasks == ["shape", "pos_x"] and "pos_x" in router.bundle.tasks
+    answer = router.run(images[:4], logits=True)
+    fresh = kfdeploy.load(live, tasks=["pos_x"], **QUIET)(images[:4], logits=True)
+    np.testing.assert_allclose(answer["pos_x"], fresh["pos_x"], atol=1e-5)
