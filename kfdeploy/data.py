@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Mapping, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -164,11 +164,53 @@ def heldout_combinations(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(held)
 
 
+# --- new tasks: functions of the factors that factorization never trains -------------------
+# `kfdeploy add-task` and `kfdeploy transferability` teach a shipped trunk one of these, so
+# the plug-and-play story runs with no download. They range from what the trunk's feature
+# already holds (quadrant: coarse position) to what it has no reason to (x_parity: the
+# position's last bit), so how well each transfers is not a foregone conclusion.
+
+_GRID_CENTRE = (len(POSITIONS) - 1) / 2
+_CENTRE_DISTANCES = np.hypot(*np.meshgrid(np.arange(len(POSITIONS)) - _GRID_CENTRE, np.arange(len(POSITIONS)) - _GRID_CENTRE))
+_RING_EDGES = np.quantile(_CENTRE_DISTANCES, [0.25, 0.5, 0.75])  # four rings, each a quarter of the positions
+
+
+def _column(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda factors: factors[:, TASK_NAMES.index(name)]
+
+
+NEW_TASKS: Dict[str, Tuple[list, Callable[[np.ndarray], np.ndarray]]] = {
+    # image y grows downwards: pos_y index 0 is the top row
+    "quadrant": (["top-left", "top-right", "bottom-left", "bottom-right"],
+                 lambda f: (_column("pos_y")(f) >= 16) * 2 + (_column("pos_x")(f) >= 16)),
+    "ring": (["inner", "middle", "outer", "corner"],
+             lambda f: np.searchsorted(_RING_EDGES, np.hypot(_column("pos_x")(f) - _GRID_CENTRE, _column("pos_y")(f) - _GRID_CENTRE))),
+    "diagonal": (["on or above", "below"], lambda f: _column("pos_y")(f) > _column("pos_x")(f)),
+    "orientation_quarter": (["0-81°", "90-171°", "180-261°", "270-351°"], lambda f: _column("orientation")(f) // 10),
+    "x_parity": (["even", "odd"], lambda f: _column("pos_x")(f) % 2),
+}
+NEW_TASK_LABELS: Dict[str, list] = {task: labels for task, (labels, _) in NEW_TASKS.items()}
+NEW_TASK_STEPS = 1000  # add-task's default training: ~2 minutes on 2 CPU cores at sprites scale
+
+
+def sprite_labels(factors: np.ndarray, task: str) -> np.ndarray:
+    """int64 class indices of `task` (a factor, colour, or one of NEW_TASKS) for an (N, 5 or 6) factor array."""
+    if task in NEW_TASKS:
+        return NEW_TASKS[task][1](factors).astype(np.int64)
+    return factors[:, RGB_TASK_NAMES.index(task)].astype(np.int64)  # the grey factors are its first five
+
+
+def _unknown_tasks(tasks: Sequence[str], factor_tasks: Mapping[str, int], data: str) -> None:
+    unknown = [t for t in tasks if t not in factor_tasks and t not in NEW_TASKS]
+    if unknown:
+        raise ValueError(f"unknown {data} task(s) {unknown}; known: {list(factor_tasks)}, and new tasks {list(NEW_TASKS)}")
+
+
 def _to_batch(factors: np.ndarray, tasks: Sequence[str]) -> Batch:
     import torch
 
     images = torch.from_numpy(render(factors)).float().div_(255.0)
-    labels = {t: torch.from_numpy(factors[:, TASK_NAMES.index(t)].copy()) for t in tasks}
+    labels = {t: torch.from_numpy(sprite_labels(factors, t)) for t in tasks}
     return images, labels
 
 
@@ -180,9 +222,7 @@ class SpritesSource:
     """
 
     def __init__(self, seed: int = 0, tasks: Sequence[str] = TASK_NAMES):
-        unknown = [t for t in tasks if t not in TASK_CLASSES]
-        if unknown:
-            raise ValueError(f"unknown sprites task(s) {unknown}; known: {list(TASK_NAMES)}")
+        _unknown_tasks(tasks, TASK_CLASSES, "sprites")
         self.seed = seed
         self.tasks = tuple(tasks)
 
@@ -297,7 +337,7 @@ def _rgb_batch(factors: np.ndarray, nuisances: Dict[str, np.ndarray], tasks: Seq
     import torch
 
     images = torch.from_numpy(render_rgb(factors, nuisances)).float().div_(255.0)
-    labels = {t: torch.from_numpy(factors[:, RGB_TASK_NAMES.index(t)].copy()) for t in tasks}
+    labels = {t: torch.from_numpy(sprite_labels(factors, t)) for t in tasks}
     return images, labels
 
 
@@ -308,9 +348,7 @@ class SpritesRGBSource:
     all six factors, never in the training stream)."""
 
     def __init__(self, seed: int = 0, tasks: Sequence[str] = RGB_TASK_NAMES):
-        unknown = [t for t in tasks if t not in RGB_TASK_CLASSES]
-        if unknown:
-            raise ValueError(f"unknown sprites-rgb task(s) {unknown}; known: {list(RGB_TASK_NAMES)}")
+        _unknown_tasks(tasks, RGB_TASK_CLASSES, "sprites-rgb")
         self.seed = seed
         self.tasks = tuple(tasks)
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .data import (
-    _COLOUR_RGB, RGB_IMAGE_SIZE, RGB_TASK_NAMES, TASK_NAMES, IMAGE_SIZE, Batch, _texture_bank,
-    sprite_geometry,
+    _COLOUR_RGB, RGB_IMAGE_SIZE, RGB_TASK_NAMES, IMAGE_SIZE, Batch, _texture_bank,
+    sprite_geometry, sprite_labels,
 )
 from .errors import KfError
 
@@ -148,21 +148,21 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(torch.full((), 255.0, device=images.device))
 
 
-def _labels(factors: np.ndarray, names: Sequence[str], tasks: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
-    columns = _to_device(factors[:, [names.index(t) for t in tasks]].astype(np.int64), device)
+def _labels(factors: np.ndarray, tasks: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
+    columns = _to_device(np.stack([sprite_labels(factors, t) for t in tasks], axis=1), device)  # one copy for all tasks
     return {t: columns[:, i].contiguous() for i, t in enumerate(tasks)}
 
 
 def sprites_batch(factors: np.ndarray, tasks: Sequence[str], device: torch.device | str) -> Batch:
     """data._to_batch on `device`."""
     device = torch.device(device)
-    return to_unit(render(factors, device)), _labels(factors, TASK_NAMES, tasks, device)
+    return to_unit(render(factors, device)), _labels(factors, tasks, device)
 
 
 def sprites_rgb_batch(factors: np.ndarray, nuisances: Dict[str, np.ndarray], tasks: Sequence[str], device: torch.device | str) -> Batch:
     """data._rgb_batch on `device`."""
     device = torch.device(device)
-    return to_unit(render_rgb(factors, nuisances, device=device)), _labels(factors, RGB_TASK_NAMES, tasks, device)
+    return to_unit(render_rgb(factors, nuisances, device=device)), _labels(factors, tasks, device)
 
 
 # --- feeds ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from .architectures import SIMPLECONV, load_pretrained
 from .data import (
-    IMAGE_SIZE, RGB_IMAGE_SIZE, RGB_TASK_CLASSES, RGB_TASK_LABELS, TASK_CLASSES, TASK_LABELS,
+    IMAGE_SIZE, NEW_TASK_LABELS, RGB_IMAGE_SIZE, RGB_TASK_CLASSES, RGB_TASK_LABELS, TASK_CLASSES, TASK_LABELS,
     DatasetSource, SpritesRGBSource, SpritesSource, collate,
 )
 from .errors import KfError
@@ -129,7 +129,9 @@ def open_data(
         classes, labels, natural_channels, natural_size = EMBEDDED[text]
         if channels not in (None, natural_channels):
             raise KfError(f"--channels applies to image folders; {text} images have {natural_channels} channel(s)")
-        tasks = parse_tasks(",".join(tasks) if tasks else None, list(classes), f"the {text} data")
+        # The factors by default; the new tasks (kfdeploy add-task) when named.
+        labels = {**labels, **NEW_TASK_LABELS}
+        tasks = parse_tasks(",".join(tasks) if tasks else ",".join(classes), list(labels), f"the {text} data")
         size = image_size or natural_size
         source = (SpritesSource if text == SPRITES else SpritesRGBSource)(seed=seed, tasks=tasks)
         source = source if size == natural_size else ResizedSource(source, size)
