@@ -21,7 +21,7 @@ import shutil
 import math
 import tomllib
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -61,6 +61,15 @@ class ExportProfile:
     batch_min: int = 1
     batch_opt: int = 64
     batch_max: int = 256
+
+
+def bundle_profile(bundle: Bundle) -> ExportProfile:
+    """The profile a bundle was exported with (its manifest's `profile`; fields this kfdeploy
+    does not know are left out, missing ones take their defaults)."""
+    recorded = bundle.manifest.get("profile") or {}
+    known = {f.name for f in fields(ExportProfile)}
+    return ExportProfile(**{k: v for k, v in recorded.items() if k in known and k != "name" and v is not None},
+                         name=str(recorded.get("name") or "cpu-fp32"))
 
 
 def available_profiles() -> List[str]:
@@ -274,7 +283,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
 
 
 def parity_images(config: FactorConfig, data: str, seed: int, count: int = PARITY_IMAGES) -> torch.Tensor:
-    """Held-out sprites (from `seed` on) for sprites runs; uniform noise images otherwise."""
+    """Held-out sprites (from `seed` on) for sprites bundles; uniform noise images otherwise
+    (a bundle does not carry its data: export compares on the run's held-out images instead)."""
     if data == "sprites":
         from .data import SpritesSource, heldout_combinations
         from .pipeline import resize_images
@@ -323,21 +333,43 @@ def _check_parity(parity: Dict[str, dict]) -> None:
             )
 
 
-def _heldout_accuracy(bundle_root: Path, trunk_file: str, task_files: Dict[str, str], data: str, size: int = 64) -> Dict[str, Optional[float]]:
-    """Accuracy of the exported modules (ONNX Runtime) on held-out sprites; None for other data."""
-    if data != "sprites":
+def _heldout_accuracy(bundle_root: Path, trunk_file: str, task_files: Dict[str, str], heldout) -> Dict[str, Optional[float]]:
+    """Accuracy of the exported modules (ONNX Runtime) on the run's held-out images
+    (`heldout`: 0-1 images and labels, or None where the data cannot be opened: None each)."""
+    if heldout is None:
         return {task: None for task in task_files}
-    from .data import SpritesSource
-    from .pipeline import resize_images
-
-    images, labels = SpritesSource(tasks=list(task_files)).heldout(ACCURACY_IMAGES)
-    images = resize_images(images, size)
-    common = ort_session(bundle_root / trunk_file).run(None, {"image": images.numpy()})[0]
+    images, labels = heldout
+    images = images.numpy()
+    common = ort_session(bundle_root / trunk_file).run(None, {"image": images})[0]
     result = {}
     for task, file in task_files.items():
-        logits = ort_session(bundle_root / file).run(None, {"image": images.numpy(), "common": common})[0]
+        logits = ort_session(bundle_root / file).run(None, {"image": images, "common": common})[0]
         result[task] = float((logits.argmax(1) == labels[task].numpy()).mean())
     return result
+
+
+def _open_run_data(info: dict, progress):
+    """The run's data opened again (kfdeploy.pipeline.OpenedData), or None, with a line saying
+    why, where it cannot be (datasets passed from Python, a folder moved since training)."""
+    if info.get("data") == "custom":
+        progress("held-out accuracy and examples: none (the run trained on datasets passed from Python)")
+        return None
+    from .pipeline import open_run_data
+
+    try:
+        return open_run_data(info)
+    except KfError as exc:
+        progress(f"held-out accuracy and examples: none ({exc})")
+        return None
+
+
+def _run_heldout(opened, tasks: Sequence[str]):
+    """ACCURACY_IMAGES held-out images of the run's data (0-1 pixels at the model's size) with
+    the labels of `tasks`, or None where there are none."""
+    if opened is None:
+        return None
+    images, labels = opened.source.heldout(ACCURACY_IMAGES)
+    return (images, {t: labels[t] for t in tasks}) if len(images) else None
 
 
 def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
@@ -350,37 +382,24 @@ def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
         return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys() if "running_" not in k and "num_batches" not in k))
 
 
-def heldout_examples(info: dict, config: FactorConfig, count: int = EXAMPLE_IMAGES):
-    """`count` held-out images of the run's data for the bundle's examples, with their labels:
-    (images (N, C, H, W) in [0, 1], {task: (N,) class indices}); None for datasets passed from
-    Python, which kfdeploy cannot open again (pass `examples=` to export_bundle)."""
-    data = info.get("data", "sprites")
-    if data == "custom":
+def heldout_examples(opened, config: FactorConfig, count: int = EXAMPLE_IMAGES):
+    """`count` held-out images of the run's data (`opened`, kfdeploy.pipeline.OpenedData) for
+    the bundle's examples, with their labels: (images (N, C, H, W) in [0, 1], {task: (N,)
+    class indices}); None where there are none. Pass `examples=` to export_bundle for
+    datasets passed from Python, which kfdeploy cannot open again."""
+    if opened is None:
         return None
-    if data == "sprites":  # every sprite factor labelled, whatever tasks the run has
+    if opened.kind == "sprites":  # every sprite factor labelled, whatever tasks the run has
         from .data import TASK_NAMES, SpritesSource
         from .pipeline import resize_images
 
         images, labels = SpritesSource(tasks=list(TASK_NAMES)).heldout(count, offset=EXAMPLES_OFFSET)
         return resize_images(images, config.trunk.image_size), labels
-    from .pipeline import open_run_data  # colour sprites, an image folder: opened as the run recorded them
-
-    opened = open_run_data(info)
     images, labels = opened.source.heldout(count, offset=0 if opened.kind == "folder" else EXAMPLES_OFFSET)
     return (images, labels) if len(images) else None
 
 
 EXAMPLES_OFFSET = 1000  # past the first held-out sprites, which evaluation and parity use
-
-
-def _run_examples(info: dict, config: FactorConfig, progress):
-    """heldout_examples, or none with a line saying why (a folder moved since training, say):
-    examples are for demos, not a reason to refuse an export."""
-    try:
-        return heldout_examples(info, config)
-    except KfError as exc:
-        progress(f"no example images in the bundle: {exc}")
-        return None
 
 
 def _examples_from_dataset(dataset, count: int = EXAMPLE_IMAGES):
@@ -450,18 +469,21 @@ def export_bundle(
     run_dir: Path,
     out: Path,
     tasks: Optional[Sequence[str]] = None,
-    profile: ExportProfile = ExportProfile("cpu-fp32"),
+    profile: Optional[ExportProfile] = None,
     into: bool = False,
     archive: bool = False,
     progress=print,
     examples=None,
+    keep_examples: bool = False,
 ) -> Path:
     """Export run_dir's factor modules into bundle `out` (or add them to it with `into`).
 
     The bundle stores a few held-out images as examples, drawn from the run's data (sprites,
     colour sprites, an image folder). For datasets passed from Python, which kfdeploy cannot
     open again, pass `examples`: a dataset of (image (C, H, W) in [0, 1], {task: int label})
-    items (the first EXAMPLE_IMAGES are taken), such as your held-out set.
+    items (the first EXAMPLE_IMAGES are taken), such as your held-out set. `keep_examples`
+    (with `into`) leaves the bundle's examples as they are. `profile` defaults to the
+    bundle's own with `into` (graphs of one opset and batch range compose), else cpu-fp32.
     """
     from .pipeline import parse_tasks
 
@@ -483,20 +505,28 @@ def export_bundle(
                 f"{fingerprint[:12]}) than the one in {out} ({bundle_fingerprint[:12]}); they cannot be "
                 "combined — export them into a new bundle"
             )
+        profile = profile or bundle_profile(existing)
         if tuple(existing.normalization()) != normalization:
             raise KfError(f"{run_dir} normalizes its pixels with mean {normalization[0]}, std {normalization[1]}, but the "
                           f"bundle {out} with mean {existing.normalization()[0]}, std {existing.normalization()[1]}; "
                           "export it into a new bundle")
     elif out.exists() and not (out / MANIFEST).is_file():
         raise KfError(f"{out} exists and is not a bundle; choose another --out (an existing bundle is replaced)")
+    profile = profile or ExportProfile("cpu-fp32")
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        found = _examples_from_dataset(examples) if examples is not None else _run_examples(info, model.config, progress)
-        manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, found)
+        opened = _open_run_data(info, progress)
+        if examples is not None:
+            found = _examples_from_dataset(examples)
+        else:
+            found = None if keep_examples and existing is not None else heldout_examples(opened, model.config)
+        heldout = _run_heldout(opened, tasks)
+        manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization,
+                          found, heldout)
         write_json_atomic(staging / MANIFEST, manifest)
         _exchange(staging, out)
     except BaseException:
@@ -507,7 +537,8 @@ def export_bundle(
     return out
 
 
-def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, examples) -> dict:
+def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, examples,
+           heldout) -> dict:
     import onnx
     import onnxruntime
 
@@ -529,8 +560,10 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
         # A task being re-exported must get new files: writing through its link would
         # rewrite the live bundle's file before the swap.
         for task in tasks:
-            for stale in (f"tasks/{task}.onnx", f"weights/tasks/{task}.safetensors"):
-                (staging / stale).unlink(missing_ok=True)
+            stale = [f"tasks/{task}.onnx", f"weights/tasks/{task}.safetensors"]
+            stale += [v["file"] for v in manifest["tasks"].get(task, {}).get("variants", {}).values()]
+            for file in stale:  # a variant that fell back to the fp32 file is listed twice: missing_ok
+                (staging / file).unlink(missing_ok=True)
         if examples is not None:  # new examples replace the old: unlink, never write through a link
             for record in manifest.get("examples", []):
                 (staging / record["file"]).unlink(missing_ok=True)
@@ -550,11 +583,13 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
         save_tensors_atomic(staging / "weights" / "tasks" / f"{task}.safetensors", model.tasks[task].state_dict())
     for file in [trunk_file, *task_files.values()]:
         check_graph(onnx.load(str(staging / file)), file)
-    progress(f"checking parity with PyTorch on {PARITY_IMAGES} held-out images")
+    # The run's own held-out images where it has them; noise where not (datasets from Python).
+    images = heldout[0][:PARITY_IMAGES] if heldout is not None else parity_images(config, data, seed=0)
+    progress(f"checking parity with PyTorch on {len(images)} {'held-out' if heldout is not None else 'noise'} images")
     task_graphs = {task: staging / file for task, file in task_files.items()}
-    parity = module_parity(model, staging / trunk_file, task_graphs, parity_images(config, data, seed=0), normalization)
+    parity = module_parity(model, staging / trunk_file, task_graphs, images, normalization)
     _check_parity(parity)
-    accuracy = _heldout_accuracy(staging, trunk_file, task_files, data, size)
+    accuracy = _heldout_accuracy(staging, trunk_file, task_files, heldout)
     if existing is None:
         manifest = {
             "format": FORMAT,
@@ -607,8 +642,10 @@ def _input_spec(channels: int, size: int, normalization: Normalization, batch: d
     }
 
 
-def torch_modules(bundle: Bundle) -> FactorNet:
-    """The PyTorch factor network (trunk and the bundle's tasks) from the weights it carries.
+def torch_modules(bundle: Bundle, new_tasks: Optional[Dict[str, int]] = None) -> FactorNet:
+    """The PyTorch factor network (trunk and the bundle's tasks) from the weights it carries;
+    with `new_tasks` (name -> classes), its trunk and freshly initialised task modules of
+    those instead (kfdeploy add-task).
 
     It takes normalized pixels, as in training; `graph_modules(model, bundle.normalization())`
     wraps it into what the graphs compute from 0-1 pixels (the torch backend runs those).
@@ -618,9 +655,10 @@ def torch_modules(bundle: Bundle) -> FactorNet:
     except (KeyError, TypeError, ValueError) as exc:  # the schema checks the object, not what it configures
         raise KfError(f"{bundle.root / MANIFEST}: model is not a factor network configuration this kfdeploy can "
                       f"build ({type(exc).__name__}: {exc}); re-export the bundle with this kfdeploy") from None
-    model = FactorNet(replace(config, task_classes={t: bundle.task(t)["classes"] for t in bundle.tasks}))
+    classes = new_tasks if new_tasks is not None else {t: bundle.task(t)["classes"] for t in bundle.tasks}
+    model = FactorNet(replace(config, task_classes=classes))
     apply_weights(model.trunk, load_weights(bundle.file(bundle.manifest["trunk"]["weights"]["file"]), "trunk weights"), "trunk weights")
-    for task in bundle.tasks:
+    for task in bundle.tasks if new_tasks is None else ():
         what = f"task {task} weights"
         apply_weights(model.tasks[task], load_weights(bundle.file(bundle.task(task)["weights"]["file"]), what), what)
     return model.eval()

@@ -55,9 +55,9 @@ def _run_data(bundle: Bundle, seed: int):
     """The bundle's run data, opened again: (kind, source with batch()/heldout()), or None."""
     source = bundle.manifest.get("source", {})
     if source.get("data") == "sprites":
-        from .data import TASK_NAMES, SpritesSource
+        from .data import NEW_TASKS, TASK_NAMES, SpritesSource
 
-        return SpritesSource(seed=seed, tasks=[t for t in bundle.tasks if t in TASK_NAMES])
+        return SpritesSource(seed=seed, tasks=[t for t in bundle.tasks if t in TASK_NAMES or t in NEW_TASKS])
     run = source.get("run")
     if not run or not Path(run, "run.json").is_file():
         return None

@@ -376,7 +376,11 @@ def test_a_folder_run_exports_its_normalization_and_held_out_images_and_run_answ
     assert main(["run", str(bundle), *map(str, files), "--json", "--top", "2"]) == 0
     answers = json.loads(capsys.readouterr().out)
     model = kfdeploy.load(bundle, **QUIET)
-    expected = model.top(model(np.stack([_as_the_bundle_takes(path, "RGB", 32) for path in files])), k=2)
+    images = np.stack([_as_the_bundle_takes(path, "RGB", 32) for path in files])
+    for task in ("shape", "colour"):  # export measures every task on the folder's held-out split
+        truth = np.array([manifest["tasks"][task]["labels"].index(row[task]) for row in heldout])
+        assert manifest["tasks"][task]["heldout_accuracy"] == pytest.approx((model(images)[task].argmax(1) == truth).mean(), abs=1e-9)
+    expected = model.top(model(images), k=2)
     for i, answer in enumerate(answers):
         for task in ("shape", "colour"):
             assert [e["label"] for e in answer[task]] == [label for label, _ in expected[task][i]]
