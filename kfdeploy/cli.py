@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .data import NEW_TASK_STEPS, NEW_TASKS
 from .errors import KfError
 from .extras import check
 
@@ -17,6 +18,8 @@ EXAMPLES = {
     "evaluate": "kfdeploy evaluate runs/kf\n  kfdeploy evaluate runs/kf --images 20000 --json report.json\n  kfdeploy evaluate runs/kf-mine --teacher-factory my_pkg.models:build --teacher-weights teacher.safetensors",
     "quickstart": "kfdeploy quickstart\n  kfdeploy quickstart --out runs/qs --resume",
     "export": "kfdeploy export runs/kf --out bundles/sprites\n  kfdeploy export runs/kf --out bundles/sprites --profile jetson-fp16 --archive\n  kfdeploy export runs/kf --tasks pos_x --into bundles/sprites",
+    "add-task": "kfdeploy add-task bundles/sprites --name quadrant --data sprites\n  kfdeploy add-task bundles/sprites --name ring --data sprites --labels 1000 --steps 600\n  kfdeploy add-task bundles/photos --name weather --data more-photos/   # more-photos/labels.csv has a 'weather' column\n  kfdeploy add-task bundles/sprites --name shape --data sprites --replace",
+    "transferability": "kfdeploy transferability bundles/sprites --data sprites\n  kfdeploy transferability bundles/photos --data more-photos/ --images 300 --json scores.json",
     "inspect": "kfdeploy inspect bundles/sprites\n  kfdeploy inspect bundles/sprites.tar.gz --json",
     "verify": "kfdeploy verify bundles/sprites\n  kfdeploy verify bundles/sprites.tar.gz",
     "build-engines": "kfdeploy build-engines bundles/sprites --precision fp16\n  kfdeploy build-engines bundles/sprites --with torch-tensorrt",
@@ -36,6 +39,10 @@ QUICKSTART_FACTORIZE_STEPS = 2000
 def _add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder to create (or continue with --resume)")
     p.add_argument("--tasks", help="comma-separated subset of tasks (default: all)")
+    _add_step_args(p, steps, "continue the run in --out from its last checkpoint")
+
+
+def _add_step_args(p: argparse.ArgumentParser, steps: int, resume_help: str) -> None:
     p.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
     p.add_argument("--batch-size", type=int, default=128, help="images per step per process (default 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, AdamW with cosine decay (default 2e-3)")
@@ -49,7 +56,7 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
                    "other data on CUDA, inline on a CPU. Every feed gives the same batches")
     p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the training step (mode default; reduce-overhead adds CUDA graphs on a GPU)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help=resume_help)
 
 
 def _add_data_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -118,9 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="factorized run folder")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write (an existing bundle is replaced atomically)")
     p.add_argument("--tasks", help="comma-separated subset of tasks (default: all)")
-    p.add_argument("--profile", default="cpu-fp32", help="export profile: a name from export/ or a .toml path (default cpu-fp32)")
+    p.add_argument("--profile", help="export profile: a name from export/ or a .toml path (default cpu-fp32; with --into the bundle's own)")
     p.add_argument("--into", action="store_true", help="add the tasks to the existing bundle at --out, keeping its trunk")
     p.add_argument("--archive", action="store_true", help="also write OUT.tar.gz for shipping")
+
+    p = command("add-task", "Train a new task module against a bundle's frozen trunk and add it to the bundle in place.")
+    p.add_argument("bundle", type=Path, help="bundle folder (changed in place, atomically)")
+    p.add_argument("--name", required=True, help="the new task's name in the bundle; for a folder, its column in labels.csv")
+    p.add_argument("--data", required=True, metavar="SOURCE", help=f"a folder of images with labels.csv, or sprites / sprites-rgb "
+                   f"for an embedded new task ({', '.join(NEW_TASKS)})")
+    p.add_argument("--labels", type=int, metavar="N", help="train on N labelled images only (default: all the data has)")
+    p.add_argument("--replace", action="store_true", help="retrain a task the bundle already has")
+    p.add_argument("--run", type=Path, metavar="DIR", help="keep the training run in DIR (default: a temporary folder)")
+    _add_step_args(p, NEW_TASK_STEPS, "continue the run kept in --run from its last checkpoint")
+
+    p = command("transferability", "Score how well a bundle's trunk will serve new tasks, before any training.")
+    p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="a folder of images with labels.csv, or sprites / sprites-rgb (its new tasks)")
+    p.add_argument("--tasks", help="comma-separated tasks of SOURCE (default: all)")
+    p.add_argument("--images", type=int, default=500, help="labelled images to score on (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the scores as JSON")
 
     p = command("inspect", "Summarise a bundle: tasks, classes, input, files, checksums, parity, engines.")
     p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
@@ -273,9 +298,36 @@ def cmd_export(args) -> None:
 
     started = time.perf_counter()
     tasks = args.tasks.split(",") if args.tasks else None
-    out = export_bundle(args.run, args.out, tasks=tasks, profile=load_profile(args.profile), into=args.into, archive=args.archive)
+    out = export_bundle(args.run, args.out, tasks=tasks, profile=load_profile(args.profile) if args.profile else None, into=args.into, archive=args.archive)
     archive = f" and {out.name}.tar.gz" if args.archive else ""
     print(f"bundle written to {out}{archive} in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_add_task(args) -> int:
+    from .add_task import add_task
+
+    started = time.perf_counter()
+    try:
+        record = add_task(args.bundle, args.name, args.data, labels=args.labels, config=_train_config(args),
+                          replace_existing=args.replace, run=args.run, resume=args.resume, device=args.device)
+    except KeyboardInterrupt:
+        kept = f"continue with --run {args.run} --resume" if args.run else "keep the training with --run DIR to be able to --resume"
+        print(f"\nkfdeploy: interrupted; the bundle is as it was ({kept})", file=sys.stderr)
+        return 130
+    accuracy = record["heldout_accuracy"]
+    measured = f", held-out accuracy {accuracy:.4f} (ONNX Runtime)" if accuracy is not None else ""
+    print(f"task {args.name!r} added to {args.bundle}: {record['classes']} classes, {_human_bytes(record['bytes'])}{measured}, "
+          f"in {time.perf_counter() - started:.1f} s; running apps take it with add_task({args.name!r})")
+    return 0
+
+
+def cmd_transferability(args) -> None:
+    from .transferability import format_report, score
+
+    result = score(args.bundle, args.data, tasks=_task_list(args.tasks), images=args.images, seed=args.seed)
+    print(format_report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _human_bytes(count: int) -> str:
@@ -520,7 +572,7 @@ COMMANDS = {
     "teacher": cmd_teacher, "factorize": cmd_factorize, "evaluate": cmd_evaluate, "quickstart": cmd_quickstart,
     "export": cmd_export, "inspect": cmd_inspect, "verify": cmd_verify, "build-engines": cmd_build_engines,
     "check-trt": cmd_check_trt, "quantize": cmd_quantize, "run": cmd_run, "demo": cmd_demo,
-    "triton-repo": cmd_triton_repo, "serve": cmd_serve,
+    "triton-repo": cmd_triton_repo, "serve": cmd_serve, "add-task": cmd_add_task, "transferability": cmd_transferability,
 }
 
 
@@ -529,7 +581,7 @@ COMMANDS = {
 # only the base install; run's backends ask for theirs when the assembly is made.
 NEEDS = {
     "teacher": ("train",), "factorize": ("train",), "evaluate": ("train",), "build-engines": ("train",),
-    "export": ("train", "cpu"), "quantize": ("train", "cpu"), "verify": ("train", "cpu"), "quickstart": ("train", "cpu"), "demo": ("demo", "cpu"),
+    "export": ("train", "cpu"), "add-task": ("train", "cpu"), "transferability": ("train", "cpu"), "quantize": ("train", "cpu"), "verify": ("train", "cpu"), "quickstart": ("train", "cpu"), "demo": ("demo", "cpu"),
 }
 
 

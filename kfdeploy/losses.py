@@ -96,11 +96,43 @@ class FactorizationObjective(nn.Module):
             "infomax": infomax_loss(common, student.teacher_proj(teacher_features.float())) * w.feat
         }
         for task, module in student.tasks.items():
-            mu, logvar = module.code(images)
-            code = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
-            logits = module.head(common + code)
-            metrics[f"ce_{task}"] = F.cross_entropy(logits.float(), labels[task])
-            metrics[f"aux_{task}"] = F.cross_entropy(module.aux_head(code).float(), labels[task]) * w.aux
+            logits = task_terms(task, module, images, common, labels[task], w, metrics)
             metrics[f"kd_{task}"] = distillation_loss(logits, teacher_logits[task], w.temperature) * w.kd
-            metrics[f"kl_{task}"] = gaussian_kl(mu, logvar) * w.kl
+        return sum(metrics.values()), metrics
+
+
+def task_terms(task: str, module: nn.Module, images: torch.Tensor, common: torch.Tensor, labels: torch.Tensor,
+               w: LossWeights, metrics: Metrics) -> torch.Tensor:
+    """A task module's own terms, added to `metrics`: label loss on its head and on its
+    auxiliary head, InfoMin on its sampled code. Returns the head's logits."""
+    mu, logvar = module.code(images)
+    code = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+    logits = module.head(common + code)
+    metrics[f"ce_{task}"] = F.cross_entropy(logits.float(), labels)
+    metrics[f"aux_{task}"] = F.cross_entropy(module.aux_head(code).float(), labels) * w.aux
+    metrics[f"kl_{task}"] = gaussian_kl(mu, logvar) * w.kl
+    return logits
+
+
+class FrozenTrunkObjective(nn.Module):
+    """A new task module trained against a shipped trunk that stays exactly as it was
+    (kfdeploy add-task): no gradient reaches the trunk, and it stays in eval mode so not
+    even BatchNorm's running statistics move. There is no teacher for a new task, so no KD."""
+
+    def __init__(self, student: FactorNet, task: str, weights: LossWeights):
+        super().__init__()
+        self.model = student.requires_grad_(False)
+        student.tasks[task].requires_grad_(True)
+        self.task, self.weights = task, weights
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.trunk.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
+        with torch.no_grad():
+            common = self.model.forward_features(images)
+        metrics: Metrics = {}
+        task_terms(self.task, self.model.tasks[self.task], images, common, labels[self.task], self.weights, metrics)
         return sum(metrics.values()), metrics

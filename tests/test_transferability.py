@@ -1,5 +1,6 @@
 """Transferability before training (kfdeploy/transferability.py): LogME checked against the
 evidence computed directly, and the score of a real bundle's trunk on new sprites tasks."""
+import json
 import math
 
 import numpy as np
@@ -152,3 +153,17 @@ def test_more_images_than_a_folders_training_split_are_refused(bundle, tmp_path)
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(KfError, match=r"--images 50 asks for more images than the folder's training split holds \(10\)"):
         score(bundle, tmp_path, images=50, progress=lambda message: None)
+
+
+def test_the_command_prints_the_report_and_writes_the_scores(bundle, tmp_path, capsys):
+    from kfdeploy.cli import main
+
+    out = tmp_path / "scores.json"
+    assert main(["transferability", str(bundle), "--data", "sprites", "--tasks", "quadrant,x_parity", "--images", "60",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert set(written["tasks"]) == {"quadrant", "x_parity"}
+    for task, row in written["tasks"].items():
+        line = next(line for line in printed.splitlines() if line.startswith(task))
+        assert f"{row['logme']:.3f}" in line
