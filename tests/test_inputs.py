@@ -356,7 +356,8 @@ def test_run_resizes_and_converts_image_files_as_kfdeploy_load_sees_them(request
 
 def test_a_folder_run_exports_its_normalization_and_held_out_images_and_run_answers_its_files(tmp_path, capsys):
     """The chain on a labelled folder of RGB PNGs and JPEGs of three sizes: teacher, factorize,
-    export (normalization and examples from the run), then `kfdeploy run` on the held-out files."""
+    export (normalization, examples and held-out accuracy from the run), verify, then
+    `kfdeploy run` on the held-out files answers as kfdeploy.load does on the same pixels."""
     from test_folder_data import SHORT, make_folder, read_rows
 
     folder = make_folder(tmp_path / "shapes")
@@ -364,6 +365,7 @@ def test_a_folder_run_exports_its_normalization_and_held_out_images_and_run_answ
     assert main(["teacher", "--data", str(folder), "--out", str(teacher), "--image-size", "32", *SHORT]) == 0
     assert main(["factorize", "--teacher", str(teacher), "--out", str(kf), *SHORT]) == 0
     assert main(["export", str(kf), "--out", str(bundle)]) == 0
+    assert main(["verify", str(bundle)]) == 0
     capsys.readouterr()
     manifest, run = _manifest(bundle), json.loads((kf / "run.json").read_text())
     normalization = manifest["input"]["normalization"]
