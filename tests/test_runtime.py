@@ -326,6 +326,24 @@ def test_bad_images_are_refused_with_a_clear_message(model, bad, message):
         model(bad)
 
 
+def test_the_value_check_takes_the_values_min_and_max_would_take(model):
+    # prepare() answers most arrays from the max of their bits as integers: the same answers
+    # as comparing each value with the accepted range, at the edges too.
+    low, high = model._accepted  # the manifest's range and its rounding slack
+    f32 = np.float32
+    near = [np.nextafter(f32(edge), f32(direction)) for edge in (low, high, 0) for direction in (-np.inf, np.inf)]
+    edges = [0.0, -0.0, 1.0, 0.5, low, high, *near, -0.0011, f32(low) / 2, np.finfo(f32).smallest_subnormal,
+             -np.finfo(f32).smallest_subnormal, np.finfo(f32).max, np.inf, -np.inf, np.nan, -np.nan]
+    for value in np.array(edges, f32):
+        image = np.full((1, 1, 64, 64), 0.5, f32)
+        image[0, 0, 17, 3] = value
+        if low <= value <= high:  # as numpy compares a float32 with a float; False for NaN
+            model.prepare(image)
+        else:
+            with pytest.raises(KfError, match="NaN or infinite" if not np.isfinite(value) else "must lie in"):
+                model.prepare(image)
+
+
 def test_an_empty_batch_returns_empty_scores(model):
     out = model(np.zeros((0, 1, 64, 64), np.float32))
     assert out["shape"].shape == (0, 3) and out["scale"].shape == (0, 6)
