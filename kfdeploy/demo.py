@@ -11,6 +11,8 @@ only draws what it returns.
 Any bundle: inputs are brought to its own size and channel count (kfdeploy.images.fit_image,
 as `kfdeploy run` does), labels come from its manifest, and the example images it carries
 can be clicked. The sprite generator appears only for bundles of the embedded sprites.
+A task added to the bundle while the demo runs (`kfdeploy add-task`) is offered from the
+next page load on: each load (`/tasks` in the API) reads the manifest again if it changed.
 
 An offline tool: Gradio's analytics and version check are off, whatever the environment
 says, and uploads are capped in bytes (MAX_UPLOAD_BYTES) before kfdeploy.images caps them
@@ -19,6 +21,7 @@ in pixels.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -28,10 +31,10 @@ from typing import Dict, List, Optional
 import gradio as gr  # at import, so `kfdeploy demo` can name the missing extra
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import MANIFEST, Bundle
 from .errors import KfError
 from .images import fit_image, read_image
-from .runtime import Assembly, Timings, engines_for_this_device
+from .runtime import Assembly, Timings, engines_for_this_device, replacement_problem
 
 DEFAULT_BUNDLE = Path("runs/quickstart/bundle")
 # Gradio refuses bigger uploads before they reach kfdeploy. A 64x64 model needs far less; a
@@ -85,6 +88,9 @@ class Demo:
     def __init__(self, bundle_path: Path):
         self.bundle = Bundle.open(bundle_path)  # checksums verified here, before any session
         self.tasks = self.bundle.tasks
+        self._stamp = _manifest_stamp(self.bundle.root)  # the manifest.json read
+        self._refused: Optional[str] = None  # why the bundle on disk now is not taken
+        self._refreshing = threading.Lock()
         self.channels, self.size = self.bundle.channels, self.bundle.image_size
         # The generator renders the five sprite factors: only bundles of the embedded sprites have them.
         self.sprites = self.bundle.manifest.get("source", {}).get("data") == "sprites"
@@ -93,6 +99,29 @@ class Demo:
         self._assemblies: Dict[str, object] = {}
         self._splits: Dict[tuple, Timings] = {}
         self._lock = threading.Lock()
+
+    def refresh(self) -> Optional[str]:
+        """Read the bundle again if its manifest changed since it was read: a page load then
+        lists the tasks added to it meanwhile (the assemblies read a task's module as it is
+        ticked). A bundle whose trunk or input changed is not taken: returns why, else None."""
+        if self.bundle.archive is not None:  # an extracted archive never changes
+            return None
+        with self._refreshing:
+            stamp = _manifest_stamp(self.bundle.root)
+            if stamp == self._stamp:
+                return self._refused
+            self._stamp = stamp
+            try:
+                new = Bundle.open(self.bundle.root)
+                problem = replacement_problem(self.bundle, new)
+            except KfError as exc:
+                problem = str(exc)
+            if problem:
+                self._refused = (f"the bundle at {self.bundle.root} changed on disk and cannot be taken by this running "
+                                 f"demo ({problem}); restart the demo to show it")
+            else:
+                self.bundle, self.tasks, self._refused = new, new.tasks, None
+            return self._refused
 
     def backends(self) -> List[str]:
         engines, _ = engines_for_this_device(self.bundle.manifest)
@@ -140,6 +169,15 @@ class Demo:
     def teacher_bytes(self) -> Optional[int]:
         parameters = self.bundle.manifest.get("source", {}).get("teacher_parameters")
         return None if parameters is None else parameters * 4
+
+
+def _manifest_stamp(root: Path) -> Optional[tuple]:
+    """What changes when manifest.json is rewritten (a bundle is written anew, then swapped in)."""
+    try:
+        stat = os.stat(Path(root) / MANIFEST)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def sprite(shape: str, scale: int, orientation: int, pos_x: int, pos_y: int) -> tuple[np.ndarray, Dict[str, str]]:
@@ -274,20 +312,34 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
                 status = gr.Markdown(elem_id="status")
                 seen = gr.Image(label=f"What the model sees ({demo.describe_input()})", height=160, elem_id="seen")
                 labels = {t: gr.Label(num_top_classes=3, label=t, visible=t in demo.tasks[:2], elem_id=f"label-{t}") for t in demo.tasks}
+                # Tasks added to the bundle since the page was built have no Label above: their
+                # scores are drawn here, one Label each, as they are answered.
+                added_scores = gr.State({})
+
+                @gr.render(inputs=added_scores)
+                def added_labels(scores):
+                    for task, confidences in scores.items():
+                        gr.Label(confidences, num_top_classes=3, label=task, elem_id=f"label-{task}")
                 summary = gr.Markdown(elem_id="summary")
                 bricks = gr.Image(label="Bricks in use", elem_id="bricks")
         # The last picture answered and its true labels: ticking a task answers it again.
         last = gr.State(None)
 
-        outputs = [status, seen, *labels.values(), summary, bricks, last]
+        outputs = [status, seen, *labels.values(), summary, bricks, last, added_scores]
 
         def show(answer_or_error, picture=None) -> list:
             if isinstance(answer_or_error, str):
-                return [f"⚠️ {answer_or_error}", gr.update(), *[gr.update() for _ in labels], gr.update(), gr.update(), gr.update()]
+                return [f"⚠️ {answer_or_error}", gr.update(), *[gr.update() for _ in labels], gr.update(), gr.update(), gr.update(),
+                        gr.update()]
             answer: Answer = answer_or_error
             label_updates = [gr.update(value=answer.scores.get(t), visible=t in answer.scores) for t in labels]
+            added = {t: scores for t, scores in answer.scores.items() if t not in labels}
             return ["", answer.seen, *label_updates, summary_markdown(answer, demo.teacher_bytes()),
-                    bricks_picture(answer.sizes, demo.teacher_bytes()), picture if picture is not None else gr.update()]
+                    bricks_picture(answer.sizes, demo.teacher_bytes()), picture if picture is not None else gr.update(), added]
+
+        def on_load():
+            problem = demo.refresh()
+            return gr.update(choices=demo.tasks), f"⚠️ {problem}" if problem else gr.update()
 
         def answered(image, ticked, backend_name, truth=None) -> list:
             try:
@@ -350,6 +402,8 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
         tasks.change(on_tasks, [last, tasks, backend, *sprite_inputs], outputs, api_name=False)
         predict_sketch.click(on_sketch, [sketch, tasks, backend], outputs, api_name="predict_sketch")
         predict_upload.click(on_upload, [upload, tasks, backend], outputs, api_name="predict_upload")
+        # Every page load: the tasks the bundle has now (its manifest read again if it changed).
+        app.load(on_load, None, [tasks, status], api_name="tasks", show_progress="hidden")
     return app
 
 

@@ -14,9 +14,10 @@ from PIL import Image
 import kfdeploy
 from conftest import chromium_driver
 from kfdeploy.data import render
-from kfdeploy.demo import MAX_UPLOAD_BYTES, build_app, launch, to_model_input
+from kfdeploy.demo import MAX_UPLOAD_BYTES, Demo, build_app, launch, sprite, to_model_input
 from kfdeploy.errors import KfError
 from test_images import png_header_only
+from test_runtime import add_on_disk, other_trunk, replace_on_disk, two_task_bundle
 
 SPRITE = ("heart", 5, 0, 8, 20)  # shape, scale index, orientation index, pos_x, pos_y
 OUTPUT_TASKS = ["shape", "scale", "orientation", "pos_x", "pos_y"]  # the Label outputs, in order
@@ -240,5 +241,71 @@ def test_a_browser_ticks_tasks_generates_a_sprite_and_sees_the_labels(server, bu
         shot = Path(os.environ.get("KFDEPLOY_DEMO_SCREENSHOT", tmp_path / "demo.png"))
         driver.save_screenshot(str(shot))
         assert shot.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        driver.quit()
+
+
+# -- tasks added to the bundle while the demo runs -----------------------------------------
+@pytest.fixture(scope="module")
+def two_tasks(factor_run, tmp_path_factory):
+    return two_task_bundle(factor_run, tmp_path_factory.mktemp("two"))
+
+
+@pytest.fixture
+def live(two_tasks, tmp_path):
+    return shutil.copytree(two_tasks, tmp_path / "live")
+
+
+@pytest.fixture
+def live_server(live):
+    port = _free_port()
+    app = launch(live, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+def _choices(update):
+    return [value for _, value in update["choices"]]
+
+
+@pytest.mark.slow
+def test_a_task_added_to_the_bundle_is_offered_from_the_next_page_load(live_server, live, factor_run):
+    client = Client(live_server, verbose=False)
+    offered, status = client.predict(api_name="/tasks")  # what a page load does
+    assert _choices(offered) == ["shape", "scale"] and status == {"__type__": "update"}
+    add_on_disk(factor_run, live)
+    offered, _ = client.predict(api_name="/tasks")
+    assert _choices(offered) == ["shape", "scale", "pos_x"]
+    result = client.predict(*SPRITE, ["shape", "pos_x"], "onnxruntime", api_name="/predict_sprite")
+    truth = sprite(*SPRITE)[1]["pos_x"]
+    assert result[0] == "" and f"| pos_x | {truth} |" in result[4]  # answered: the summary has its row
+
+
+def test_a_replaced_bundle_with_another_trunk_is_not_offered_and_the_page_says_why(live):
+    demo = Demo(live)
+    assert demo.refresh() is None and demo.tasks == ["shape", "scale"]  # unchanged: nothing read
+    replace_on_disk(live, other_trunk)
+    problem = demo.refresh()
+    assert problem.startswith(f"the bundle at {live} changed on disk and cannot be taken by this running demo (its trunk is another one")
+    assert problem.endswith("restart the demo to show it")
+    assert demo.tasks == ["shape", "scale"] and demo.refresh() == problem
+
+
+@pytest.mark.slow
+def test_a_browser_reloading_the_page_ticks_an_added_task_and_sees_its_label(live_server, live, factor_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    add_on_disk(factor_run, live)
+    driver = chromium_driver()
+    try:
+        driver.get(live_server)
+        wait = WebDriverWait(driver, 60)
+        box = wait.until(lambda d: d.find_element(By.XPATH, "//*[@id='tasks']//label[.//span[text()='pos_x']]"))
+        box.click()
+        driver.find_element(By.ID, "generate").click()
+        expected = _expected(live, ["pos_x"])["pos_x"]
+        best = max(expected, key=expected.get)
+        wait.until(lambda d: best in d.find_element(By.ID, "label-pos_x").text)
     finally:
         driver.quit()

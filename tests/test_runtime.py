@@ -447,12 +447,16 @@ def test_a_task_outside_the_selection_is_refused_per_call(model, images):
 
 
 # -- tasks added to the bundle on disk since it was loaded ---------------------------------
-@pytest.fixture(scope="module")
-def two_tasks(factor_run, tmp_path_factory):
-    """A bundle of shape and scale only: pos_x is what gets added to it on disk."""
+def two_task_bundle(factor_run, folder):
+    """A bundle of shape and scale only, in `folder`: pos_x is what gets added to it on disk."""
     from kfdeploy.export import export_bundle
 
-    return export_bundle(factor_run, tmp_path_factory.mktemp("two") / "b", tasks=["shape", "scale"], progress=lambda m: None)
+    return export_bundle(factor_run, folder / "b", tasks=["shape", "scale"], progress=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def two_tasks(factor_run, tmp_path_factory):
+    return two_task_bundle(factor_run, tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture
@@ -461,14 +465,14 @@ def live(two_tasks, tmp_path):
     return shutil.copytree(two_tasks, tmp_path / "live")
 
 
-def _add_on_disk(factor_run, bundle_dir, task="pos_x"):
+def add_on_disk(factor_run, bundle_dir, task="pos_x"):
     """What `kfdeploy add-task` does: a new bundle beside it, hard-linked, swapped in atomically."""
     from kfdeploy.export import export_bundle
 
     export_bundle(factor_run, bundle_dir, tasks=[task], into=True, progress=lambda m: None)
 
 
-def _replace_on_disk(bundle_dir, change):
+def replace_on_disk(bundle_dir, change):
     """Swap in a copy of the bundle whose manifest `change` edited, and which lists a new task
     'pos_x' (scale's files under another name)."""
     copy = bundle_dir.with_name("replacement")
@@ -486,7 +490,7 @@ def _replace_on_disk(bundle_dir, change):
 def test_a_task_added_to_the_bundle_on_disk_after_load_can_be_added(live, factor_run, images, backend):
     model = kfdeploy.load(live, tasks=["shape", "scale"], backend=backend, **QUIET)
     before = model(images, logits=True)
-    _add_on_disk(factor_run, live)
+    add_on_disk(factor_run, live)
     model.add_task("pos_x")
     assert model.tasks == ["shape", "scale", "pos_x"] and "pos_x" in model.bundle.tasks
     fresh = kfdeploy.load(live, tasks=["shape", "scale", "pos_x"], backend=backend, **QUIET)(images, logits=True)
@@ -508,7 +512,7 @@ def fresh_labels(bundle_dir, task):
 def test_calls_are_answered_while_the_bundle_is_read_again(live, factor_run, images, monkeypatch):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
     expected = model(images)["shape"]
-    _add_on_disk(factor_run, live)
+    add_on_disk(factor_run, live)
     reading, release, real_open = threading.Event(), threading.Event(), Bundle.open
 
     def slow_open(path, verify=True):
@@ -528,7 +532,7 @@ def test_calls_are_answered_while_the_bundle_is_read_again(live, factor_run, ima
 
 def test_the_read_again_is_verified_as_the_load_was(live, factor_run, monkeypatch):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
-    _add_on_disk(factor_run, live)
+    add_on_disk(factor_run, live)
     (live / "tasks" / "pos_x.onnx").write_bytes(b"tampered")
     with pytest.raises(KfError, match="checksum mismatch for tasks/pos_x.onnx"):
         model.add_task("pos_x")
@@ -537,26 +541,26 @@ def test_the_read_again_is_verified_as_the_load_was(live, factor_run, monkeypatc
 
 def test_an_unknown_task_is_still_refused_listing_the_bundles_tasks_now(live, factor_run):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
-    _add_on_disk(factor_run, live)
+    add_on_disk(factor_run, live)
     with pytest.raises(KfError, match=r"unknown task 'colour' in bundle .*; available: shape, scale, pos_x$"):
         model.add_task("colour")
     assert model.tasks == ["shape"]
 
 
-def _other_trunk(manifest):
+def other_trunk(manifest):
     manifest["trunk"]["fingerprint"] = "1" * 64
     for task in manifest["tasks"].values():
         task["trunk_fingerprint"] = "1" * 64
 
 
 @pytest.mark.parametrize("change, problem", [
-    (_other_trunk, r"its trunk is another one \(fingerprint 111111111111, this assembly runs [0-9a-f]{12}\)"),
+    (other_trunk, r"its trunk is another one \(fingerprint 111111111111, this assembly runs [0-9a-f]{12}\)"),
     (lambda m: m["input"].update(range=[0.0, 2.0]), r"its input spec differs \(input.range\)"),
 ], ids=["another-trunk", "another-input-range"])
 def test_a_bundle_replaced_by_an_incompatible_one_is_refused_with_the_fix(live, images, change, problem):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
     expected = model(images)["shape"]
-    _replace_on_disk(live, change)
+    replace_on_disk(live, change)
     with pytest.raises(KfError) as refused:
         model.add_task("pos_x")
     message = str(refused.value)
@@ -580,7 +584,7 @@ def test_a_router_serves_a_task_added_to_the_bundle_on_disk(live, factor_run, im
     from kfdeploy.routing import Router
 
     router = Router(live, tasks=["shape"], **QUIET)
-    _add_on_disk(factor_run, live)
+    add_on_disk(factor_run, live)
     router.add_task("pos_x")
     assert router.tasks == ["shape", "pos_x"] and "pos_x" in router.bundle.tasks
     answer = router.run(images[:4], logits=True)
