@@ -1,7 +1,9 @@
 """Shared fixtures: tiny but real teacher and factor runs, trained once per test session."""
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,29 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
         [sys.executable, "-m", "kfdeploy", *args], capture_output=True, text=True,
         timeout=timeout, cwd=kwargs.pop("cwd", REPO), env=env, **kwargs,
     )
+
+
+def kill_at(argv, line_start: str, before_kill=lambda: None) -> list:
+    """Start `python -m kfdeploy ARGV` and SIGKILL it as it prints a line starting with
+    `line_start` (after calling `before_kill`); asserts it got there and died by the signal,
+    since a command that ended early would pass any check of what it left. Returns its lines."""
+    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(300, process.kill)  # a hung command fails the test instead of blocking it
+    watchdog.start()
+    said = []
+    for line in process.stdout:
+        said.append(line)
+        if line.startswith(line_start):
+            break
+    before_kill()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    watchdog.cancel()
+    process.stdout.close()
+    assert said and said[-1].startswith(line_start), f"it ended before printing {line_start!r}:\n" + "".join(said)
+    assert process.returncode == -signal.SIGKILL, "it finished before it was killed"
+    return said
 
 
 def cli_fails(argv, capsys, expected: str) -> str:

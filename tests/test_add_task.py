@@ -1,18 +1,13 @@
 """kfdeploy add-task: a new task module trained against a bundle's frozen trunk joins the bundle."""
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 
 import numpy as np
 import pytest
 
 import kfdeploy
-from conftest import REPO, cli_fails
+from conftest import cli_fails, kill_at
 from kfdeploy.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.data import NEW_TASKS, SpritesSource, sprite_labels
@@ -156,32 +151,12 @@ def test_a_label_budget_trains_on_that_many_images(bundle, tmp_path):
     assert len(seen) <= 100 and len(seen) > 90
 
 
-def _killed_add_task(bundle_dir, tmp_path):
-    """`kfdeploy add-task` SIGKILLed as it starts writing the new module into the bundle."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kfdeploy", "add-task", str(bundle_dir), "--name", "diagonal", "--data", "sprites",
-         "--steps", "2", *QUICK], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    watchdog = threading.Timer(300, process.kill)
-    watchdog.start()
-    said = []
-    for line in process.stdout:
-        said.append(line)
-        if line.startswith("exporting task"):
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    watchdog.cancel()
-    process.stdout.close()
-    assert said and said[-1].startswith("exporting task"), "add-task ended before it wrote the module:\n" + "".join(said)
-    assert process.returncode == -signal.SIGKILL, "add-task finished before it was killed"
-
-
 def test_an_interrupted_add_task_leaves_the_bundle_as_it_was(bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     before = {p.relative_to(copy): _digest(p) for p in copy.rglob("*") if p.is_file()}
-    _killed_add_task(copy, tmp_path)
+    # SIGKILLed as it starts writing the new module into the bundle
+    kill_at(["add-task", str(copy), "--name", "diagonal", "--data", "sprites", "--steps", "2", *QUICK], "exporting task")
     assert {p.relative_to(copy): _digest(p) for p in copy.rglob("*") if p.is_file()} == before
     Bundle.open(copy)
     assert main(["add-task", str(copy), "--name", "diagonal", "--data", "sprites", "--steps", "2", *QUICK]) == 0

@@ -4,19 +4,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from conftest import REPO, cli_fails, run_cli
+from conftest import cli_fails, kill_at, run_cli
 from kfdeploy.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.data import TASK_NAMES, SpritesSource
@@ -211,25 +209,10 @@ def test_a_task_from_another_trunk_is_refused(bundle_copy, teacher_run, tmp_path
 
 
 def _kill_export_mid_way(factor_run, out):
-    """Start `kfdeploy export` into `out` and SIGKILL it as it starts exporting a task, after the
-    trunk: asserts it really got there (an export that died early would pass any later check)."""
-    process = subprocess.Popen([sys.executable, "-m", "kfdeploy", "export", str(factor_run), "--out", str(out)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    watchdog = threading.Timer(300, process.kill)  # a hung export fails the test instead of blocking it
-    watchdog.start()
-    said = []
-    for line in process.stdout:
-        said.append(line)
-        if line.startswith("exporting task"):
-            break
-    staging = list(out.parent.glob(f".{out.name}.staging-*"))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    watchdog.cancel()
-    process.stdout.close()
-    assert said and said[-1].startswith("exporting task"), "the export ended before it exported a task:\n" + "".join(said)
-    assert process.returncode == -signal.SIGKILL, "the export finished before it was killed"
+    """`kfdeploy export` into `out`, SIGKILLed as it starts exporting a task, after the trunk."""
+    staging = []
+    kill_at(["export", str(factor_run), "--out", str(out)], "exporting task",
+            before_kill=lambda: staging.extend(out.parent.glob(f".{out.name}.staging-*")))
     assert len(staging) == 1 and (staging[0] / "trunk.onnx").is_file(), "the export was writing its staging folder"
 
 
