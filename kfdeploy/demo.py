@@ -14,6 +14,12 @@ can be clicked. The sprite generator appears only for bundles of the embedded sp
 A task added to the bundle while the demo runs (`kfdeploy add-task`) is offered from the
 next page load on: each load (`/tasks` in the API) reads the manifest again if it changed.
 
+Beside the backend, a precision: fp32 and each variant `kfdeploy quantize` made of the trunk
+(`/precisions` in the API, read again on each load), shown only when there is a choice. The
+answer is `kfdeploy.load(bundle, tasks, precision=...)`'s, on the onnxruntime backend only
+(another backend with int8 or fp16 gets a message), with each task's accuracy and agreement
+as quantize recorded them. Every endpoint takes the precision last, default fp32.
+
 An offline tool: Gradio's analytics and version check are off, whatever the environment
 says, and uploads are capped in bytes (MAX_UPLOAD_BYTES) before kfdeploy.images caps them
 in pixels.
@@ -31,7 +37,7 @@ from typing import Dict, List, Optional
 import gradio as gr  # at import, so `kfdeploy demo` can name the missing extra
 import numpy as np
 
-from .bundle import MANIFEST, Bundle
+from .bundle import MANIFEST, VARIANT_PRECISIONS, Bundle
 from .errors import KfError
 from .images import fit_image, read_image
 from .runtime import Assembly, Timings, engines_for_this_device, replacement_problem
@@ -53,6 +59,8 @@ class Answer:
     timings: Timings = field(default_factory=Timings)  # this call's wall time
     split: Timings = field(default_factory=Timings)  # per module, profiled once per task set
     sizes: Dict[str, int] = field(default_factory=dict)
+    precision: str = "fp32"
+    variants: Dict[str, dict] = field(default_factory=dict)  # per task, its variant record at `precision` (not fp32)
 
 
 def to_model_input(image: np.ndarray, size: int | tuple = 64, channels: int = 1,
@@ -83,7 +91,7 @@ def _shown(x: np.ndarray) -> np.ndarray:
 
 
 class Demo:
-    """One bundle, one assembly per backend, re-composed to the ticked tasks on each call."""
+    """One bundle, one assembly per backend and precision, re-composed to the ticked tasks on each call."""
 
     def __init__(self, bundle_path: Path):
         self.bundle = Bundle.open(bundle_path)  # checksums verified here, before any session
@@ -120,6 +128,10 @@ class Demo:
                 self._refused = (f"the bundle at {self.bundle.root} changed on disk and cannot be taken by this running "
                                  f"demo ({problem}); restart the demo to show it")
             else:
+                with self._lock:  # a variant quantized again: its assemblies are made anew from the new files
+                    for key in [k for k in self._assemblies if k[1] != "fp32" and replacement_problem(self.bundle, new, k[1])]:
+                        del self._assemblies[key]
+                        self._splits = {k: v for k, v in self._splits.items() if k[:2] != key}
                 self.bundle, self.tasks, self._refused = new, new.tasks, None
             return self._refused
 
@@ -127,11 +139,21 @@ class Demo:
         engines, _ = engines_for_this_device(self.bundle.manifest)
         return ["onnxruntime", "torch"] + (["tensorrt"] if engines else [])
 
-    def assembly(self, backend: str, tasks: List[str]):
-        """The backend's assembly with exactly `tasks` selected, by adding and removing only."""
-        if backend not in self._assemblies:
-            self._assemblies[backend] = Assembly(self.bundle, backend, [], log=lambda s: None)
-        model = self._assemblies[backend]
+    def precisions(self) -> List[str]:
+        """fp32, then each precision the trunk has a variant of (`kfdeploy quantize`). Not
+        Bundle.precisions (every module): a task added later without the variant keeps the
+        precision for the others, and answers with the command that makes its own."""
+        variants = self.bundle.manifest["trunk"].get("variants", {})
+        return ["fp32", *(p for p in VARIANT_PRECISIONS if p in variants)]
+
+    def assembly(self, backend: str, tasks: List[str], precision: str = "fp32"):
+        """The assembly of a backend and precision with exactly `tasks` selected, by adding and removing only."""
+        if precision != "fp32" and backend != "onnxruntime":
+            raise KfError(f"{precision} runs on the onnxruntime backend only: choose onnxruntime as the backend, "
+                          f"or fp32 for {backend}")
+        if (backend, precision) not in self._assemblies:
+            self._assemblies[backend, precision] = Assembly(self.bundle, backend, [], log=lambda s: None, precision=precision)
+        model = self._assemblies[backend, precision]
         for task in [t for t in model.tasks if t not in tasks]:
             model.remove_task(task)
         for task in [t for t in tasks if t not in model.tasks]:
@@ -139,28 +161,30 @@ class Demo:
         return model
 
     def answer(self, image: np.ndarray, tasks: List[str], backend: str = "onnxruntime",
-               truth: Optional[Dict[str, str]] = None) -> Answer:
+               truth: Optional[Dict[str, str]] = None, precision: str = "fp32") -> Answer:
         if not tasks:
             raise KfError("tick at least one task")
         x, notes = to_model_input(image, self.size, self.channels, self.sprites)
         with self._lock:  # one re-composition at a time; the assembly itself is thread-safe
-            model = self.assembly(backend, list(tasks))
+            model = self.assembly(backend, list(tasks), precision)
             scores = model(x)
             timings = model.last_timings
             sizes = model.module_bytes()
-            key = (backend, frozenset(tasks))
+            key = (backend, precision, frozenset(tasks))
             if key not in self._splits:  # a profile builds a session of its own: once per task set
                 self._splits[key] = model.profile(x, runs=10, warmup=2)
+            variants = {} if precision == "fp32" else {t: model.bundle.variant(t, precision) for t in tasks}
         labelled = {t: {label: float(p) for label, p in zip(model.labels(t), scores[t][0])} for t in tasks}
         truth = {t: label for t, label in (truth or {}).items() if t in tasks}
-        return Answer(labelled, _shown(x[0]), notes, truth, timings, self._splits[key], sizes)
+        return Answer(labelled, _shown(x[0]), notes, truth, timings, self._splits[key], sizes, precision, variants)
 
-    def answer_example(self, index: int, tasks: List[str], backend: str = "onnxruntime") -> Answer:
+    def answer_example(self, index: int, tasks: List[str], backend: str = "onnxruntime",
+                       precision: str = "fp32") -> Answer:
         """Answer the bundle's example `index`, its true labels shown where the manifest has them."""
         if not 0 <= index < len(self.examples):
             raise KfError(f"this bundle has {len(self.examples)} example(s); there is no example {index}")
         image, labels = self.examples[index]
-        return self.answer(image, tasks, backend, labels)
+        return self.answer(image, tasks, backend, labels, precision)
 
     def describe_input(self) -> str:
         height, width = self.size
@@ -189,7 +213,7 @@ def sprite(shape: str, scale: int, orientation: int, pos_x: int, pos_y: int) -> 
     return render(np.array([factors]))[0, 0], truth
 
 
-def bricks_picture(sizes: Dict[str, int], teacher_bytes: Optional[int]) -> np.ndarray:
+def bricks_picture(sizes: Dict[str, int], teacher_bytes: Optional[int], precision: str = "fp32") -> np.ndarray:
     """The modules in use as stacked bricks, sized by their bytes, beside the teacher."""
     import matplotlib
 
@@ -209,7 +233,7 @@ def bricks_picture(sizes: Dict[str, int], teacher_bytes: Optional[int]) -> np.nd
         ax.barh(0, teacher_bytes / 1e6, color="0.85", edgecolor="black")
         ax.text(teacher_bytes / 2e6, 0, f"full teacher {teacher_bytes / 1e6:.2f} MB", ha="center", va="center", fontsize=7)
     ax.set_yticks([0, 1], ["teacher", "assembled"])
-    ax.set_xlabel("MB (fp32 ONNX modules)")
+    ax.set_xlabel(f"MB ({precision} ONNX modules)")
     ax.set_title(f"Bricks in use: trunk + {len(sizes) - 1} task module(s), {sum(sizes.values()) / 1e6:.2f} MB", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -228,14 +252,34 @@ def summary_markdown(answer: Answer, teacher_bytes: Optional[int]) -> str:
             verdict = "" if true is None else "**right**" if predicted == true else "**wrong**"
             rows.append(f"| {task} | {true or '?'} | {predicted} | {verdict} |")
         blocks.append("\n".join(rows))
-    blocks.append(f"**Latency** {answer.timings.total_ms:.2f} ms for this call; per module (profiler, median of "
+    at = "" if answer.precision == "fp32" else f" at {answer.precision}"
+    blocks.append(f"**Latency**{at} {answer.timings.total_ms:.2f} ms for this call; per module (profiler, median of "
                   f"warm calls): {answer.split.split()}")
+    if answer.variants:
+        blocks.append(precision_markdown(answer.precision, answer.variants))
     total = sum(answer.sizes.values())
     teacher = f" (the full teacher: {teacher_bytes / 1e6:.2f} MB)" if teacher_bytes else ""
-    blocks.append(f"**Size** of the assembled modules: {total / 1e6:.2f} MB{teacher}")
+    blocks.append(f"**Size** of the assembled modules{at}: {total / 1e6:.2f} MB{teacher}")
     if answer.notes:
         blocks.append("*Input: " + "; ".join(answer.notes) + ".*")
     return "\n\n".join(blocks)
+
+
+def precision_markdown(precision: str, variants: Dict[str, dict]) -> str:
+    """Each task's record at `precision`, as `kfdeploy quantize` judged it: the composition at
+    that precision on held-out images, against fp32's on the same images."""
+    def share(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    counts = {v.get("images") for v in variants.values()} - {None}
+    on = f" on {counts.pop()} held-out images" if len(counts) == 1 else ""
+    rows = [f"**{precision}** as `kfdeploy quantize` recorded it{on}:", "",
+            f"| task | held-out accuracy at {precision} | at fp32 | agreement with fp32 |", "|---|---|---|---|"]
+    for task, v in variants.items():
+        kept = " (kept at fp32, --allow-mixed)" if v.get("fallback") == "fp32" else ""
+        rows.append(f"| {task} | {share(v.get('heldout_accuracy'))}{kept} | {share(v.get('fp32_heldout_accuracy'))} "
+                    f"| {share(v.get('agreement'))} |")
+    return "\n".join(rows)
 
 
 NO_BUNDLE = """### No bundle to show yet
@@ -250,6 +294,9 @@ kfdeploy demo runs/quickstart/bundle
 
 Or export your own factorized run: `kfdeploy export RUN --out BUNDLE`, then `kfdeploy demo BUNDLE`.
 """
+
+
+PRECISION_INFO = "int8 and fp16 run on the onnxruntime backend only"
 
 
 def open_demo(bundle_path: Path) -> tuple[Optional[Demo], Optional[str]]:
@@ -280,7 +327,12 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
         with gr.Row():
             with gr.Column(scale=1):
                 tasks = gr.CheckboxGroup(demo.tasks, value=demo.tasks[:2], label="Tasks (bricks) to assemble", elem_id="tasks")
-                backend = gr.Radio(demo.backends(), value="onnxruntime", label="Backend", elem_id="backend")
+                offered = demo.precisions()
+                with gr.Row():
+                    backend = gr.Radio(demo.backends(), value="onnxruntime", label="Backend", elem_id="backend")
+                    # Only where the bundle has variants: a choice of one is clutter.
+                    precision = gr.Radio(offered, value="fp32", label="Precision", info=PRECISION_INFO,
+                                         visible=len(offered) > 1, elem_id="precision")
                 with gr.Tabs():
                     if demo.sprites:
                         from .data import SHAPES
@@ -318,8 +370,8 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
 
                 @gr.render(inputs=added_scores)
                 def added_labels(scores):
-                    for task, confidences in scores.items():
-                        gr.Label(confidences, num_top_classes=3, label=task, elem_id=f"label-{task}")
+                    for task, (title, confidences) in scores.items():
+                        gr.Label(confidences, num_top_classes=3, label=title, elem_id=f"label-{task}")
                 summary = gr.Markdown(elem_id="summary")
                 bricks = gr.Image(label="Bricks in use", elem_id="bricks")
         # The last picture answered and its true labels: ticking a task answers it again.
@@ -332,18 +384,29 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
                 return [f"⚠️ {answer_or_error}", gr.update(), *[gr.update() for _ in labels], gr.update(), gr.update(), gr.update(),
                         gr.update()]
             answer: Answer = answer_or_error
-            label_updates = [gr.update(value=answer.scores.get(t), visible=t in answer.scores) for t in labels]
-            added = {t: scores for t, scores in answer.scores.items() if t not in labels}
+
+            def title(task):  # the answer panel names the precision that answered
+                return task if answer.precision == "fp32" else f"{task} · {answer.precision}"
+
+            label_updates = [gr.update(value=answer.scores.get(t), visible=t in answer.scores, label=title(t)) for t in labels]
+            added = {t: (title(t), scores) for t, scores in answer.scores.items() if t not in labels}
             return ["", answer.seen, *label_updates, summary_markdown(answer, demo.teacher_bytes()),
-                    bricks_picture(answer.sizes, demo.teacher_bytes()), picture if picture is not None else gr.update(), added]
+                    bricks_picture(answer.sizes, demo.teacher_bytes(), answer.precision),
+                    picture if picture is not None else gr.update(), added]
 
         def on_load():
             problem = demo.refresh()
             return gr.update(choices=demo.tasks), f"⚠️ {problem}" if problem else gr.update()
 
-        def answered(image, ticked, backend_name, truth=None) -> list:
+        def on_precisions(chosen="fp32"):
+            demo.refresh()  # as on_load: a bundle quantized since the last load offers its variants
+            offered = demo.precisions()
+            update = {"value": "fp32"} if chosen not in offered else {}
+            return gr.update(choices=offered, visible=len(offered) > 1, **update)
+
+        def answered(image, ticked, backend_name, truth=None, precision_name="fp32") -> list:
             try:
-                return show(demo.answer(image, ticked, backend_name, truth), (image, truth))
+                return show(demo.answer(image, ticked, backend_name, truth, precision_name), (image, truth))
             except KfError as exc:
                 return show(str(exc))
 
@@ -353,57 +416,62 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
             except KfError as exc:
                 return show(str(exc))
 
-        def on_sketch(value, ticked, backend_name):
+        # Every endpoint takes the precision last, with a default: callers of before still work.
+        def on_sketch(value, ticked, backend_name, precision_name="fp32"):
             def work():
                 composite = None if value is None else value.get("composite")
                 if composite is None:
                     raise KfError("the canvas is empty: draw something first")
-                return answered(composite, ticked, backend_name)
+                return answered(composite, ticked, backend_name, None, precision_name)
             return guarded(work)
 
-        def on_upload(path, ticked, backend_name):
+        def on_upload(path, ticked, backend_name, precision_name="fp32"):
             def work():
                 if not path:
                     raise KfError("choose an image file to upload first")
-                return answered(read_image(path), ticked, backend_name)
+                return answered(read_image(path), ticked, backend_name, None, precision_name)
             return guarded(work)
 
-        def on_example(index, ticked, backend_name):
+        def on_example(index, ticked, backend_name, precision_name="fp32"):
             def work():
                 image, truth = demo.examples[int(index)] if 0 <= int(index) < len(demo.examples) else (None, None)
                 if image is None:
                     raise KfError(f"this bundle has {len(demo.examples)} example(s); there is no example {index}")
-                return answered(image, ticked, backend_name, truth)
+                return answered(image, ticked, backend_name, truth, precision_name)
             return guarded(work)
 
-        def on_tasks(picture, ticked, backend_name, *sprite_values):
+        def on_tasks(picture, ticked, backend_name, precision_name, *sprite_values):
             if picture is not None:
-                return answered(picture[0], ticked, backend_name, picture[1])
+                return answered(picture[0], ticked, backend_name, picture[1], precision_name)
             if demo.sprites:  # nothing answered yet: the sprite on the sliders
                 image, truth = sprite(*sprite_values)
-                return answered(image, ticked, backend_name, truth)
+                return answered(image, ticked, backend_name, truth, precision_name)
             return [gr.update() for _ in outputs]
 
         sprite_inputs = []
         if demo.sprites:
             sprite_inputs = [shape, scale, orientation, pos_x, pos_y]
 
-            def on_sprite(shape_name, scale_i, orientation_i, x_i, y_i, ticked, backend_name):
+            def on_sprite(shape_name, scale_i, orientation_i, x_i, y_i, ticked, backend_name, precision_name="fp32"):
                 image, truth = sprite(shape_name, scale_i, orientation_i, x_i, y_i)
-                return answered(image, ticked, backend_name, truth)
+                return answered(image, ticked, backend_name, truth, precision_name)
 
-            generate.click(on_sprite, [*sprite_inputs, tasks, backend], outputs, api_name="predict_sprite")
+            generate.click(on_sprite, [*sprite_inputs, tasks, backend, precision], outputs, api_name="predict_sprite")
         if demo.examples:
-            def on_click(ticked, backend_name, event: gr.SelectData):
-                return on_example(event.index, ticked, backend_name)
+            def on_click(ticked, backend_name, precision_name, event: gr.SelectData):
+                return on_example(event.index, ticked, backend_name, precision_name)
 
-            gallery.select(on_click, [tasks, backend], outputs, api_name=False)
-            predict_example.click(on_example, [example_index, tasks, backend], outputs, api_name="predict_example")
-        tasks.change(on_tasks, [last, tasks, backend, *sprite_inputs], outputs, api_name=False)
-        predict_sketch.click(on_sketch, [sketch, tasks, backend], outputs, api_name="predict_sketch")
-        predict_upload.click(on_upload, [upload, tasks, backend], outputs, api_name="predict_upload")
-        # Every page load: the tasks the bundle has now (its manifest read again if it changed).
-        app.load(on_load, None, [tasks, status], api_name="tasks", show_progress="hidden")
+            gallery.select(on_click, [tasks, backend, precision], outputs, api_name=False)
+            predict_example.click(on_example, [example_index, tasks, backend, precision], outputs, api_name="predict_example")
+        # Ticking a task, or choosing another backend or precision, answers the last picture again.
+        for control in (tasks, backend, precision):
+            control.change(on_tasks, [last, tasks, backend, precision, *sprite_inputs], outputs, api_name=False)
+        predict_sketch.click(on_sketch, [sketch, tasks, backend, precision], outputs, api_name="predict_sketch")
+        predict_upload.click(on_upload, [upload, tasks, backend, precision], outputs, api_name="predict_upload")
+        # Every page load: the tasks the bundle has now (its manifest read again if it changed),
+        # then the precisions its trunk has now.
+        app.load(on_load, None, [tasks, status], api_name="tasks", show_progress="hidden").then(
+            on_precisions, [precision], [precision], api_name="precisions", show_progress="hidden")
     return app
 
 

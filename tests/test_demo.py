@@ -54,9 +54,9 @@ def _labels(result):
     return out
 
 
-def _expected(bundle, tasks):
+def _expected(bundle, tasks, precision="fp32"):
     factors = np.array([[2, SPRITE[1], SPRITE[2], SPRITE[3], SPRITE[4]]])
-    model = kfdeploy.load(bundle, tasks=tasks, log=lambda s: None)
+    model = kfdeploy.load(bundle, tasks=tasks, log=lambda s: None, precision=precision)
     scores = model(render(factors))
     return {t: dict(zip(model.labels(t), scores[t][0].tolist())) for t in tasks}
 
@@ -307,5 +307,110 @@ def test_a_browser_reloading_the_page_ticks_an_added_task_and_sees_its_label(liv
         expected = _expected(live, ["pos_x"])["pos_x"]
         best = max(expected, key=expected.get)
         wait.until(lambda d: best in d.find_element(By.ID, "label-pos_x").text)
+    finally:
+        driver.quit()
+
+
+# -- a precision beside the backend: the variants `kfdeploy quantize` made ---------------------
+def _quantize(folder: Path, *options: str) -> Path:
+    """`kfdeploy quantize FOLDER --int8` as a user runs it, on 256 calibration images (half the
+    default, as tests/test_quantize.py: enough for SimpleConv); the tiny test bundle may lose a
+    few points of accuracy, which is not what these tests are about."""
+    from kfdeploy.cli import main
+
+    assert main(["quantize", str(folder), "--int8", "--images", "256", "--max-drop", "5", *options]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_copy(bundle, tmp_path_factory):
+    return _quantize(shutil.copytree(bundle, tmp_path_factory.mktemp("int8") / "sprites"))
+
+
+@pytest.fixture(scope="module")
+def int8_server(int8_copy):
+    port = _free_port()
+    app = launch(int8_copy, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.mark.slow
+def test_choosing_int8_answers_as_load_at_int8(int8_server, int8_copy):
+    client = Client(int8_server, verbose=False)
+    assert _choices(client.predict(api_name="/precisions")) == ["fp32", "int8"]
+    result = _labels(client.predict(*SPRITE, ["shape", "scale"], "onnxruntime", "int8", api_name="/predict_sprite"))
+    expected = _expected(int8_copy, ["shape", "scale"], precision="int8")
+    fp32 = _expected(int8_copy, ["shape", "scale"])
+    assert any(abs(fp32[t][c] - p) > 1e-3 for t in expected for c, p in expected[t].items())  # int8 is another answer
+    for task in ("shape", "scale"):  # the Label shows the top three classes
+        assert result[task] == pytest.approx({c: expected[task][c] for c in result[task]}, abs=1e-4)
+        assert sorted(result[task], key=result[task].get) == sorted(expected[task], key=expected[task].get)[-3:]
+
+
+@pytest.mark.slow
+def test_the_summary_shows_each_tasks_int8_record_from_the_manifest(int8_server, int8_copy):
+    client = Client(int8_server, verbose=False)
+    summary = client.predict(*SPRITE, ["scale"], "onnxruntime", "int8", api_name="/predict_sprite")[7]
+    record = json.loads((int8_copy / "manifest.json").read_text())["tasks"]["scale"]["variants"]["int8"]
+    row = (f"| scale | {100 * record['heldout_accuracy']:.1f}% | {100 * record['fp32_heldout_accuracy']:.1f}% "
+           f"| {100 * record['agreement']:.1f}% |")
+    assert row in summary and "**Latency** at int8" in summary, summary
+
+
+@pytest.mark.slow
+def test_int8_on_the_torch_backend_is_a_message_not_an_error(int8_server):
+    client = Client(int8_server, verbose=False)
+    result = client.predict(*SPRITE, ["shape"], "torch", "int8", api_name="/predict_sprite")
+    assert "int8 runs on the onnxruntime backend only: choose onnxruntime as the backend, or fp32 for torch" in result[0]
+
+
+@pytest.mark.slow
+def test_a_bundle_without_variants_offers_only_fp32_and_hides_the_choice(client):
+    offered = client.predict(api_name="/precisions")
+    assert _choices(offered) == ["fp32"] and offered["visible"] is False
+
+
+@pytest.mark.slow
+def test_a_task_added_without_an_int8_variant_says_how_to_make_it(live_server, live, factor_run):
+    client = Client(live_server, verbose=False)
+    _quantize(live)  # while the demo runs: the next load offers int8
+    assert _choices(client.predict(api_name="/precisions")) == ["fp32", "int8"]
+    add_on_disk(factor_run, live)  # pos_x, without an int8 variant
+    client.predict(api_name="/tasks")
+    assert _choices(client.predict(api_name="/precisions")) == ["fp32", "int8"]  # still, for shape and scale
+    result = client.predict(*SPRITE, ["shape", "pos_x"], "onnxruntime", "int8", api_name="/predict_sprite")
+    assert f"has no int8 variant of task 'pos_x'; make it with `kfdeploy quantize {live} --int8 --tasks pos_x`" in result[0]
+
+
+@pytest.mark.slow
+def test_a_bundle_quantized_again_while_the_demo_runs_answers_with_the_new_variant(int8_copy, tmp_path):
+    copy = shutil.copytree(int8_copy, tmp_path / "b")
+    demo = Demo(copy)
+    image = sprite(*SPRITE)[0]
+    before = demo.answer(image, ["shape"], precision="int8").scores["shape"]
+    _quantize(copy, "--seed", "1")  # other calibration images: another int8 trunk
+    assert demo.refresh() is None
+    after = demo.answer(image, ["shape"], precision="int8").scores["shape"]
+    assert after != pytest.approx(before, abs=1e-4)
+    assert after == pytest.approx(_expected(copy, ["shape"], precision="int8")["shape"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_browser_switches_to_int8_and_the_answer_panel_says_so(int8_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium_driver()
+    try:
+        driver.get(int8_server)
+        wait = WebDriverWait(driver, 60)
+        shape_title = "#label-shape [data-testid='block-label']"
+        wait.until(lambda d: d.find_element(By.ID, "generate")).click()
+        wait.until(lambda d: "Latency" in d.find_element(By.ID, "summary").text)
+        assert driver.find_element(By.CSS_SELECTOR, shape_title).text == "shape"
+        wait.until(lambda d: d.find_element(By.XPATH, "//*[@id='precision']//label[.//span[text()='int8']]")).click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, shape_title).text == "shape · int8")
+        assert "held-out accuracy at int8" in driver.find_element(By.ID, "summary").text
     finally:
         driver.quit()
