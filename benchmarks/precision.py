@@ -6,7 +6,8 @@ The bundle must already carry the variants (`kfdeploy quantize BUNDLE --int8`). 
 are composed at each precision; the precisions are timed alternately, round after round,
 in one process, so drift on a shared machine hits them alike. Accuracy and agreement come
 from the manifest's variant records (measured by quantize on 2,048 held-out images), and
-the per-module split of the time from ONNX Runtime's profiler on the composed graph.
+the per-module and per-operator split of the time from ONNX Runtime's profiler on the
+composed graph.
 """
 from __future__ import annotations
 
@@ -61,12 +62,14 @@ def main() -> None:
         result["precisions"][p] = {
             "images_per_s": median, "vs_fp32": {b: median[b] / statistics.median(speed["fp32"][b]) for b in median},
             "bytes": sum(sizes.values()), "module_bytes": sizes,
-            "profile_batch64_ms": {"total": profile.total_ms, "trunk": profile.trunk_ms, **profile.tasks_ms}, "tasks": tasks,
+            "profile_batch64_ms": {"total": profile.total_ms, "trunk": profile.trunk_ms, **profile.tasks_ms},
+            "operators_batch64_ms": profile.ops_ms, "tasks": tasks,
         }
         r = result["precisions"][p]
         print(f"{p:5} batch 1: {median[1]:8.0f} img/s ({r['vs_fp32'][1]:.2f}x)  batch 64: {median[64]:8.0f} img/s "
               f"({r['vs_fp32'][64]:.2f}x)  {r['bytes'] / 1e6:.2f} MB  profile@64: trunk {profile.trunk_ms:.2f} ms, "
               + ", ".join(f"{t} {ms:.2f}" for t, ms in profile.tasks_ms.items()))
+        print("      operators@64: " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in list(profile.ops_ms.items())[:8]))
         for t, numbers in tasks.items():
             print(f"      {t:<12} " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items() if v is not None))
     if args.json:

@@ -240,6 +240,9 @@ class Timings:
     total_ms: float = 0.0
     trunk_ms: Optional[float] = None
     tasks_ms: Dict[str, float] = field(default_factory=dict)
+    # Per operator type (Conv, QLinearConv, Gemm, ...), from the profiler only: where
+    # precision and architecture choices show
+    ops_ms: Dict[str, float] = field(default_factory=dict)
 
     def split(self) -> str:
         parts = ([f"trunk {self.trunk_ms:.2f} ms"] if self.trunk_ms is not None else []) + \
@@ -255,22 +258,28 @@ def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> T
     """
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")[warmup:]
     per_run = [dict.fromkeys(modules, 0.0) for _ in runs]
+    per_op = [{} for _ in runs]
     for event in trace:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         # ONNX Runtime names a node it fused from ours "fused <name>"; layout conversions
         # it inserts (ReorderOutput...) belong to no module and stay in the total only.
         module = event["name"].removeprefix("fused ").split("/", 1)[0]
+        op = event.get("args", {}).get("op_name", "?")
         for index, (start, end) in enumerate(runs):
             if start <= event["ts"] <= end:
                 if module in per_run[index]:
                     per_run[index][module] += event["dur"] / 1e3
+                per_op[index][op] = per_op[index].get(op, 0.0) + event["dur"] / 1e3
                 break
     median = lambda values: float(np.median(values)) if len(values) else 0.0  # noqa: E731
+    ops = {op for run in per_op for op in run}
+    ops_ms = {op: median([run.get(op, 0.0) for run in per_op]) for op in ops}
     return Timings(
         total_ms=median([(end - start) / 1e3 for start, end in runs]),
         trunk_ms=median([run["trunk"] for run in per_run]),
         tasks_ms={m: median([run[m] for run in per_run]) for m in modules if m != "trunk"},
+        ops_ms=dict(sorted(ops_ms.items(), key=lambda item: -item[1])),
     )
 
 

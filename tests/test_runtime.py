@@ -140,6 +140,8 @@ def test_profile_splits_a_call_between_the_trunk_and_each_task(model, images):
     assert all(ms > 0 for ms in timings.tasks_ms.values())
     assert timings.total_ms >= timings.trunk_ms + sum(timings.tasks_ms.values())
     assert "trunk" in timings.split() and "scale" in timings.split()
+    assert "Conv" in timings.ops_ms and timings.ops_ms["Conv"] > 0, timings.ops_ms
+    assert sum(timings.ops_ms.values()) <= timings.total_ms
 
 
 def test_backends_agree_within_the_export_tolerance(bundle, images):
