@@ -1,5 +1,6 @@
 """Shared fixtures: tiny but real teacher and factor runs, trained once per test session."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,3 +100,17 @@ def bundle(factor_run, tmp_path_factory) -> Path:
     result = run_cli("export", str(factor_run), "--out", str(out), "--archive")
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def two_tasks(factor_run, tmp_path_factory) -> Path:
+    """A bundle of shape and scale only: pos_x is what tests add to it on disk."""
+    from kfdeploy.export import export_bundle
+
+    return export_bundle(factor_run, tmp_path_factory.mktemp("two") / "b", tasks=["shape", "scale"], progress=lambda m: None)
+
+
+@pytest.fixture
+def live(two_tasks, tmp_path) -> Path:
+    """A copy of the two-task bundle, for a test to change on disk while an assembly or the demo runs from it."""
+    return shutil.copytree(two_tasks, tmp_path / "live")

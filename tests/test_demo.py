@@ -17,7 +17,7 @@ from kfdeploy.data import render
 from kfdeploy.demo import MAX_UPLOAD_BYTES, Demo, build_app, launch, sprite, to_model_input
 from kfdeploy.errors import KfError
 from test_images import png_header_only
-from test_runtime import add_on_disk, other_trunk, replace_on_disk, two_task_bundle
+from test_runtime import add_on_disk, other_trunk, replace_on_disk
 
 SPRITE = ("heart", 5, 0, 8, 20)  # shape, scale index, orientation index, pos_x, pos_y
 OUTPUT_TASKS = ["shape", "scale", "orientation", "pos_x", "pos_y"]  # the Label outputs, in order
@@ -246,16 +246,6 @@ def test_a_browser_ticks_tasks_generates_a_sprite_and_sees_the_labels(server, bu
 
 
 # -- tasks added to the bundle while the demo runs -----------------------------------------
-@pytest.fixture(scope="module")
-def two_tasks(factor_run, tmp_path_factory):
-    return two_task_bundle(factor_run, tmp_path_factory.mktemp("two"))
-
-
-@pytest.fixture
-def live(two_tasks, tmp_path):
-    return shutil.copytree(two_tasks, tmp_path / "live")
-
-
 @pytest.fixture
 def live_server(live):
     port = _free_port()

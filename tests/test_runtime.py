@@ -449,24 +449,6 @@ def test_a_task_outside_the_selection_is_refused_per_call(model, images):
 
 
 # -- tasks added to the bundle on disk since it was loaded ---------------------------------
-def two_task_bundle(factor_run, folder):
-    """A bundle of shape and scale only, in `folder`: pos_x is what gets added to it on disk."""
-    from kfdeploy.export import export_bundle
-
-    return export_bundle(factor_run, folder / "b", tasks=["shape", "scale"], progress=lambda m: None)
-
-
-@pytest.fixture(scope="module")
-def two_tasks(factor_run, tmp_path_factory):
-    return two_task_bundle(factor_run, tmp_path_factory.mktemp("two"))
-
-
-@pytest.fixture
-def live(two_tasks, tmp_path):
-    """A copy of the two-task bundle, for a test to change on disk while an assembly runs from it."""
-    return shutil.copytree(two_tasks, tmp_path / "live")
-
-
 def add_on_disk(factor_run, bundle_dir, task="pos_x"):
     """What `kfdeploy add-task` does: a new bundle beside it, hard-linked, swapped in atomically."""
     from kfdeploy.export import export_bundle
