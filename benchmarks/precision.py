@@ -14,22 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 import kfdeploy
 from kfdeploy.bundle import Bundle
-
-
-def images_per_second(model, batch: np.ndarray, seconds: float) -> float:
-    model(batch)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        model(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - started)
+from rates import per_second
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for b, batch in batches.items():
             for p in precisions:  # alternately: fp32, int8, fp32, int8, ...
-                speed[p][b].append(images_per_second(models[p], batch, args.seconds))
+                speed[p][b].append(per_second(lambda: models[p](batch), len(batch), args.seconds))
     result = {"bundle": str(args.bundle), "precisions": {}}
     for p in precisions:
         median = {b: statistics.median(v) for b, v in speed[p].items()}

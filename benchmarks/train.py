@@ -33,6 +33,7 @@ from kfdeploy.data import SpritesRGBSource, SpritesSource, render, render_rgb
 from kfdeploy.pipeline import factorize, train_teacher
 from kfdeploy.runs import METRICS_FILE, RUN_FILE
 from kfdeploy.train import TrainConfig
+from rates import per_second
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,28 +46,14 @@ def device_name(device: str) -> str:
 
 def data_rate(seconds: float = 3.0) -> float:
     """Sprites rendered per second on one core (numpy, no torch)."""
-    source = SpritesSource()
-    factors = source.train_factors(0, 4096)
-    render(factors)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        render(factors)
-        count += len(factors)
-    return count / (time.perf_counter() - started)
+    factors = SpritesSource().train_factors(0, 4096)
+    return per_second(lambda: render(factors), len(factors), seconds)
 
 
 def renderer_rates(device: str, seconds: float = 2.0) -> dict:
     """Images per second of each renderer: numpy on the host (one core) and torch on `device`."""
-    def rate(make, count) -> float:
-        make()  # warm-up: the texture bank, CUDA kernels
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        sync()
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            make()
-            done += count
-        sync()
-        return done / (time.perf_counter() - started)
+    def rate(make, count) -> float:  # the warm-up call builds the texture bank and CUDA kernels
+        return per_second(make, count, seconds, torch.cuda.synchronize if device.startswith("cuda") else (lambda: None))
 
     grey = SpritesSource().train_factors(0, 4096)
     rgb, nuisances = SpritesRGBSource().train_factors(0, 1024)

@@ -39,7 +39,7 @@ from kfdeploy.export import ACCURACY_IMAGES, torch_modules
 from kfdeploy.losses import LossWeights, TeacherObjective, task_terms
 from kfdeploy.models import SpritesTeacher, TeacherConfig
 from kfdeploy.train import TrainConfig, accuracy, setup_distributed, train
-from precision import images_per_second
+from rates import per_second
 
 METHODS = ("brick", "probe", "alone", "scratch")
 SCORES = ("logme", "gain", "readout_accuracy")  # kfdeploy.transferability's, each rank-correlated with the brick
@@ -149,7 +149,7 @@ def latency(bundle_dir: Path, own: list, new: str, rounds: int, seconds: float) 
     for _ in range(rounds):
         for b, batch in batches.items():
             for k, model in models.items():
-                speed[k][b].append(images_per_second(model, batch, seconds))
+                speed[k][b].append(per_second(lambda: model(batch), len(batch), seconds))
     return {k: {f"batch{b}_images_per_s": statistics.median(v) for b, v in s.items()} for k, s in speed.items()}
 
 
