@@ -312,6 +312,20 @@ def _start_run(out: Path, resume: bool, env: Distributed, info: dict) -> tuple[b
     return False, info
 
 
+def _begin_run(out: Path, resume: bool, env: Distributed, info: dict, config: TrainConfig, model: nn.Module):
+    """_start_run, then what run.json decides on resume: the training settings, and the model,
+    built again (seeded) where the stored run was made with another configuration or seed.
+    Returns (resuming, info, config, model)."""
+    requested = (model.config, config.seed)
+    resuming, info = _start_run(out, resume, env, info)
+    config = _stored_config(info, config)
+    stored = type(model.config).from_dict(info["model"])
+    if (stored, config.seed) != requested:
+        torch.manual_seed(config.seed)
+        model = type(model)(stored)
+    return resuming, info, config, model
+
+
 def default_image_size(data: str | Path) -> int:
     """The size a run on `data` uses unless told otherwise: 64 for sprites and folders, 128 for sprites-rgb."""
     from .folder_data import DEFAULT_IMAGE_SIZE
@@ -364,19 +378,13 @@ def train_teacher(
         "model": model.config.to_dict(), "task_labels": opened.task_labels,
         "train": asdict(config), "pretrained": _pretrained_record(pretrained, notes),
     }
-    requested = (model.config, config.seed)
-    resuming, info = _start_run(out, resume, env, info)
-    model_config = TeacherConfig.from_dict(info["model"])
-    config = _stored_config(info, config)
-    if (model_config, config.seed) != requested:  # resuming a run made with other settings
-        torch.manual_seed(config.seed)
-        model = SpritesTeacher(model_config)
+    resuming, info, config, model = _begin_run(out, resume, env, info, config, model)
     if resuming:
         opened = _reopen_if_changed(opened, info, config.seed, env.world_size)
     if env.is_main and not resuming:
         print(f"data: {opened.kind} ({opened.channels}x{opened.image_size}x{opened.image_size}), normalization: {normalization}")
         if pretrained:
-            print(f"{model_config.arch} backbone initialised from {pretrained}")
+            print(f"{model.config.arch} backbone initialised from {pretrained}")
     source = normalized(opened.source, info.get("input") or {**_identity(opened.channels)})
     images, labels = source.heldout(EVAL_IMAGES)
     train(
@@ -603,13 +611,7 @@ def factorize(
     }
     if opened is not None:
         resolve_feed(config.feed, opened.source, env.device)
-    requested = (student.config, config.seed)
-    resuming, info = _start_run(out, resume, env, info)
-    model_config = FactorConfig.from_dict(info["model"])
-    config = _stored_config(info, config)
-    if (model_config, config.seed) != requested:  # resuming a run made with other settings
-        torch.manual_seed(config.seed)
-        student = FactorNet(model_config)
+    resuming, info, config, student = _begin_run(out, resume, env, info, config, student)
     if resuming and opened is not None:
         opened = _reopen_if_changed(opened, info, config.seed, env.world_size)
     if info.get("pretrained"):
