@@ -15,8 +15,8 @@ or the embedded sprites, which offer new tasks the factorization never saw
 """
 from __future__ import annotations
 
-import contextlib
-import tempfile
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -27,7 +27,7 @@ from . import __version__
 from .bundle import TASK_NAME_RULE, Bundle, is_task_name
 from .data import NEW_TASK_STEPS, NEW_TASKS, DatasetSource
 from .errors import KfError
-from .export import export_bundle, torch_modules
+from .export import _remove_stale_staging, export_bundle, torch_modules
 from .losses import FrozenTrunkObjective, LossWeights
 from .pipeline import EMBEDDED, EVAL_IMAGES, OpenedData, _start_run, _stored_config, normalized, open_data
 from .train import TrainConfig, accuracy, setup_distributed, train, weights_digest
@@ -104,8 +104,8 @@ def add_task(
 ) -> dict:
     """Train task `name` on `data` against the bundle's frozen trunk and add it to the bundle
     in place; returns its manifest record. `labels`: train on that many labelled images
-    only. `run`: keep the training run there (a temporary folder otherwise; `resume`
-    continues it)."""
+    only. `run`: keep the training run there (otherwise it lives in a work folder beside
+    the bundle and is removed at the end; `resume` continues a kept one)."""
     bundle_path = Path(bundle_path)
     if not bundle_path.is_dir():
         raise KfError(f"add-task changes a bundle folder in place; {bundle_path} is not one "
@@ -133,8 +133,12 @@ def add_task(
         "model": model.config.to_dict(), "task_labels": {name: opened.task_labels[name]},
         "train": asdict(config), "loss_weights": asdict(weights), "pretrained": None,
     }
-    with contextlib.ExitStack() as stack:
-        run_dir = Path(run) if run is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kfdeploy-add-task-"))) / "run"
+    # Without --run, the run lives beside the bundle for the command's life; a killed
+    # add-task's is cleared by the next one, as export clears its staging folders.
+    _remove_stale_staging(bundle_path, "add-task")
+    work = bundle_path.with_name(f".{bundle_path.name}.add-task-{os.getpid()}") if run is None else None
+    try:
+        run_dir = Path(run) if run is not None else work / "run"
         resuming, info = _start_run(run_dir, resume, env, info)
         if resuming and info.get("added_to", {}).get("trunk_fingerprint") != fingerprint:
             raise KfError(f"the run in {run_dir} trained against another trunk than {bundle_path}'s; start a new --run")
@@ -150,4 +154,7 @@ def add_task(
         if weights_digest(model.trunk) != fingerprint:  # FrozenTrunkObjective's whole promise
             raise KfError("the trunk changed while training the task module; this is a kfdeploy bug, please report it")
         export_bundle(run_dir, bundle_path, tasks=[name], into=True, progress=progress, keep_examples=True)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return Bundle.open(bundle_path).task(name)

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"for an embedded new task ({', '.join(NEW_TASKS)})")
     p.add_argument("--labels", type=int, metavar="N", help="train on N labelled images only (default: all the data has)")
     p.add_argument("--replace", action="store_true", help="retrain a task the bundle already has")
-    p.add_argument("--run", type=Path, metavar="DIR", help="keep the training run in DIR (default: a temporary folder)")
+    p.add_argument("--run", type=Path, metavar="DIR", help="keep the training run in DIR (default: a work folder beside the bundle, removed at the end)")
     _add_step_args(p, NEW_TASK_STEPS, "continue the run kept in --run from its last checkpoint")
 
     p = command("transferability", "Score how well a bundle's trunk will serve new tasks, before any training.")

@@ -457,9 +457,9 @@ def _exchange(staging: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Staging folders of exports that were killed; a live export's pid is still running."""
-    for stale in out.parent.glob(f".{out.name}.staging-*"):
+def _remove_stale_staging(out: Path, kind: str = "staging") -> None:
+    """Work folders (`.OUT.<kind>-<pid>`) of commands that were killed; a live command's pid is still running."""
+    for stale in out.parent.glob(f".{out.name}.{kind}-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)

@@ -157,10 +157,12 @@ def test_an_interrupted_add_task_leaves_the_bundle_as_it_was(bundle, tmp_path):
     before = {p.relative_to(copy): _digest(p) for p in copy.rglob("*") if p.is_file()}
     # SIGKILLed as it starts writing the new module into the bundle
     kill_at(["add-task", str(copy), "--name", "diagonal", "--data", "sprites", "--steps", "2", *QUICK], "exporting task")
+    assert list(tmp_path.glob(".copy.add-task-*")), "the killed add-task left its training run beside the bundle"
     assert {p.relative_to(copy): _digest(p) for p in copy.rglob("*") if p.is_file()} == before
     Bundle.open(copy)
     assert main(["add-task", str(copy), "--name", "diagonal", "--data", "sprites", "--steps", "2", *QUICK]) == 0
     assert not list(tmp_path.glob(".copy.staging-*")), "the next add-task clears the dead one's staging"
+    assert not list(tmp_path.glob(".copy.add-task-*")), "and the dead one's training run"
 
 
 def test_add_task_errors_name_the_problem(bundle, tmp_path, capsys):
