@@ -399,14 +399,19 @@ class DatasetSource:
         self.world_size = world_size
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
-        n = len(self.dataset)
-        per_step = batch_size * self.world_size
-        steps_per_epoch = max(1, n // per_step)
-        epoch, within = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        start = within * per_step + rank * batch_size
-        picked = order[np.arange(start, start + batch_size) % n]
+        picked = epoch_slice(len(self.dataset), step, batch_size, self.seed, self.world_size, rank)
         return collate([self.dataset[int(i)] for i in picked], self.tasks)
+
+
+def epoch_slice(n: int, step: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> np.ndarray:
+    """Which of `n` items a step's batch holds: each epoch is a seeded permutation, split
+    across ranks, and a step maps to a fixed slice of it, so a batch is a function of
+    (seed, rank, step) and resuming needs nothing but the step number."""
+    per_step = batch_size * world_size
+    epoch, within = divmod(step, max(1, n // per_step))
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    start = within * per_step + rank * batch_size
+    return order[np.arange(start, start + batch_size) % n]
 
 
 def collate(items, tasks: Sequence[str]) -> Batch:

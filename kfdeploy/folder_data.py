@@ -29,6 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .data import epoch_slice
 from .errors import KfError
 
 LABELS_FILE = "labels.csv"
@@ -272,13 +273,8 @@ class FolderSource:
         return images, labels
 
     def batch(self, step: int, batch_size: int, rank: int = 0):
-        n = len(self.train_index)
-        per_step = batch_size * self.world_size
-        steps_per_epoch = max(1, n // per_step)
-        epoch, within = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        start = within * per_step + rank * batch_size
-        return self._batch(self.train_index[order[np.arange(start, start + batch_size) % n]])
+        picked = epoch_slice(len(self.train_index), step, batch_size, self.seed, self.world_size, rank)
+        return self._batch(self.train_index[picked])
 
     def heldout(self, count: int, offset: int = 0):
         return self._batch(self.heldout_index[offset : offset + count])
