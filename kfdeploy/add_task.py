@@ -19,18 +19,19 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import __version__
 from .bundle import TASK_NAME_RULE, Bundle, is_task_name
-from .data import NEW_TASK_STEPS, NEW_TASKS, DatasetSource
+from .data import NEW_TASK_STEPS, NEW_TASKS, epoch_slice
 from .errors import KfError
 from .export import _remove_stale_staging, export_bundle, torch_modules
 from .losses import FrozenTrunkObjective, LossWeights
 from .pipeline import EMBEDDED, EVAL_IMAGES, OpenedData, _start_run, _stored_config, normalized, open_data
 from .train import TrainConfig, accuracy, setup_distributed, train, weights_digest
+
 
 def open_new_task_data(bundle: Bundle, data: str | Path, tasks: Optional[Sequence[str]] = None, seed: int = 0) -> OpenedData:
     """The labelled images of new tasks for `bundle`, at its input size and channels, as
@@ -52,36 +53,25 @@ def open_new_task_data(bundle: Bundle, data: str | Path, tasks: Optional[Sequenc
     return open_data(folder, tasks, seed=seed, image_size=size, channels=bundle.channels)
 
 
-class _Items:
-    """Tensors as a map-style dataset of (image, {task: label}) items, for DatasetSource."""
-
-    def __init__(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], {t: int(y[i]) for t, y in self.labels.items()}
-
-
-class LabelledPool(DatasetSource):
+class LabelledPool:
     """`count` labelled training images of a source, drawn once, and the only ones training
-    sees (epochs over them, as DatasetSource does): how many labels a new task is given.
-    Held-out images come from the source's held-out split, as without a budget."""
+    sees (epochs over them, as every finite source is read): how many labels a new task is
+    given. Held-out images come from the source's held-out split, as without a budget.
+    `flag` names the option that set `count`, in messages."""
 
-    def __init__(self, opened: OpenedData, count: int, seed: int = 0):
+    def __init__(self, opened: OpenedData, count: int, seed: int = 0, flag: str = "--labels"):
         if count < 1:
-            raise KfError(f"--labels must be at least 1, got {count}")
+            raise KfError(f"{flag} must be at least 1, got {count}")
         available = opened.record.get("train_images")  # a folder's training split; sprites never run out
         if available is not None and count > available:
-            raise KfError(f"--labels {count} asks for more images than the folder's training split holds ({available})")
+            raise KfError(f"{flag} {count} asks for more images than the folder's training split holds ({available})")
         self.images, self.labels = opened.source.batch(0, count)  # step 0 of the source's own seeded stream
-        self._heldout = opened.source.heldout
-        super().__init__(_Items(self.images, self.labels), opened.tasks, seed=seed)
+        self.tasks, self.seed = tuple(opened.tasks), seed
+        self.heldout = opened.source.heldout
 
-    def heldout(self, count: int, offset: int = 0):
-        return self._heldout(count, offset)
+    def batch(self, step: int, batch_size: int, rank: int = 0):
+        picked = torch.from_numpy(epoch_slice(len(self.images), step, batch_size, self.seed))
+        return self.images[picked], {t: y[picked] for t, y in self.labels.items()}
 
 
 def _input_record(bundle: Bundle) -> dict:
@@ -153,8 +143,9 @@ def add_task(
               env=env, resume=resuming, desc=f"add-task {name}")
         if weights_digest(model.trunk) != fingerprint:  # FrozenTrunkObjective's whole promise
             raise KfError("the trunk changed while training the task module; this is a kfdeploy bug, please report it")
-        export_bundle(run_dir, bundle_path, tasks=[name], into=True, progress=progress, keep_examples=True)
+        export_bundle(run_dir, bundle_path, tasks=[name], into=True, progress=progress, keep_examples=True,
+                      opened_data=opened)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    return Bundle.open(bundle_path).task(name)
+    return Bundle.open(bundle_path, verify=False).task(name)  # export checked every file it wrote

@@ -475,6 +475,7 @@ def export_bundle(
     progress=print,
     examples=None,
     keep_examples: bool = False,
+    opened_data=None,
 ) -> Path:
     """Export run_dir's factor modules into bundle `out` (or add them to it with `into`).
 
@@ -484,6 +485,8 @@ def export_bundle(
     items (the first EXAMPLE_IMAGES are taken), such as your held-out set. `keep_examples`
     (with `into`) leaves the bundle's examples as they are. `profile` defaults to the
     bundle's own with `into` (graphs of one opset and batch range compose), else cpu-fp32.
+    `opened_data`: the run's data as the caller already opened it (kfdeploy.pipeline.
+    OpenedData with the exported tasks), so a folder is not decoded twice.
     """
     from .pipeline import parse_tasks
 
@@ -519,7 +522,7 @@ def export_bundle(
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        opened = _open_run_data(info, progress)
+        opened = opened_data if opened_data is not None else _open_run_data(info, progress)
         if examples is not None:
             found = _examples_from_dataset(examples)
         else:

@@ -269,10 +269,7 @@ def _labelled(bundle, data, tasks: Optional[Sequence[str]], images: int, seed: i
     from .add_task import LabelledPool, open_new_task_data
 
     opened = open_new_task_data(bundle, data, tasks, seed=seed)
-    available = opened.record.get("train_images")
-    if available is not None and images > available:
-        raise KfError(f"--images {images} asks for more images than the folder's training split holds ({available})")
-    pool = LabelledPool(opened, images, seed)
+    pool = LabelledPool(opened, images, seed, flag="--images")
     labels = {t: pool.labels[t].numpy().astype(np.int64) for t in opened.tasks}
     for task, y in labels.items():
         if len(np.unique(y)) < 2:
