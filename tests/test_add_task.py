@@ -96,6 +96,8 @@ def test_the_new_module_is_refused_by_a_bundle_with_another_trunk(added, teacher
     capsys.readouterr()
     unchanged = _manifest(other)
     cli_fails(["export", str(run), "--out", str(other), "--into"], capsys, "trained with a different trunk")
+    cli_fails(["add-task", str(other), "--name", "quadrant", "--data", "sprites", "--run", str(run), "--resume"], capsys,
+              "trained against another trunk")
     assert _manifest(other) == unchanged
     # Smuggled in by hand, files and record, the runtime still refuses to compose it.
     manifest = _manifest(other)
