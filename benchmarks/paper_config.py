@@ -3,6 +3,7 @@ made of a ResNet-18 trunk and MobileNetV2 x0.5 task networks, end to end through
 
     python benchmarks/paper_config.py                          # the CPU budget: ~10-15 minutes on 2 cores
     python benchmarks/paper_config.py --teacher-steps 20000 --factorize-steps 10000 --batch-size 256   # a GPU budget
+    python benchmarks/paper_config.py --train-seconds 120 --batch-size 512   # steps sized to ~2 minutes a stage on this device
     python benchmarks/paper_config.py --work runs/paper        # keeps the runs; run again, it reuses what is done
 
 Runs, as a user would:
@@ -14,8 +15,8 @@ and reports, for the one held-out set of the run's data:
   (ONNX Runtime, kfdeploy.load), all on the same held-out images;
 - parameters and FLOPs per image (torch.utils.flop_counter; multiply-add = 2 FLOPs) of the
   teacher, the trunk and each task module as deployed (the task network, mu and its head);
-- export parity: each module's error as `kfdeploy export` recorded it (on noise images for
-  this data), and the assembly's logits against PyTorch's on the held-out images;
+- export parity: each module's error as `kfdeploy export` recorded it (on the run's
+  held-out images), and the assembly's logits against PyTorch's on the held-out images;
 - the runtime's composition at this scale, at batch 1 and 64, each variant taking turns with
   the assembly (benchmarks/runtime.py's time_in_turns): the assembly of every task, the same
   tasks as one fused graph in a plain session, the monolithic teacher as one ONNX graph, and
@@ -44,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime import alike_session, time_in_turns  # noqa: E402  (benchmarks/runtime.py)
+from train import read_run  # noqa: E402  (benchmarks/train.py)
 
 import kfdeploy  # noqa: E402
 from kfdeploy.bundle import Bundle  # noqa: E402
@@ -67,6 +69,15 @@ def kfdeploy_cli(*args: str) -> float:
     subprocess.run([sys.executable, "-m", "kfdeploy", *args], cwd=REPO, check=True,
                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return time.perf_counter() - started
+
+
+PROBE_STEPS = 60  # logged at 25 and 50 (the CLI's log interval): the rate between them leaves start-up out
+
+
+def probe_rate(command, out: Path) -> float:
+    """Training samples/s of a short run of `command` on this device, from its metrics.jsonl."""
+    kfdeploy_cli(*command(out, PROBE_STEPS))
+    return read_run(out)["samples_per_s"]
 
 
 def flops(fn, *inputs: torch.Tensor) -> int:
@@ -196,7 +207,7 @@ def print_report(result: dict) -> None:
     worst = max(p["max_abs_err"] for p in result["parity"]["heldout"].values())
     agreement = min(p["argmax_agreement"] for p in result["parity"]["heldout"].values())
     recorded = max(p["max_abs_err"] for p in result["parity"]["export"].values())
-    print(f"\nparity: export's check (noise images) max abs err {recorded:.1e}; assembly vs PyTorch on held-out images "
+    print(f"\nparity: export's check (held-out images) max abs err {recorded:.1e}; assembly vs PyTorch on held-out images "
           f"max abs err {worst:.1e}, argmax agreement {agreement:.4f}")
     print("\ncomposition (ms per call; teacher / assembly >= 1.5 is the goal)")
     for row in result["composition"]["rows"]:
@@ -222,6 +233,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--minutes", type=float, help="cap on each training command's time (kfdeploy --minutes)")
+    parser.add_argument("--train-seconds", type=float,
+                        help="size --teacher-steps and --factorize-steps to about this much training each, from a short "
+                        "probe run of each stage on this device (the learning-rate schedule then ends where training does, "
+                        "which a --minutes cap alone would cut short); --minutes defaults to 1.5x it as a cap")
     parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
     parser.add_argument("--eval-images", type=int, default=4096, help="held-out images for the accuracies (default 4096)")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window per composition measurement")
@@ -231,18 +246,27 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="kf-paper-"))
     teacher_run, kf, bundle = work / "teacher", work / "kf", work / "bundle"
     seconds = {}
+    minutes = args.minutes or (args.train_seconds and 1.5 * args.train_seconds / 60)
     common = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", args.device,
-              *(["--minutes", str(args.minutes)] if args.minutes else []), *(["--tasks", args.tasks] if args.tasks else [])]
-    if (teacher_run / "model.safetensors").exists():
-        print(f"reusing the teacher in {teacher_run}")
-    else:
-        seconds["teacher"] = kfdeploy_cli("teacher", "--out", str(teacher_run), "--data", "sprites-rgb", "--arch", args.teacher_arch,
-                                          "--image-size", str(args.image_size), "--steps", str(args.teacher_steps), *common)
-    if (kf / "model.safetensors").exists():
-        print(f"reusing the factor networks in {kf}")
-    else:
-        seconds["factorize"] = kfdeploy_cli("factorize", "--teacher", str(teacher_run), "--out", str(kf), "--trunk-arch", args.trunk_arch,
-                                            "--task-arch", args.task_arch, "--steps", str(args.factorize_steps), *common)
+              *(["--tasks", args.tasks] if args.tasks else [])]
+    stages = {
+        "teacher": (teacher_run, args.teacher_steps, lambda out, steps: [
+            "teacher", "--out", str(out), "--data", "sprites-rgb", "--arch", args.teacher_arch,
+            "--image-size", str(args.image_size), "--steps", str(steps), *common]),
+        "factorize": (kf, args.factorize_steps, lambda out, steps: [
+            "factorize", "--teacher", str(teacher_run), "--out", str(out), "--trunk-arch", args.trunk_arch,
+            "--task-arch", args.task_arch, "--steps", str(steps), *common]),
+    }
+    probes = {}
+    for stage, (run, steps, command) in stages.items():
+        if (run / "model.safetensors").exists():
+            print(f"reusing the {stage} run in {run}")
+            continue
+        if args.train_seconds:
+            probes[stage] = probe_rate(command, work / f"probe-{stage}")
+            steps = max(PROBE_STEPS, int(args.train_seconds * probes[stage] / args.batch_size))
+            print(f"{stage}: {probes[stage]:,.0f} samples/s in the probe -> {steps} steps for ~{args.train_seconds:.0f} s", flush=True)
+        seconds[stage] = kfdeploy_cli(*command(run, steps), *(["--minutes", f"{minutes:g}"] if minutes else []))
     if (bundle / "manifest.json").exists():
         print(f"reusing the bundle {bundle}")
     else:
@@ -267,14 +291,14 @@ def main() -> None:
                   f"{len(model.tasks)} x {model.config.task_arch}, sprites-rgb at {channels}x{size}x{size}",
         "device": device_label(train_device), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__, "threads": torch.get_num_threads(),
-        "budget": {"teacher_steps": trained["teacher"], "factorize_steps": trained["factorize"],
+        "budget": {"probe_samples_per_s": probes, "teacher_steps": trained["teacher"], "factorize_steps": trained["factorize"],
                    "batch_size": {"teacher": teacher_info["train"]["batch_size"], "factorize": info["train"]["batch_size"]},
                    "lr": {"teacher": teacher_info["train"]["lr"], "factorize": info["train"]["lr"]},
                    "time_budget_s": {"teacher": teacher_info["train"]["time_budget_s"], "factorize": info["train"]["time_budget_s"]},
                    "train_time_s": {name: record["time_s"] for name, record in finished.items()}},
         "accuracy": accuracy,
         "size": sizes_and_flops(teacher, teacher_info, model, run_normalization(info, model.config, kf), channels, size),
-        "parity": {"export": export_parity, "export_images": "uniform noise (export's parity check for non-grey-sprites data)",
+        "parity": {"export": export_parity, "export_images": "the run's held-out images (export's parity check)",
                    "heldout": heldout_parity(kf, bundle)},
         "composition": timing,
         "seconds": seconds,
