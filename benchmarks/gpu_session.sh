@@ -7,13 +7,16 @@
 #
 #   OUT=dir bash benchmarks/gpu_session.sh [TRAIN_SECONDS]    # results and full logs in dir
 #
-# Runs the repository's code with the machine's own python3 and packages (PYTHONPATH), so
-# nothing is installed. Each part has its own time limit; the last lines of each log print.
+# Installs this checkout editable into the machine's own python3 with no dependencies and
+# no index (an offline GPU machine has torch, timm, onnx and onnxruntime already; the
+# export profiles are the package kfdeploy.profiles only through an install). Each part has
+# its own time limit; the last lines of each log print.
 set -u
 out=${OUT:-benchmarks/results}
 train_seconds=${1:-65}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 
 part() {  # part NAME SECONDS COMMAND...: run it with its output in $out/NAME.log, then show how it ended
     local name=$1 limit=$2

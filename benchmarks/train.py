@@ -150,16 +150,44 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_feeds(feeds: dict, path: Path) -> None:
+    """One bar per configuration: samples/s, labelled with its multiple of batch-128 inline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in feeds["rows"] if "error" not in row]
+    labels = [f"{r['feed']}\nbatch {r['batch']}" + (f"\n{r['compile']}" if r["compile"] else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4.2))
+    bars = ax.bar(range(len(rows)), [r["samples_per_s"] for r in rows], color=["tab:blue" if not r["compile"] else "tab:orange" for r in rows])
+    for bar, row in zip(bars, rows):
+        ax.annotate(f"{row['samples_per_s']:,.0f}\n{row['vs_inline_128']:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("factorize samples/s")
+    ax.set_ylim(0, 1.2 * max(r["samples_per_s"] for r in rows))
+    ax.set_title(f"Factorize throughput by feed, SimpleConv sprites, {feeds['device']} (torch {feeds['torch']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, help="folder with teacher/ and kf/ runs to report on (no training)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--feeds-only", action="store_true", help="only the feed comparison; no accuracy runs")
+    parser.add_argument("--plot-feeds", type=Path, metavar="JSON", help="only draw the .png of a train-feeds-*.json already written")
     parser.add_argument("--feed-steps", type=int, help="steps per feed configuration (default 40 on a CPU, 60 on a GPU)")
     parser.add_argument("--compile", action="append", default=[], choices=["default", "reduce-overhead", "max-autotune"],
                         help="also measure torch.compile in this mode (repeat for more)")
     args = parser.parse_args()
+    if args.plot_feeds:
+        plot_feeds(json.loads(args.plot_feeds.read_text()), args.plot_feeds.with_suffix(".png"))
+        print(f"wrote {args.plot_feeds.with_suffix('.png')}")
+        return
 
     slug = "gpu" if args.device.startswith("cuda") else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +205,8 @@ def main() -> None:
     print("renderers (images/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in feeds["renderer_images_per_s"].items()))
     print(f"best: {max(r['vs_inline_128'] for r in measured):.2f}x the batch-128 inline path; {feeds['load']}")
     (args.out / f"train-feeds-{slug}.json").write_text(json.dumps(feeds, indent=2) + "\n")
-    print(f"wrote {args.out / f'train-feeds-{slug}.json'}")
+    plot_feeds(feeds, args.out / f"train-feeds-{slug}.png")
+    print(f"wrote {args.out / f'train-feeds-{slug}.json'} and .png")
     if args.feeds_only:
         return
 
