@@ -3,7 +3,8 @@ task module only on the rows that asked for it, in one ONNX Runtime session.
 
     router = Router("bundles/sprites", tasks=["shape", "scale", "pos_x"])
     answers = router.run_requests([(images_a, ["shape"], False), (images_b, ["scale", "pos_x"], False)])
-    # [{"shape": (Na, 3)}, {"scale": (Nb, 6), "pos_x": (Nb, 32)}]: probabilities (True: logits)
+    # [{"shape": (Na, 3)}, {"scale": (Nb, 6), "pos_x": (Nb, 32)}]: probabilities (True: logits);
+    # a request that cannot be answered gets the KfError saying why, the others their scores
 
 This is what a server needs when its dynamic batch gathers requests that each name their
 own tasks. The plain way is to group the rows by task set and run each group's composition:
@@ -19,11 +20,11 @@ profiles start at batch 1): untested here, where no GPU is lent to CPU machines.
 The router serves a set of tasks that `add_task`/`remove_task` change while batches run:
 the new composition is built in the calling thread and swapped in whole, and a batch runs on
 the snapshot it started with, as `Assembly` does. Validation is `Assembly.prepare`'s, per
-request, so one bad request is named by its index.
+request: a bad request is answered with its own error and runs nothing.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -34,19 +35,11 @@ from .runtime import TaskSelection, load
 
 ROWS_SUFFIX = ":rows"
 Request = Tuple[np.ndarray, Optional[Sequence[str]], bool]  # images, tasks (None: all served), logits
+Answer = Union[Dict[str, np.ndarray], KfError]  # scores per task, or why the request was refused
 
 
 def rows_input(task: str) -> str:
     return task + ROWS_SUFFIX
-
-
-class RequestsError(KfError):
-    """Some requests of a batch cannot be answered; `failures` holds (index, reason) for each."""
-
-    def __init__(self, failures: List[Tuple[int, str]], count: int):
-        self.failures = failures
-        self.count = count
-        super().__init__("; ".join(f"request {i + 1} of {count}: {reason}" for i, reason in failures))
 
 
 def compose_routed(graphs: Dict[str, object], tasks: Sequence[str]):
@@ -173,12 +166,14 @@ class Router(TaskSelection):
         return Routed(tuple(ordered), model, session, pad_empty=self.model.providers[0] != "CPUExecutionProvider")
 
     # -- answering ----------------------------------------------------------------------
-    def run_requests(self, requests: Sequence[Request]) -> List[Dict[str, np.ndarray]]:
+    def run_requests(self, requests: Sequence[Request]) -> List[Answer]:
         """Answer each request (images, tasks or None for all served, logits) with its tasks'
-        scores. Every request is checked first; if any fails, RequestsError names each failing
-        one and nothing runs."""
+        scores. A request that cannot be answered gets, in its place, the KfError that says
+        why, and the others are answered all the same: a server batches strangers' requests
+        together, and one client's NaN must not fail the rest."""
         served, routed = self._state  # a snapshot: add/remove elsewhere cannot disturb this batch
-        arrays, wanted, failures = [], [], []
+        answers: List[Answer] = [None] * len(requests)
+        good = []  # (index, images as the graph takes them, tasks, logits)
         for index, (images, tasks, logits) in enumerate(requests):
             try:
                 chosen = tuple(served) if tasks is None else tuple(dict.fromkeys(tasks))
@@ -188,37 +183,37 @@ class Router(TaskSelection):
                     raise KfError(f"task {unserved[0]!r} {known}; served: {', '.join(served) or 'none'}")
                 if not isinstance(logits, (bool, np.bool_)):
                     raise KfError(f"logits must be true or false, got {logits!r}")
-                arrays.append(self.model.prepare(images))
-                wanted.append(chosen)
+                good.append((index, self.model.prepare(images), chosen, logits))
             except KfError as exc:
-                failures.append((index, str(exc)))
-        if failures:
-            raise RequestsError(failures, len(requests))
-        sizes = [len(a) for a in arrays]
-        if routed is None or sum(sizes) == 0:
-            return [{t: np.zeros((n, self.bundle.task(t)["classes"]), np.float32) for t in tasks} for n, tasks in zip(sizes, wanted)]
-        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        starts = np.cumsum([0, *sizes[:-1]])
+                answers[index] = exc
+        if routed is None or sum(len(x) for _, x, _, _ in good) == 0:
+            for index, x, tasks, _ in good:
+                answers[index] = {t: np.zeros((len(x), self.bundle.task(t)["classes"]), np.float32) for t in tasks}
+            return answers
+        x = good[0][1] if len(good) == 1 else np.concatenate([x for _, x, _, _ in good])
         rows: Dict[str, list] = {t: [] for t in routed.tasks}
-        for start, size, tasks in zip(starts, sizes, wanted):
+        start = 0
+        for _, images, tasks, _ in good:
             for task in tasks:
-                rows[task].append(np.arange(start, start + size, dtype=np.int64))
+                rows[task].append(np.arange(start, start + len(images), dtype=np.int64))
+            start += len(images)
         rows_of = {t: (np.concatenate(parts) if parts else np.zeros(0, np.int64)) for t, parts in rows.items()}
-        outputs = sorted({(t if logits else probs_output(t)) for (_, _, logits), tasks in zip(requests, wanted) for t in tasks})
+        outputs = sorted({(t if logits else probs_output(t)) for _, _, tasks, logits in good for t in tasks})
         values = routed.run(x, rows_of, outputs)
         # each task's output holds its rows in request order: hand each request its slice
         taken = dict.fromkeys(routed.tasks, 0)
-        answers = []
-        for (_, _, logits), size, tasks in zip(requests, sizes, wanted):
-            answer = {}
+        for index, images, tasks, logits in good:
+            answer = answers[index] = {}
             for task in tasks:
-                answer[task] = values[task if logits else probs_output(task)][taken[task]:taken[task] + size]
-                taken[task] += size
-            answers.append(answer)
+                answer[task] = values[task if logits else probs_output(task)][taken[task]:taken[task] + len(images)]
+                taken[task] += len(images)
         return answers
 
     def run(self, images, tasks: Optional[Sequence[str]] = None, logits: bool = False) -> Dict[str, np.ndarray]:
-        """One request: like `Assembly.run`."""
-        return self.run_requests([(images, tasks, logits)])[0]
+        """One request: like `Assembly.run` (raises the KfError of a request it cannot answer)."""
+        (answer,) = self.run_requests([(images, tasks, logits)])
+        if isinstance(answer, KfError):
+            raise answer
+        return answer
 
     __call__ = run

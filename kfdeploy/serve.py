@@ -1,11 +1,17 @@
-"""`kfdeploy serve`: a bundle on a real Triton Inference Server, through PyTriton.
+"""`kfdeploy serve`: a bundle on a real Triton Inference Server.
 
     kfdeploy serve bundles/sprites [--tasks shape,scale] [--port 8000] [--grpc-port 8001]
 
-PyTriton's wheel ships Triton (Python backend only); the served model, `kfdeploy` unless
-`--model-name` says otherwise, is a Python-backend model whose requests PyTriton hands to
-this process, where kfdeploy's runtime answers them (kfdeploy/routing.py: one ONNX Runtime
-session, the trunk once per dynamic batch, each task on the rows that asked for it).
+The nvidia-pytriton wheel (the serve extra) ships a `tritonserver` binary with the Python
+backend; kfdeploy runs that binary itself, on a model repository it writes into a temporary
+folder: one Python-backend model, `kfdeploy` unless `--model-name` says otherwise, whose
+config.pbtxt comes from the bundle's manifest and whose model.py imports
+kfdeploy/serve_backend.py (nothing from the bundle is executed). Inside Triton's Python
+stub, kfdeploy/routing.py answers each dynamic batch: the trunk once for every row, each
+task on the rows that asked for it, and one response per request: a request that cannot be
+answered gets its own error while the others of its batch are answered. PyTriton's own
+Python API is not used: its proxy hop cost ~2 ms a request here, and it answers a batch
+with one error for all its requests.
 
 The protocol is Triton's (KServe v2, HTTP and gRPC):
 - input `image`: FP32 [batch, C, H, W] in the manifest's range;
@@ -15,118 +21,99 @@ The protocol is Triton's (KServe v2, HTTP and gRPC):
   Outputs of tasks that are not served now are refused;
 - labels, per task, are in the model's config (`GET /v2/models/kfdeploy/config`, parameter
   `labels`, a JSON object), and in the control endpoint.
-Triton's health (`/v2/health/ready`), metadata and Prometheus metrics endpoints are
-Triton's own. A control endpoint (HTTP, 127.0.0.1 unless `--control-host`) adds and removes
-served tasks while requests keep being answered: `GET /tasks`, `PUT /tasks/NAME`,
-`DELETE /tasks/NAME`, and `GET /stats` (batches, requests and rows answered).
+Triton's health (`/v2/health/ready`), metadata, statistics and Prometheus metrics endpoints
+are Triton's own. Triton runs in explicit model-control mode: the served task set is a
+parameter of the model's config, and changing it rewrites config.pbtxt and loads the model
+again (Triton's repository API), which keeps the loaded model answering until the new one
+is ready. A control endpoint (HTTP, 127.0.0.1 unless `--control-host`) does that: `GET
+/tasks`, `PUT /tasks/NAME`, `DELETE /tasks/NAME`, and `GET /stats` (Triton's statistics of
+the model, since it was last loaded).
 
-Facts about PyTriton 0.7 (Triton 2.51) that shape this module, measured here:
-- the Python stub links the first libpython it finds; when that is the system's and not the
-  interpreter's own, model loading fails ("'_thread.RLock' object has no attribute
-  '_recursion_count'"), so LD_LIBRARY_PATH gets this interpreter's LIBDIR first;
-- TritonConfig's addresses default to 0.0.0.0: every one is set here (127.0.0.1 by default);
-- the server gets SIGTERM when the thread that started it exits, so the main thread starts
-  it and lives as long as it;
-- an inference callable answers a whole batch or fails it whole: PyTriton has no error per
-  request. Triton itself refuses, per request, a wrong shape, dtype or batch size, an empty
-  batch and an output (task) the model does not have; what only kfdeploy can check (NaN,
-  values out of range, a task not served now) fails the batch the request is in, naming the
-  request, and good requests that were batched with it get the same error. Rare by design
-  (a client sending NaN), but a limit: a client may retry such a failure.
+What the binary needs, measured here (Triton 2.51 from nvidia-pytriton 0.7): a backend
+folder holding libtriton_python.so beside the stub built for this Python's version; the
+stub embeds the Python it finds on PATH (this interpreter's, so its site-packages), and
+must link this interpreter's libpython, not the system's (else model loading fails with
+"'_thread.RLock' object has no attribute '_recursion_count'"), plus the wheel's own
+libraries; Triton's addresses default to 0.0.0.0, so all three are set.
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import json
-import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
-import numpy as np
-
+from .atomic import atomic_write
 from .errors import KfError
-from .extras import require
-from .routing import RequestsError, Router
+from .extras import install_hint
+from .runtime import TaskSelection, load
+from .triton_repo import Enum, to_pbtxt
 
 DEFAULT_QUEUE_DELAY_US = 500
 DEFAULT_DRAIN_TIMEOUT_S = 30
+READY_TIMEOUT_S = 180
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # what the stub puts on sys.path to import kfdeploy
 
 
-def _use_own_libpython() -> None:
-    """Put this interpreter's libpython first for the Python stub Triton starts (see above)."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if not libdir or not Path(libdir).is_dir():
-        return
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if current.split(":")[0] != libdir:
-        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+def triton_folder() -> Path:
+    """The `tritonserver` folder inside the nvidia-pytriton wheel (found, not imported)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise KfError(install_hint("pytriton", "serve"))
+    return Path(spec.submodule_search_locations[0]) / "tritonserver"
 
 
-class Stats:
-    """What the inference callable has done: batches, requests, rows; failed batches."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.batches = self.requests = self.rows = self.failed_batches = self.running = 0
-
-    def as_dict(self) -> dict:
-        with self._lock:
-            return {"batches": self.batches, "requests": self.requests, "rows": self.rows,
-                    "failed_batches": self.failed_batches, "running": self.running,
-                    "requests_per_batch": round(self.requests / self.batches, 3) if self.batches else None}
+def _prepend(variable: str, *paths) -> str:
+    current = os.environ.get(variable)
+    return ":".join([*map(str, paths), *([current] if current else [])])
 
 
-class KfdeployModel:
-    """The inference callable PyTriton calls with each dynamic batch (undecorated, so each
-    request's `requested_output_names` reach it: that is how a request names its tasks)."""
+def triton_environment(triton: Path) -> dict:
+    """Triton's environment: the stub's Python, libpython and kfdeploy (see the docstring)."""
+    return {**os.environ,
+            "PATH": _prepend("PATH", Path(sys.executable).parent),
+            "LD_LIBRARY_PATH": _prepend("LD_LIBRARY_PATH", sysconfig.get_config_var("LIBDIR"), triton.parent.parent / "nvidia_pytriton.libs"),
+            "PYTHONPATH": _prepend("PYTHONPATH", PACKAGE_ROOT)}
 
-    def __init__(self, router: Router, model_name: str):
-        self.router = router
-        self.model_name = model_name
-        self.outputs = set(router.bundle.tasks)
-        self.stats = Stats()
 
-    def __call__(self, requests) -> List[dict]:
-        stats = self.stats
-        with stats._lock:
-            stats.running += 1
-        try:
-            parsed = []
-            for request in requests:
-                names = list(request.requested_output_names or ())
-                tasks = None if not names or set(names) == self.outputs else names
-                logits = (request.parameters or {}).get("logits", False)
-                parsed.append((request["image"], tasks, logits))
-            try:
-                answers = self.router.run_requests(parsed)
-            except RequestsError as exc:
-                with stats._lock:
-                    stats.failed_batches += 1
-                alone = "" if exc.count == 1 else (" (PyTriton answers a batch with one error: the other requests "
-                                                   "batched with it got it too and may be retried)")
-                raise KfError(f"kfdeploy: {exc}{alone}") from None
-            with stats._lock:
-                stats.batches += 1
-                stats.requests += len(requests)
-                stats.rows += sum(len(p[0]) for p in parsed)
-            return answers
-        finally:
-            with stats._lock:
-                stats.running -= 1
+def backend_folder(triton: Path, out: Path) -> Path:
+    """`--backend-directory` for the Python backend: the wheel's backend with the stub for this Python."""
+    python = out / "python"
+    python.mkdir(parents=True)
+    for item in (triton / "backends" / "python").iterdir():
+        if item.is_file():
+            shutil.copy(item, python)
+    stub = triton / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
+    if not stub.exists():
+        raise KfError(f"nvidia-pytriton has no Python backend stub for Python {sys.version_info[0]}.{sys.version_info[1]} ({stub})")
+    shutil.copy(stub, python)
+    return out
+
+
+def _die_with_parent() -> None:
+    """In Triton's process before exec: SIGTERM it when kfdeploy serve dies (prctl PR_SET_PDEATHSIG),
+    so that a killed server leaves no Triton behind holding the ports."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class ControlHandler(BaseHTTPRequestHandler):
     """GET /tasks, PUT|POST /tasks/NAME, DELETE /tasks/NAME, GET /stats; JSON answers."""
 
     server_version = "kfdeploy-control"
-    model: KfdeployModel = None  # set on the subclass the server makes
+    served: "Server" = None  # set on the subclass the server makes
 
     def _answer(self, status: int, body: dict) -> None:
         data = (json.dumps(body) + "\n").encode()
@@ -136,30 +123,28 @@ class ControlHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _tasks(self) -> dict:
-        router = self.model.router
-        return {"model": self.model.model_name, "served": router.tasks, "available": router.bundle.tasks,
-                "labels": {t: router.labels(t) for t in router.bundle.tasks}}
-
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path.rstrip("/") == "/tasks":
-            return self._answer(200, self._tasks())
+            return self._answer(200, self.served.describe_tasks())
         if self.path.rstrip("/") == "/stats":
-            return self._answer(200, self.model.stats.as_dict())
+            try:
+                return self._answer(200, self.served.stats())
+            except KfError as exc:
+                return self._answer(503, {"error": str(exc)})
         self._answer(404, {"error": f"no such endpoint {self.path}; try GET /tasks, PUT or DELETE /tasks/NAME, GET /stats"})
 
     def _change(self, add: bool):
         parts = self.path.strip("/").split("/")
         if len(parts) != 2 or parts[0] != "tasks" or not parts[1]:
             return self._answer(404, {"error": f"no such endpoint {self.path}; {'PUT' if add else 'DELETE'} /tasks/NAME"})
-        router = self.model.router
+        served = self.served
         try:
-            (router.add_task if add else router.remove_task)(parts[1])
+            (served.add_task if add else served.remove_task)(parts[1])
         except KfError as exc:
-            return self._answer(404, {"error": str(exc), **self._tasks()})
-        print(f"kfdeploy serve: {'added' if add else 'removed'} task {parts[1]!r} in {router.last_switch_ms:.0f} ms; "
-              f"serving {', '.join(router.tasks) or 'no task'}", file=sys.stderr, flush=True)
-        self._answer(200, {**self._tasks(), "switch_ms": router.last_switch_ms})
+            return self._answer(404, {"error": str(exc), **served.describe_tasks()})
+        served.log(f"kfdeploy serve: {'added' if add else 'removed'} task {parts[1]!r} in {served.last_switch_ms:.0f} ms; "
+                   f"serving {', '.join(served.tasks) or 'no task'}")
+        self._answer(200, {**served.describe_tasks(), "switch_ms": served.last_switch_ms})
 
     def do_PUT(self):  # noqa: N802
         self._change(add=True)
@@ -173,8 +158,11 @@ class ControlHandler(BaseHTTPRequestHandler):
         pass
 
 
-class Server:
-    """A bundle served by Triton through PyTriton, with a control endpoint beside it."""
+class Server(TaskSelection):
+    """A bundle served by a Triton process of its own, with a control endpoint beside it.
+    The served set (TaskSelection's) changes by loading the model again in Triton."""
+
+    _set_name = "served"
 
     def __init__(self, bundle, tasks: Optional[Sequence[str]] = None, host: str = "127.0.0.1", port: int = 8000,
                  grpc_port: Optional[int] = None, metrics_port: Optional[int] = None, control_port: Optional[int] = None,
@@ -182,7 +170,7 @@ class Server:
                  max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, dynamic_batching: bool = True,
                  drain_timeout_s: int = DEFAULT_DRAIN_TIMEOUT_S, threads: Optional[int] = None,
                  triton_log: Optional[Path] = None, log=None):
-        require("pytriton", "serve")
+        self.triton_home = triton_folder()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         ports = {"--port": port, "--grpc-port": grpc_port, "--metrics-port": metrics_port, "--control-port": control_port}
         for flag, value in ports.items():
@@ -197,85 +185,168 @@ class Server:
             raise KfError(f"--max-queue-delay-us must be 0 or more, got {max_queue_delay_us}")
         if drain_timeout_s < 1:
             raise KfError(f"--drain-timeout must be at least 1 second, got {drain_timeout_s}")
-        self.router = Router(bundle, tasks=tasks, threads=threads, log=self.log)
-        manifest = self.router.bundle.manifest
-        batch_max = manifest["input"]["batch"]["max"]
+        # An assembly with no task builds no session: it brings the checks (checksums, trunk
+        # fingerprints, tasks added to the bundle's folder since) before Triton is involved.
+        self.model = load(bundle, tasks=[], threads=threads, log=self.log)
+        batch_max = self.bundle.manifest["input"]["batch"]["max"]
         self.max_batch_size = max_batch_size or batch_max
         if not 1 <= self.max_batch_size <= batch_max:
             raise KfError(f"--max-batch-size must be between 1 and the bundle's batch maximum {batch_max}, got {max_batch_size}")
+        self._init_selection()
+        chosen = tuple(dict.fromkeys(tasks)) if tasks is not None else tuple(self.bundle.tasks)
+        for task in chosen:
+            self._check_task(task)
+        self._state = (chosen, None)  # loaded when Triton starts
         self.model_name = model_name
         self.max_queue_delay_us = max_queue_delay_us
         self.dynamic_batching = dynamic_batching
         self.drain_timeout_s = drain_timeout_s
-        self.model = KfdeployModel(self.router, model_name)
-        # Triton's own log goes to a file (PyTriton would echo every line to stdout)
-        self.triton_log = Path(triton_log) if triton_log else Path(tempfile.mkdtemp(prefix="kfdeploy-serve-")) / "tritonserver.log"
-        self.triton = None
-        self.control = None
+        self.threads = threads
+        self.folder = Path(tempfile.mkdtemp(prefix="kfdeploy-serve-"))
+        # beside the folder, not in it: the log outlives the repository, removed at the end
+        self.triton_log = Path(triton_log) if triton_log else self.folder.with_name(self.folder.name + "-tritonserver.log")
+        self.repository = self.folder / "repository"
+        self.triton: Optional[subprocess.Popen] = None
+        self.control: Optional[ThreadingHTTPServer] = None
 
-    def start(self, also=None) -> None:
-        """Start Triton (from this thread, which must outlive it) and the control endpoint.
-        `also(triton)`, if given, binds more models before Triton starts (benchmarks/serve.py
-        binds a no-op model beside ours, to measure the server's own floor)."""
-        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
+    @property
+    def bundle(self):
+        return self.model.bundle
 
-        # The control endpoint first: a port already taken fails before Triton starts, and it
-        # answers by the time Triton reports ready.
-        handler = type("Handler", (ControlHandler,), {"model": self.model})
+    # -- the model Triton serves ------------------------------------------------------------
+    def config(self, tasks: Sequence[str]) -> dict:
+        """The model's config for a served set: every task of the bundle is an output (so a
+        task added later needs no other client), the set itself a parameter the model reads."""
+        bundle = self.bundle
+        config = {
+            "name": self.model_name, "backend": "python", "max_batch_size": self.max_batch_size,
+            "input": [{"name": "image", "data_type": Enum("TYPE_FP32"), "dims": bundle.manifest["input"]["shape"][1:]}],
+            "output": [{"name": t, "data_type": Enum("TYPE_FP32"), "dims": [bundle.task(t)["classes"]]} for t in bundle.tasks],
+        }
+        if self.dynamic_batching:
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": self.max_queue_delay_us}
+        config["instance_group"] = [{"count": 1, "kind": Enum("KIND_CPU")}]
+        parameters = {
+            "bundle": str(bundle.root), "tasks": json.dumps(list(tasks)), "threads": str(self.threads or ""),
+            "labels": json.dumps({t: bundle.task(t)["labels"] for t in bundle.tasks}),
+            "input_range": json.dumps(bundle.manifest["input"]["range"]),
+            "outputs": "probabilities; logits with the request parameter logits=true",
+        }
+        config["parameters"] = ("map", {k: {"string_value": v} for k, v in parameters.items()})
+        return config
+
+    def _write_config(self, tasks: Sequence[str]) -> None:
+        with atomic_write(self.repository / self.model_name / "config.pbtxt") as path:
+            path.write_text(to_pbtxt(self.config(tasks)) + "\n")
+
+    def _check_task(self, name: str) -> None:
+        self.model._check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
+
+    def _switch(self, tasks: Tuple[str, ...]) -> None:
+        """Load the model again with `tasks` (TaskSelection's swap: Triton keeps answering with
+        the loaded model until the new one is ready); an empty set is loaded too."""
+        started = time.perf_counter()
+        previous = self._state[0]
+        self._write_config(tasks)
+        try:
+            self._triton_call("POST", f"/v2/repository/models/{self.model_name}/load", {})
+        except KfError:
+            self._write_config(previous)  # what Triton still serves
+            raise
+        self._state = (tasks, None)
+        self.last_switch_ms = (time.perf_counter() - started) * 1e3
+
+    def _triton_call(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        request = urllib.request.Request(f"http://{host}:{self.port}{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=READY_TIMEOUT_S) as response:
+                data = response.read()
+        except urllib.error.HTTPError as exc:
+            message = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(message)["error"]
+            except (ValueError, KeyError):
+                pass
+            raise KfError(f"Triton refused {method} {path}: {message}") from None
+        except OSError as exc:
+            raise KfError(f"Triton did not answer {method} {path}: {exc}") from None
+        return json.loads(data) if data else {}
+
+    def describe_tasks(self) -> dict:
+        bundle = self.bundle
+        return {"model": self.model_name, "served": self.tasks, "available": bundle.tasks,
+                "labels": {t: bundle.task(t)["labels"] for t in bundle.tasks}}
+
+    def stats(self) -> dict:
+        """Triton's statistics of the model since it was last loaded: batches, requests, rows."""
+        found = self._triton_call("GET", f"/v2/models/{self.model_name}/stats")["model_stats"]
+        batches = sum(s["execution_count"] for s in found)
+        succeeded = sum(s["inference_stats"]["success"]["count"] for s in found)
+        failed = sum(s["inference_stats"]["fail"]["count"] for s in found)
+        return {"batches": batches, "requests": succeeded + failed, "failed_requests": failed,
+                "rows": sum(s["inference_count"] for s in found),
+                "requests_per_batch": round((succeeded + failed) / batches, 3) if batches else None}
+
+    # -- the process --------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the control endpoint's port (a port in use fails before Triton starts), start
+        Triton and wait for the model to be ready, then answer control calls."""
+        handler = type("Handler", (ControlHandler,), {"served": self})
         try:
             self.control = ThreadingHTTPServer((self.control_host, self.control_port), handler)
         except OSError as exc:
             raise KfError(f"cannot open the control endpoint on {self.control_host}:{self.control_port} ({exc.strerror}); "
                           "choose another --control-port") from None
         self.control.daemon_threads = True
+        (self.repository / self.model_name / "1").mkdir(parents=True)
+        (self.repository / self.model_name / "1" / "model.py").write_text(
+            "# written by kfdeploy serve: the model is kfdeploy's own (kfdeploy/serve_backend.py)\n"
+            "from kfdeploy.serve_backend import TritonPythonModel  # noqa: F401\n")
+        self._write_config(self.tasks)
+        command = [
+            str(self.triton_home / "bin" / "tritonserver"), f"--model-repository={self.repository}",
+            f"--backend-directory={backend_folder(self.triton_home, self.folder / 'backends')}",
+            "--model-control-mode=explicit", f"--load-model={self.model_name}",
+            f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+            f"--http-port={self.port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true", f"--exit-timeout-secs={self.drain_timeout_s}", "--log-verbose=0",
+        ]
+        with open(self.triton_log, "w") as out:
+            # a session of its own: Ctrl-C reaches kfdeploy serve, which drains Triton once
+            self.triton = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=triton_environment(self.triton_home),
+                                           start_new_session=True, preexec_fn=_die_with_parent)
+        self._wait_ready()
         threading.Thread(target=self.control.serve_forever, name="kfdeploy-control", daemon=True).start()
-        for name in ("pytriton", "sh"):
-            logging.getLogger(name).setLevel(logging.ERROR)  # their INFO lines bury ours; errors still show
-        _use_own_libpython()
-        bundle = self.router.bundle
-        shape = tuple(bundle.manifest["input"]["shape"][1:])
-        config = TritonConfig(
-            http_address=self.host, http_port=self.port, grpc_address=self.host, grpc_port=self.grpc_port,
-            metrics_address=self.host, metrics_port=self.metrics_port, allow_metrics=True,
-            exit_timeout_secs=self.drain_timeout_s, log_verbose=0, log_file=self.triton_log)
-        self.triton = Triton(config=config)
-        batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if self.dynamic_batching else None
-        self.triton.bind(
-            model_name=self.model_name, infer_func=self.model,
-            inputs=[Tensor(name="image", dtype=np.float32, shape=shape)],
-            outputs=[Tensor(name=task, dtype=np.float32, shape=(bundle.task(task)["classes"],)) for task in bundle.tasks],
-            config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batcher), strict=False)
-        self._describe_in_config()
-        if also is not None:
-            also(self.triton)
-        self.triton.run()
 
-    def _describe_in_config(self) -> None:
-        """Labels and the input's range into the model config's parameters, where clients read
-        them (`GET /v2/models/NAME/config`). PyTriton has no API for parameters of one's own:
-        this sets them on the config it is about to load (its private model registry)."""
-        bundle = self.router.bundle
-        parameters = {
-            "labels": json.dumps({t: bundle.task(t)["labels"] for t in bundle.tasks}),
-            "input_range": json.dumps(bundle.manifest["input"]["range"]),
-            "outputs": "probabilities; logits with the request parameter logits=true",
-        }
-        try:
-            model = next(m for m in self.triton._model_manager.models if m.model_name == self.model_name)
-            model._get_triton_model_config().backend_parameters.update(parameters)
-        except (AttributeError, StopIteration) as exc:  # a PyTriton whose internals moved: serve without them
-            self.log(f"warning: labels are not in the model config ({type(exc).__name__}); GET /tasks on the control endpoint has them")
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.triton.poll() is not None:
+                raise KfError(f"Triton exited with code {self.triton.returncode} before the model was ready" + self._log_tail())
+            try:
+                self._triton_call("GET", f"/v2/models/{self.model_name}/ready")
+                return
+            except KfError:
+                time.sleep(0.2)
+        raise KfError(f"the model was not ready within {READY_TIMEOUT_S} s" + self._log_tail())
+
+    def _log_tail(self, lines: int = 8) -> str:
+        if not self.triton_log.exists():
+            return ""
+        tail = self.triton_log.read_text(errors="replace").strip().splitlines()[-lines:]
+        return f"; the end of its log {self.triton_log}:\n  " + "\n  ".join(tail)
 
     def describe(self) -> str:
-        served = self.router.tasks
-        others = [t for t in self.router.bundle.tasks if t not in served]
+        served = self.tasks
+        others = [t for t in self.bundle.tasks if t not in served]
         batching = (f"dynamic batching up to {self.max_batch_size} rows, queue delay {self.max_queue_delay_us} us"
                     if self.dynamic_batching else f"no dynamic batching (requests up to {self.max_batch_size} rows)")
         return "\n".join([
-            f"kfdeploy serve: model {self.model_name!r} on Triton (PyTriton), serving {', '.join(served) or 'no task'}"
+            f"kfdeploy serve: model {self.model_name!r} on Triton, serving {', '.join(served) or 'no task'}"
             + (f" (also in the bundle: {', '.join(others)})" if others else ""),
-            f"  HTTP     http://{self.host}:{self.port}/v2/models/{self.model_name}  (infer, config, ready)",
+            f"  HTTP     http://{self.host}:{self.port}/v2/models/{self.model_name}  (infer, config, ready, stats)",
             f"  gRPC     {self.host}:{self.grpc_port}",
             f"  metrics  http://{self.host}:{self.metrics_port}/metrics",
             f"  control  http://{self.control_host}:{self.control_port}/tasks  (GET; PUT or DELETE /tasks/NAME; GET /stats)",
@@ -283,24 +354,28 @@ class Server:
             f"  Triton's log: {self.triton_log}",
         ])
 
-    def alive(self) -> bool:
-        return self.triton is not None and self.triton.is_alive()
-
-    def stop(self) -> bool:
-        """Stop taking control calls, let Triton finish what is in flight, stop it. True when
-        no batch was cut off."""
+    def stop(self) -> int:
+        """Stop taking control calls; SIGTERM Triton, which refuses new requests, answers those
+        in flight (up to --drain-timeout) and exits. Returns Triton's exit code."""
         if self.control is not None:
             self.control.shutdown()
             self.control.server_close()
+        code = 0
         if self.triton is not None:
-            self.triton.stop()
-        return self.model.stats.running == 0
+            if self.triton.poll() is None:
+                self.triton.send_signal(signal.SIGTERM)
+            try:
+                code = self.triton.wait(self.drain_timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                self.triton.kill()
+                code = self.triton.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return code
 
 
-def run(server: Server, ready=None, also=None) -> int:
-    """Start `server` (`also`: see Server.start), serve until SIGTERM/SIGINT (or until Triton
-    dies), drain, stop. Returns the exit code: 0 when every request in flight at the signal
-    was answered."""
+def run(server: Server, ready=None) -> int:
+    """Start `server`, serve until SIGTERM/SIGINT (or until Triton dies), drain, stop.
+    Returns the exit code: 0 when Triton answered what was in flight and exited cleanly."""
     stop = threading.Event()
     received = []
 
@@ -311,39 +386,23 @@ def run(server: Server, ready=None, also=None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            server.start(also)
-        except KfError:
+            server.start()
+        except BaseException:
+            server.stop()
             raise
-        except Exception as exc:  # PyTriton's own errors (a port in use, Triton failing to start)
-            if server.control is not None:
-                server.control.shutdown()
-                server.control.server_close()
-            try:
-                if server.triton is not None:
-                    server.triton.stop()  # and off its atexit hook, which would fail again, louder
-            except Exception:  # noqa: BLE001 - the error worth reporting is the one above
-                pass
-            tail = server.triton_log.read_text(errors="replace").strip().splitlines()[-5:] if server.triton_log.exists() else []
-            raise KfError(f"Triton did not start ({type(exc).__name__}: {exc})"
-                          + (f"; the end of its log {server.triton_log}:\n  " + "\n  ".join(tail) if tail else "")) from None
         server.log(server.describe())
         if ready is not None:
             ready()
-        died = False
-        while not stop.wait(0.5):
-            if not server.alive():
-                died = True
-                break
-        if died:
-            server.log("kfdeploy serve: Triton stopped on its own; shutting down")
-        else:
-            server.log(f"kfdeploy serve: {received[0]}: draining in-flight requests, then stopping")
+        while not stop.wait(0.5) and server.triton.poll() is None:
+            pass
+        died = not received
+        server.log("kfdeploy serve: Triton stopped on its own; shutting down" if died
+                   else f"kfdeploy serve: {received[0]}: draining in-flight requests, then stopping")
         started = time.perf_counter()
-        drained = server.stop()
-        stats = server.model.stats.as_dict()
-        server.log(f"kfdeploy serve: stopped in {time.perf_counter() - started:.1f} s; answered {stats['requests']} "
-                   f"request(s) in {stats['batches']} batch(es)" + ("" if drained else "; a batch was cut off"))
-        return 0 if drained and not died else 1
+        code = server.stop()
+        server.log(f"kfdeploy serve: Triton exited with code {code} after {time.perf_counter() - started:.1f} s; "
+                   f"its log: {server.triton_log}")
+        return 0 if code == 0 and not died else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,5 +1,5 @@
-"""`kfdeploy serve`: a bundle on a real Triton (PyTriton's), driven over loopback with
-tritonclient (HTTP and gRPC), every answer checked against kfdeploy.load here."""
+"""`kfdeploy serve`: a bundle on a real Triton (the binary nvidia-pytriton ships), driven over
+loopback with tritonclient (HTTP and gRPC), every answer checked against kfdeploy.load here."""
 import json
 import os
 import signal
@@ -56,6 +56,10 @@ def infer(client, x, tasks=None, datatype="FP32", **kwargs):
     return {name: result.as_numpy(name) for name in names}
 
 
+def client_for(server, protocol):
+    return http.InferenceServerClient(server["http"]) if protocol == "http" else grpc.InferenceServerClient(server["grpc"])
+
+
 def control(server, method, path):
     request = urllib.request.Request(f"http://{server['control']}{path}", method=method)
     try:
@@ -107,7 +111,7 @@ def test_triton_endpoints_answer_on_loopback_only(server, bundle):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_answers_are_kfdeploy_loads(server, reference, protocol):
-    client = http.InferenceServerClient(server["http"]) if protocol == "http" else grpc.InferenceServerClient(server["grpc"])
+    client = client_for(server, protocol)
     x = images(3, 1)
     expected, expected_logits = reference(x), reference(x, logits=True)
     everything = infer(client, x)
@@ -161,10 +165,11 @@ def test_concurrent_requests_for_different_task_sets_are_batched_and_each_answer
     assert requests == 80 and batches < requests, (requests, batches)  # several requests per batch
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("case", ["wrong shape", "wrong dtype", "NaN", "unknown task", "task not served", "empty batch",
                                   "oversized batch", "logits not a boolean"])
-def test_bad_requests_get_an_error_naming_the_problem_and_the_next_request_is_answered(server, reference, case):
-    client = http.InferenceServerClient(server["http"])
+def test_bad_requests_get_an_error_naming_the_problem_and_the_next_request_is_answered(server, reference, case, protocol):
+    client = client_for(server, protocol)
     x = images(2, 5)
     attempt = {
         "wrong shape": lambda: infer(client, images(2)[:, :, :32]),
@@ -179,18 +184,56 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_next_request_is_an
     named = {
         "wrong shape": r"unexpected shape for input 'image' for model 'kfdeploy'. Expected \[-1,1,64,64\], got \[2,1,32,64\]",
         "wrong dtype": r"inference input 'image' data-type is 'FP64', but model 'kfdeploy' expects 'FP32'",
-        "NaN": r"kfdeploy: request 1 of 1: images contain NaN or infinite values",
+        "NaN": r"kfdeploy: images contain NaN or infinite values",
         "unknown task": r"unexpected inference output 'colour' for model 'kfdeploy'",
-        "task not served": r"task 'orientation' is not served; served: shape, scale, pos_x",
+        "task not served": r"kfdeploy: task 'orientation' is not served; served: shape, scale, pos_x",
         "empty batch": r"input byte size mismatch for input 'image' for model 'kfdeploy'",
         "oversized batch": rf"inference request batch-size must be <= {MAX_BATCH} for 'kfdeploy'",
-        "logits not a boolean": r"logits must be true or false, got 'yes'",
+        "logits not a boolean": r"kfdeploy: logits must be true or false, got 'yes'",
     }[case]
     with pytest.raises(InferenceServerException, match=named):
         attempt()
     answer = infer(client, x, ["shape"])
     np.testing.assert_allclose(answer["shape"], reference(x)["shape"], rtol=1e-5, atol=1e-6)
     client.close()
+
+
+def test_a_nan_request_batched_with_good_ones_fails_alone(server, reference):
+    """Six clients send at once (one with a NaN pixel) until Triton puts all six in one
+    dynamic batch: the NaN request gets its error, the five others their answers."""
+    good = [images(1 + i % 2, seed=200 + i) for i in range(5)]
+    nan = images(1, 7)
+    nan[0, 0, 3, 5] = np.nan
+    clients = [client_for(server, "grpc" if i % 2 else "http") for i in range(6)]
+    for round_ in range(10):
+        barrier, results = threading.Barrier(6), {}
+
+        def send(i):
+            barrier.wait(60)
+            try:
+                results[i] = infer(clients[i], nan if i == 5 else good[i], ["shape", "pos_x"])
+            except InferenceServerException as exc:
+                results[i] = exc
+
+        _, before = control(server, "GET", "/stats")
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        _, after = control(server, "GET", "/stats")
+        assert isinstance(results[5], InferenceServerException) and "kfdeploy: images contain NaN or infinite values" in str(results[5])
+        for i in range(5):
+            assert isinstance(results[i], dict), results[i]
+            expected = reference(good[i])
+            for task in ("shape", "pos_x"):
+                np.testing.assert_allclose(results[i][task], expected[task], rtol=1e-5, atol=1e-6)
+        if (after["batches"] - before["batches"], after["requests"] - before["requests"]) == (1, 6):
+            break
+    else:
+        pytest.fail("Triton never batched the six requests together in 10 rounds")
+    for client in clients:
+        client.close()
 
 
 def test_tasks_are_added_and_removed_live_without_dropping_requests(server, reference):
@@ -223,8 +266,6 @@ def test_tasks_are_added_and_removed_live_without_dropping_requests(server, refe
         thread.join(60)
     assert not failures, failures
     assert count[0] > 0
-    # Asked for only now: a refused request fails the dynamic batch it lands in (PyTriton has
-    # one error per batch), so it is not sent beside the caller's requests above.
     with pytest.raises(InferenceServerException, match="task 'pos_y' is not served"):
         infer(client, x, ["pos_y"])
     client.close()
@@ -264,7 +305,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, referen
         np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
     log = running["log"].read_text()
     assert code == 0, log[-3000:]
-    assert "SIGTERM: draining in-flight requests" in log and "answered 4 request(s)" in log
+    assert "SIGTERM: draining in-flight requests" in log and "Triton exited with code 0" in log
 
 
 def test_serve_refuses_mistakes_in_one_line_before_starting(bundle, tmp_path):

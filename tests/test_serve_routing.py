@@ -9,7 +9,7 @@ import pytest
 import kfdeploy
 from kfdeploy.bundle import Bundle
 from kfdeploy.errors import KfError
-from kfdeploy.routing import RequestsError, Router, compose_routed, rows_input
+from kfdeploy.routing import Router, compose_routed, rows_input
 
 QUIET = {"log": lambda line: None}
 
@@ -65,22 +65,27 @@ def test_tasks_no_row_asks_for_cost_nothing_and_padding_gives_the_same_answers(r
     np.testing.assert_array_equal(padded["shape"], answer["shape"])
 
 
-def test_bad_requests_are_each_named_and_nothing_runs(router, bundle):
+def test_bad_requests_each_get_their_error_and_the_good_ones_of_the_batch_are_answered(router, reference):
     good = images(2)
     nan = good.copy()
     nan[1, 0, 5, 5] = np.nan
     requests = [(good, None, False), (nan, None, False), (good, ["orientation"], False), (good, ["colour"], False),
-                (good, None, "yes"), (good[:, :, :32], None, False), (good * 300, ["shape"], False)]
-    with pytest.raises(RequestsError) as info:
-        router.run_requests(requests)
-    failures = dict(info.value.failures)
+                (good, None, "yes"), (good[:, :, :32], None, False), (good * 300, ["shape"], False), (good, ["pos_x"], True)]
+    answers = router.run_requests(requests)
+    failures = {i: str(a) for i, a in enumerate(answers) if isinstance(a, KfError)}
     assert sorted(failures) == [1, 2, 3, 4, 5, 6]
     assert failures[1] == "images contain NaN or infinite values"
     assert failures[2] == "task 'orientation' is not served; served: shape, scale, pos_x"
     assert failures[3] == "task 'colour' is not a task of this bundle; served: shape, scale, pos_x"
     assert failures[4] == "logits must be true or false, got 'yes'"
     assert "must be 64x64 pixels" in failures[5] and "must lie in [0, 1]" in failures[6]
-    assert str(info.value).startswith("request 2 of 7: images contain NaN or infinite values; request 3 of 7: ")
+    expected, expected_logits = reference(good), reference(good, logits=True)
+    assert list(answers[0]) == ["shape", "scale", "pos_x"] and list(answers[7]) == ["pos_x"]
+    for task, scores in answers[0].items():
+        np.testing.assert_allclose(scores, expected[task], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answers[7]["pos_x"], expected_logits["pos_x"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(KfError, match="images contain NaN or infinite values"):
+        router.run(nan)
 
 
 def test_tasks_come_and_go_while_batches_run(bundle, reference):
