@@ -1,8 +1,9 @@
 """Real Triton servers for the serving tests, in the environment that serving needs.
 
-PyTriton 0.7 pins numpy<2, and the rest of the suite runs on numpy 2 (gradio's pandas needs
-it), so the server side runs in an environment of its own: the Python named by
-$KFDEPLOY_SERVE_PYTHON, else this interpreter when it has PyTriton, else `.venv-serve/`
+nvidia-pytriton 0.7, whose wheel ships the Triton server, pins numpy<2, and the rest of the
+suite runs on numpy 2 (gradio's pandas needs it), so the server side runs in an environment
+of its own: the Python named by $KFDEPLOY_SERVE_PYTHON, else this interpreter when it has
+nvidia-pytriton, else `.venv-serve/`
 in the checkout (`.ci/run` makes it: `pip install -e ".[cpu,serve]"`). The tests talk to it
 over loopback with tritonclient from this environment, and compare its answers with
 `kfdeploy.load` here, so the runtime is checked under both numpy versions.
@@ -16,7 +17,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,29 +28,30 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-_PROBE = ("import json, sys, sysconfig, pathlib, pytriton; "
-          "site = pathlib.Path(pytriton.__file__).parents[1]; "
-          "print(json.dumps({'libdir': sysconfig.get_config_var('LIBDIR'), 'site': str(site), "
-          "'version': f'{sys.version_info[0]}.{sys.version_info[1]}', 'bin': str(pathlib.Path(sys.executable).parent)}))")
+_PROBE = "from kfdeploy.serve import triton_folder; triton_folder()"  # nvidia-pytriton's server is there
+# What kfdeploy serve gives the binary (kfdeploy/serve.py): a backend folder, the stub's environment
+_SETUP = ("import json, pathlib, sys; from kfdeploy.serve import backend_folder, triton_environment, triton_folder; "
+          "home = triton_folder(); backend_folder(home, pathlib.Path(sys.argv[1])); env = triton_environment(home); "
+          "print(json.dumps({'binary': str(home / 'bin' / 'tritonserver'), "
+          "'env': {k: env[k] for k in ('PATH', 'LD_LIBRARY_PATH', 'PYTHONPATH')}}))")
 
 
 @functools.cache
 def serve_env() -> Optional[dict]:
-    """Where the serving environment is: its python, site-packages, libpython's folder; or None."""
+    """The serving environment's python, or None."""
     candidates = [os.environ.get("KFDEPLOY_SERVE_PYTHON"), sys.executable, str(REPO / ".venv-serve" / "bin" / "python")]
     for python in filter(None, candidates):
         if not Path(python).exists():
             continue
-        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120)
-        if probe.returncode == 0:
-            return {"python": python, **json.loads(probe.stdout)}
+        if subprocess.run([python, "-c", _PROBE], capture_output=True, timeout=120).returncode == 0:
+            return {"python": python}
     return None
 
 
 def need_serve_env() -> dict:
     env = serve_env()
     if env is None:
-        why = ("no Python with PyTriton (pip install -e '.[cpu,serve]' in a venv of its own, then set "
+        why = ("no Python with nvidia-pytriton (pip install -e '.[cpu,serve]' in a venv of its own, then set "
                "KFDEPLOY_SERVE_PYTHON to its python, or make .venv-serve/ as .ci/run does)")
         if os.environ.get("CI"):
             pytest.fail(f"serving tests must run in CI: {why}")
@@ -100,34 +101,24 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> int:
 
 @contextlib.contextmanager
 def tritonserver(repository: Path, tmp_path: Path, extra: List[str] = ()) -> Iterator[Dict[str, str]]:
-    """The tritonserver binary that PyTriton's wheel ships, on a model repository, in explicit
-    model-control mode with every model loaded; yields its HTTP and gRPC addresses.
-
-    That build has the Python backend only, so it serves `--backend python` repositories.
-    Its backend folder is assembled as PyTriton does it: libtriton_python.so plus the stub
-    built for the serving environment's Python version.
+    """The tritonserver binary that nvidia-pytriton's wheel ships, on a model repository, in
+    explicit model-control mode with every model loaded, started as `kfdeploy serve` starts
+    it; yields its HTTP and gRPC addresses. That build has the Python backend only, so it
+    serves `--backend python` repositories.
     """
     env = need_serve_env()
-    site = Path(env["site"])
-    backends = tmp_path / "backends" / "python"
-    backends.mkdir(parents=True)
-    for item in (site / "pytriton" / "tritonserver" / "backends" / "python").iterdir():
-        if item.is_file():
-            shutil.copy(item, backends)
-    shutil.copy(site / "pytriton" / "tritonserver" / "python_backend_stubs" / env["version"] / "triton_python_backend_stub", backends)
+    setup = subprocess.run([env["python"], "-c", _SETUP, str(tmp_path / "backends")], capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0, setup.stderr
+    triton = json.loads(setup.stdout)
     http, grpc, metrics = free_ports(3)
     log = tmp_path / "tritonserver.log"
-    run_env = {**os.environ,
-               # the stub embeds the serving environment's Python (found on PATH) and must link its libpython
-               "PATH": f"{env['bin']}:{os.environ['PATH']}",
-               "LD_LIBRARY_PATH": f"{env['libdir']}:{site / 'nvidia_pytriton.libs'}"}
-    command = [str(site / "pytriton" / "tritonserver" / "bin" / "tritonserver"), f"--model-repository={repository}",
+    command = [triton["binary"], f"--model-repository={repository}",
                f"--backend-directory={tmp_path / 'backends'}", "--model-control-mode=explicit", "--load-model=*",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
                f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--exit-timeout-secs=5",
                *extra]
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=run_env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **triton['env']})
     try:
         wait_ready(f"http://127.0.0.1:{http}", process, 120, "tritonserver", log)
         yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "log": str(log)}
@@ -148,7 +139,7 @@ def kfdeploy_serve(bundle: Path, tmp_path: Path, *args: str, name: str = "serve"
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        # PyTriton loads the model once the server is up: its readiness is the model's
+        # the server is up before the model is loaded: its readiness is the model's
         wait_ready(f"http://127.0.0.1:{http}", process, 180, "kfdeploy serve", log, path="/v2/models/kfdeploy/ready")
         yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "metrics": f"127.0.0.1:{metrics}",
                "control": f"127.0.0.1:{control}", "process": process, "log": log}
