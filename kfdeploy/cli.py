@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching queue delay of each module (default 1000)")
     p.add_argument("--engine-device", metavar="SIGNATURE", help="with --backend tensorrt: the device whose engines to use, e.g. orin-sm87-trt10.3 (default: this machine's)")
 
-    p = command("serve", "Serve a bundle on Triton Inference Server (through PyTriton); each request names its tasks.")
+    p = command("serve", "Serve a bundle on Triton Inference Server (nvidia-pytriton's build); each request names its tasks.")
     p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
     p.add_argument("--tasks", help="comma-separated tasks to serve at start (default: all; add or remove later on the control endpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default 127.0.0.1, this machine only)")
@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-host", default="127.0.0.1", help="control endpoint address (default 127.0.0.1, whatever --host is)")
     p.add_argument("--model-name", default="kfdeploy", help="the served model's name (default kfdeploy)")
     p.add_argument("--max-batch-size", type=int, help="largest batch Triton forms or accepts (default: the bundle's batch maximum)")
-    p.add_argument("--max-queue-delay-us", type=int, default=500, help="how long a request may wait for others to batch with (default 500)")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="how long a request may wait for others to batch with (default 0: batches form from what queues while a batch runs)")
     p.add_argument("--no-dynamic-batching", action="store_true", help="run each request as it comes")
     p.add_argument("--drain-timeout", type=int, default=30, metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take (default 30)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: the cores this process may use)")
