@@ -2,20 +2,23 @@
 
     python benchmarks/serve.py --bundle runs/quickstart/bundle     # in the serve environment
 
-Runs in an environment with the serve extra (PyTriton, tritonclient; numpy<2). It starts
-the server in a child process (`--child`: kfdeploy.serve.Server plus a no-op model bound
-beside it, the server's own floor), then drives it from this process over loopback gRPC
-with one synchronous client per thread (tritonclient.http's async_infer spaces requests
-~10 ms apart, so it never forms batches). Every load is bounded: --requests per level and
+Runs in an environment with the serve extra (nvidia-pytriton's tritonserver, tritonclient;
+numpy<2). It starts the server in a child process (`--child`: kfdeploy.serve.Server, plus a
+no-op Python-backend model loaded beside kfdeploy's, the server's own floor), then drives it
+from this process over loopback gRPC with one synchronous client per thread
+(tritonclient.http's async_infer spaces requests ~10 ms apart, so it never forms batches). Every load is bounded: --requests per level and
 --seconds per level, whichever ends first.
 
 Measured, for batch-1 requests at concurrency 1, 4, 16, 64, with dynamic batching on and
 off (the server restarted between the two):
 - single: every request asks for the same task set (all served tasks);
 - mixed:  requests cycle through five different task sets;
-- noop:   the no-op model (concurrency 1 and 16): what Triton + PyTriton cost by themselves;
-plus, in this process, `kfdeploy.load` called one image at a time (the in-process ceiling),
-and what answering a mixed batch costs with the routed composition (kfdeploy/routing.py:
+- noop:   the no-op model (concurrency 1 and 16): what Triton and its Python backend cost
+          by themselves (same input, outputs and batching; it answers zeros);
+plus single at concurrency 1 and 16 (and noop at 1) for each of --sweep-delays, what the
+queue delay trades (a lone request waits it out; under load, requests queue while a batch
+runs and are batched with no delay); and, in this process, `kfdeploy.load` called one
+image at a time (the in-process ceiling), and what answering a mixed batch costs with the routed composition (kfdeploy/routing.py:
 the trunk once, each task on its rows) against grouping rows by task set and running each
 group's composition. Writes results/serve-<device>.json. Client and server share this
 machine's cores: run it alone, and read the numbers as the whole system's.
@@ -38,29 +41,51 @@ from pathlib import Path
 
 import numpy as np
 
+from kfdeploy.serve import DEFAULT_QUEUE_DELAY_US
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TASK_SETS = [["shape"], ["scale", "pos_x"], ["orientation"], ["pos_x", "pos_y"], None]  # None: all served
 CONCURRENCY = (1, 4, 16, 64)
 
 
+NOOP_MODEL = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import json
+        self.classes = {o["name"]: o["dims"][0] for o in json.loads(args["model_config"])["output"]}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().shape[0]
+            names = request.requested_output_names() or list(self.classes)
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(t, np.zeros((rows, self.classes[t]), np.float32)) for t in names]))
+        return responses
+"""
+
+
 def child(args) -> int:
-    """The server: kfdeploy's model and a no-op model on one Triton."""
-    from pytriton.model_config import ModelConfig, DynamicBatcher, Tensor
-
+    """The server: kfdeploy's model, and a no-op model with its config loaded beside it."""
     from kfdeploy.serve import Server, run
-
-    def noop(requests):
-        return [{"out": np.zeros((len(r["image"]), 1), np.float32)} for r in requests]
-
-    def bind_noop(triton):
-        batcher = DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us) if not args.no_dynamic_batching else None
-        triton.bind(model_name="noop", infer_func=noop, inputs=[Tensor(name="image", dtype=np.float32, shape=(1, 64, 64))],
-                    outputs=[Tensor(name="out", dtype=np.float32, shape=(1,))],
-                    config=ModelConfig(max_batch_size=256, batcher=batcher))
+    from kfdeploy.triton_repo import to_pbtxt
 
     server = Server(args.bundle, port=args.port, max_queue_delay_us=args.queue_delay_us,
                     dynamic_batching=not args.no_dynamic_batching, drain_timeout_s=5)
-    return run(server, also=bind_noop)
+
+    def load_noop():
+        config = {**server.config(server.tasks), "name": "noop"}
+        del config["parameters"]
+        (server.repository / "noop" / "1").mkdir(parents=True)
+        (server.repository / "noop" / "1" / "model.py").write_text(NOOP_MODEL)
+        (server.repository / "noop" / "config.pbtxt").write_text(to_pbtxt(config) + "\n")
+        load = urllib.request.Request(f"http://127.0.0.1:{args.port}/v2/repository/models/noop/load", data=b"{}", method="POST")
+        urllib.request.urlopen(load, timeout=120).close()
+
+    return run(server, ready=load_noop)
 
 
 def consecutive_free_ports(count: int = 4) -> int:
@@ -86,10 +111,11 @@ def consecutive_free_ports(count: int = 4) -> int:
     raise SystemExit("no 4 consecutive free ports on 127.0.0.1")
 
 
-def start_server(args, dynamic: bool):
+def start_server(args, delay_us):
+    """The server in a child process; `delay_us` None: no dynamic batching."""
     port = consecutive_free_ports()
     command = [sys.executable, __file__, "--child", "--bundle", str(args.bundle), "--port", str(port),
-               "--queue-delay-us", str(args.queue_delay_us)] + ([] if dynamic else ["--no-dynamic-batching"])
+               "--queue-delay-us", str(delay_us or 0)] + ([] if delay_us is not None else ["--no-dynamic-batching"])
     log = open(RESULTS / f".serve-benchmark-{port}.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 180
@@ -220,12 +246,40 @@ def in_process(bundle: Path, seconds: float) -> dict:
     return result
 
 
+def measure(args, delay_us, plan, key: str) -> dict:
+    """Start a server with this queue delay (None: no dynamic batching) and run each load of
+    `plan` (name, model, task sets, concurrencies) on it."""
+    process, port, log = start_server(args, delay_us)
+    try:
+        levels = {}
+        load(port, "kfdeploy", 4, 100, 10, None)  # warm-up
+        for name, model, sets, concurrencies in plan:
+            levels[name] = []
+            for concurrency in concurrencies:
+                before = stats(port)
+                level = load(port, model, concurrency, args.requests, args.seconds, sets)
+                if model == "kfdeploy":
+                    after = stats(port)
+                    batches = after["batches"] - before["batches"]
+                    level["requests_per_batch"] = round((after["requests"] - before["requests"]) / batches, 2) if batches else None
+                levels[name].append(level)
+                print(f"{key:20} {name:6} c={concurrency:<3} {level['requests_per_s']:8.1f} req/s  p50 {level['p50_ms']} ms  "
+                      f"p99 {level['p99_ms']} ms  {level.get('requests_per_batch', '')} req/batch  errors {level['errors']}", flush=True)
+        return levels
+    finally:
+        stop_server(process)
+        log.unlink(missing_ok=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--requests", type=int, default=600, help="requests per load level (default 600)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per load level (default 2000)")
     parser.add_argument("--seconds", type=float, default=15, help="time limit per load level (default 15)")
-    parser.add_argument("--queue-delay-us", type=int, default=500)
+    parser.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                        help=f"dynamic batching's queue delay (default kfdeploy serve's, {DEFAULT_QUEUE_DELAY_US})")
+    parser.add_argument("--sweep-delays", type=lambda v: [int(d) for d in v.split(",") if d], default=[250, 500, 1000, 2000],
+                        help="queue delays (us) to measure at concurrency 1 and 16 besides the default (default 250,500,1000,2000)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-dynamic-batching", action="store_true", help=argparse.SUPPRESS)
@@ -236,29 +290,13 @@ def main() -> int:
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
                           "note": "client threads and server share these cores"},
               "bundle": str(args.bundle), "queue_delay_us": args.queue_delay_us, "served": {}}
-    for dynamic in (True, False):
-        process, port, log = start_server(args, dynamic)
-        key = "dynamic_batching" if dynamic else "no_dynamic_batching"
-        try:
-            levels = {}
-            load(port, "kfdeploy", 4, 100, 10, None)  # warm-up
-            for name, model, sets, concurrencies in [("noop", "noop", None, (1, 16)), ("single", "kfdeploy", None, CONCURRENCY),
-                                                     ("mixed", "kfdeploy", TASK_SETS, CONCURRENCY)]:
-                levels[name] = []
-                for concurrency in concurrencies:
-                    before = stats(port)
-                    level = load(port, model, concurrency, args.requests, args.seconds, sets)
-                    if model == "kfdeploy":
-                        after = stats(port)
-                        batches = after["batches"] - before["batches"]
-                        level["requests_per_batch"] = round((after["requests"] - before["requests"]) / batches, 2) if batches else None
-                    levels[name].append(level)
-                    print(f"{key:20} {name:6} c={concurrency:<3} {level['requests_per_s']:8.1f} req/s  p50 {level['p50_ms']} ms  "
-                          f"p99 {level['p99_ms']} ms  {level.get('requests_per_batch', '')} req/batch  errors {level['errors']}", flush=True)
-            report["served"][key] = levels
-        finally:
-            stop_server(process)
-            log.unlink(missing_ok=True)
+    full = [("noop", "noop", None, (1, 16)), ("single", "kfdeploy", None, CONCURRENCY), ("mixed", "kfdeploy", TASK_SETS, CONCURRENCY)]
+    report["served"]["dynamic_batching"] = measure(args, args.queue_delay_us, full, "dynamic_batching")
+    report["served"]["no_dynamic_batching"] = measure(args, None, full, "no_dynamic_batching")
+    # what the queue delay trades: a lone request waits it out; does batching under load gain?
+    report["queue_delay_sweep"] = {
+        delay: measure(args, delay, [("noop", "noop", None, (1,)), ("single", "kfdeploy", None, (1, 16))], f"delay {delay} us")
+        for delay in args.sweep_delays}
     report["in_process"] = in_process(args.bundle, args.seconds / 3)
     print(json.dumps(report["in_process"], indent=1))
     dyn = report["served"]["dynamic_batching"]
