@@ -275,6 +275,21 @@ def test_tasks_are_added_and_removed_live_without_dropping_requests(server, refe
     assert status == 404 and body["error"].startswith("unknown task 'colour' in bundle")
 
 
+def test_a_task_added_to_the_bundle_on_disk_since_start_is_served_without_a_restart(live, factor_run, tmp_path):
+    """`kfdeploy add-task` while serving: loading the model again declares the new output."""
+    from kfdeploy.export import export_bundle
+
+    with kfdeploy_serve(live, tmp_path, name="added") as running:
+        client = grpc.InferenceServerClient(running["grpc"])
+        export_bundle(factor_run, live, tasks=["pos_x"], into=True, progress=lambda m: None)  # what add-task does
+        status, body = control(running, "PUT", "/tasks/pos_x")
+        assert status == 200 and body["served"] == ["shape", "scale", "pos_x"], body
+        assert [o.name for o in client.get_model_metadata("kfdeploy").outputs] == ["shape", "scale", "pos_x"]
+        x = images(3, 4)
+        np.testing.assert_allclose(infer(client, x, ["pos_x"])["pos_x"], kfdeploy.load(live, **QUIET)(x)["pos_x"], rtol=1e-5, atol=1e-6)
+        client.close()
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, reference):
     with kfdeploy_serve(bundle, tmp_path, "--tasks", "shape", name="drain") as running:
         x = images(256, 3)  # the bundle's largest batch: each takes a while on 2 cores
