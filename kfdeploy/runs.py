@@ -28,6 +28,7 @@ RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
+RNG_FILE = "rng.safetensors"  # in checkpoint/: the random generators' states
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -167,6 +168,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dic
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / MODEL_FILE))
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(staging / "optimizer.safetensors"))
+    save_file(_rng_states(), str(staging / RNG_FILE))
     (staging / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
     if current.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -189,4 +191,27 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer) -> Optiona
     optimizer.load_state_dict(
         _optimizer_state(load_weights(folder / "optimizer.safetensors", "optimizer state"), state.pop("optimizer"))
     )
+    if (folder / RNG_FILE).is_file():  # checkpoints written before it existed resume with fresh draws
+        _restore_rng(load_weights(folder / RNG_FILE, "checkpoint's random-generator state"))
     return state
+
+
+def _rng_states() -> Dict[str, torch.Tensor]:
+    """What the steps draw random numbers from (factorize: each task code's reparameterisation
+    noise), so that a resumed run draws what the uninterrupted one would have: the CPU
+    generator's state and, once CUDA is in use, the current device's. Under data parallelism
+    rank 0 writes it; every rank seeded alike and drew alike, so it is every rank's."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng(states: Dict[str, torch.Tensor]) -> None:
+    try:
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise KfError(f"the checkpoint's random-generator state is not usable ({exc}); "
+                      "delete its rng.safetensors to resume with fresh random draws") from None

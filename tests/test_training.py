@@ -8,10 +8,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_cli
 from kfdeploy.data import TASK_CLASSES
+from kfdeploy.errors import KfError
+from kfdeploy.runs import RNG_FILE, load_checkpoint, save_checkpoint
 
 
 def _records(run):
@@ -49,19 +51,22 @@ def test_run_folder_holds_safetensors_and_json_only(factor_run):
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_twin(tmp_path):
-    """Resume continues the data stream, the learning-rate schedule, the Adam moments and the
-    BatchNorm statistics exactly: on one CPU, with the same seed and threads, the resumed
-    teacher's final weights are bit-equal to those of a run that was never killed. (The
-    teacher's training draws no random numbers; a checkpoint holds no RNG state.)"""
+@pytest.mark.parametrize("command", ["teacher", "factorize"])
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_twin(tmp_path, command, request):
+    """Resume continues the data stream, the learning-rate schedule, the Adam moments, the
+    BatchNorm statistics and the random draws (factorize samples each task code) exactly: on
+    one CPU, with the same seed and threads, the resumed run's final weights are bit-equal to
+    those of a run that was never killed."""
     args = ["--steps", "120", "--batch-size", "16", "--checkpoint-every", "40"]
+    if command == "factorize":
+        args += ["--teacher", str(request.getfixturevalue("teacher_run"))]
     twin = tmp_path / "twin"
-    uninterrupted = run_cli("teacher", "--out", str(twin), *args)
+    uninterrupted = run_cli(command, "--out", str(twin), *args)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
-    out = tmp_path / "teacher"
+    out = tmp_path / command
     process = subprocess.Popen(
-        [sys.executable, "-m", "kfdeploy", "teacher", "--out", str(out), *args], cwd=REPO,
+        [sys.executable, "-m", "kfdeploy", command, "--out", str(out), *args], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     state_file = out / "checkpoint" / "state.json"
@@ -77,7 +82,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_twin(tmp_p
     adam_steps = load_file(str(out / "checkpoint" / "optimizer.safetensors"))["0.step"].item()
     assert adam_steps == killed_at
 
-    resumed = run_cli("teacher", "--out", str(out), *args, "--resume")
+    resumed = run_cli(command, "--out", str(out), *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out} at step {killed_at}" in resumed.stdout
     steps = [r["step"] for r in _records(out) if "loss" in r]
@@ -102,3 +107,17 @@ def test_two_process_data_parallel_run_ends_with_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     digests = _records(out)[-1]["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_a_checkpoint_restores_the_random_draws_and_refuses_an_unusable_state(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, model, optimizer, {"step": 7, "train_time_s": 1.0})
+    expected = torch.randn(5)  # what the next step would draw
+    torch.randn(11)  # draws a killed run made after its checkpoint
+    assert load_checkpoint(tmp_path, model, optimizer)["step"] == 7
+    assert torch.equal(torch.randn(5), expected)
+
+    save_file({"cpu": torch.zeros(3, dtype=torch.uint8)}, str(tmp_path / "checkpoint" / RNG_FILE))
+    with pytest.raises(KfError, match="delete its rng.safetensors to resume with fresh random draws"):
+        load_checkpoint(tmp_path, model, optimizer)
