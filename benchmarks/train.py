@@ -198,8 +198,8 @@ def main() -> None:
                               Path(tempfile.mkdtemp(prefix="kf-feeds-"))),
         "load": load_note(),
     }
-    base = next(r for r in feeds["rows"] if (r["feed"], r["batch"], r["compile"]) == ("inline", 128, None))
     measured = [row for row in feeds["rows"] if "error" not in row]
+    base = next(r for r in measured if (r["feed"], r["batch"], r["compile"]) == ("inline", 128, None))
     for row in measured:
         row["vs_inline_128"] = row["samples_per_s"] / base["samples_per_s"]
     print("renderers (images/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in feeds["renderer_images_per_s"].items()))
