@@ -43,7 +43,7 @@ from kfdeploy.data import SpritesSource
 from kfdeploy.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
 from kfdeploy.fuse import Composer, probs_output
 from kfdeploy.runs import load_teacher
-from kfdeploy.runtime import _session, physical_cores
+from kfdeploy.runtime import ort_session_for, physical_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
@@ -125,7 +125,7 @@ def sgemm_gflops(n: int = 4096, seconds: float = 2.0) -> float:
 
 def alike_session(model: bytes):
     """A plain ONNX Runtime session configured the way the assembly configures its own."""
-    return _session(model, ["CPUExecutionProvider"], physical_cores())
+    return ort_session_for(model, ["CPUExecutionProvider"], physical_cores())
 
 
 def default_session(path: Path):

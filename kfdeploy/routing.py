@@ -137,7 +137,7 @@ class Router(TaskSelection):
         self._init_selection()
         chosen = list(dict.fromkeys(tasks)) if tasks is not None else self.bundle.tasks
         for task in chosen:
-            self.model._check_task(task)  # unknown tasks and foreign trunks are refused here
+            self.model.check_task(task)  # unknown tasks and foreign trunks are refused here
         with self._mutation:
             self._switch(tuple(chosen))
 
@@ -150,19 +150,19 @@ class Router(TaskSelection):
     def labels(self, task: str) -> List[str]:
         return self.bundle.task(task)["labels"]
 
-    def _check_task(self, name: str) -> None:
-        self.model._check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
+    def check_task(self, name: str) -> None:
+        self.model.check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
 
     def _runner_for(self, tasks: Tuple[str, ...]) -> Routed:
-        from .runtime import _session
+        from .runtime import ort_session_for
 
         ordered = [t for t in self.bundle.tasks if t in tasks]  # bundle order: one graph per set
         for module in ["trunk", *ordered]:
             if module not in self._graphs:
                 self._graphs[module] = self.bundle.graph(module)  # parsed once, checksum of the bytes checked
         model = compose_routed(self._graphs, ordered).SerializeToString()
-        providers = self.model._providers_for(frozenset(ordered))
-        session = _session(model, providers, self.model.threads)
+        providers = self.model.providers_for(frozenset(ordered))
+        session = ort_session_for(model, providers, self.model.threads)
         return Routed(tuple(ordered), model, session, pad_empty=self.model.providers[0] != "CPUExecutionProvider")
 
     # -- answering ----------------------------------------------------------------------

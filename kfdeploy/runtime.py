@@ -126,7 +126,7 @@ def io_device_for(providers: Sequence[str]) -> Optional[str]:
 _global_pool: List[bool] = []
 
 
-def _session(model: bytes, providers: Sequence, threads: int, profile_prefix: Optional[str] = None):
+def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_prefix: Optional[str] = None):
     """An ONNX Runtime session over a serialized graph, configured the one way kfdeploy runs graphs."""
     import onnxruntime as ort
 
@@ -288,7 +288,7 @@ class TaskSelection:
 
     `add_task`/`remove_task` build the new runner (`_runner_for`) in the calling thread,
     one mutation at a time, while calls keep reading the current pair; one assignment swaps
-    it in. Subclasses check a task (`_check_task`) and say how messages name the set.
+    it in. Subclasses check a task (`check_task`) and say how messages name the set.
     """
 
     _set_name = "selected"
@@ -300,7 +300,7 @@ class TaskSelection:
 
     def add_task(self, name: str) -> None:
         """Select one more task; calls in other threads go on meanwhile."""
-        self._check_task(name)
+        self.check_task(name)
         with self._mutation:
             selected, _ = self._state
             if name not in selected:
@@ -440,7 +440,7 @@ class Assembly(TaskSelection):
             self.providers = ["tensorrt"]
             log(f"tensorrt: using engines built for {self._engines['trunk']['device'].get('gpu')}")
         for task in tasks:
-            self._check_task(task)
+            self.check_task(task)
         if backend != "onnxruntime":
             self._modules["trunk"] = self._make_module("trunk")
         with self._mutation:
@@ -451,7 +451,10 @@ class Assembly(TaskSelection):
         return self.bundle.manifest
 
     # -- task selection ---------------------------------------------------------------
-    def _check_task(self, name: str) -> None:
+    def check_task(self, name: str) -> None:
+        """Refuse, with the reason, a task this assembly cannot run: unknown to the bundle (its
+        folder re-read first, for a task added there since), without a variant at this
+        precision, or trained against another trunk."""
         if name not in self.manifest["tasks"]:
             self._reread(name)
         record = self.bundle.task(name)
@@ -533,7 +536,7 @@ class Assembly(TaskSelection):
     def _build(self, key: FrozenSet[str]) -> Composition:
         tasks = [t for t in self.bundle.tasks if t in key]  # bundle order: one graph per set
         model = self._composer.compose(tasks)
-        return Composition(key, model, _session(model, self._providers_for(key), self.threads), self._io_device)
+        return Composition(key, model, ort_session_for(model, self.providers_for(key), self.threads), self._io_device)
 
     def _cached_or_scheduled(self, key: FrozenSet[str]) -> Optional[Composition]:
         """A cached composition for a subset of the tasks; else build one in the background
@@ -562,7 +565,7 @@ class Assembly(TaskSelection):
             with self._cache_lock:
                 self._pending.discard(key)
 
-    def _providers_for(self, key: FrozenSet[str]) -> list:
+    def providers_for(self, key: FrozenSet[str]) -> list:
         """The providers, with the TensorRT EP's options: this graph's batch profile, and an
         engine cache of its own, keyed by what makes the engine (tasks, module checksums,
         precision, GPU), so a task set seen before loads without a build."""
@@ -689,7 +692,7 @@ class Assembly(TaskSelection):
 
         composition = self._composition(frozenset(wanted))
         with tempfile.TemporaryDirectory(prefix="kfdeploy-profile-") as folder:
-            session = _session(composition.model, self._providers_for(composition.tasks), self.threads,
+            session = ort_session_for(composition.model, self.providers_for(composition.tasks), self.threads,
                                profile_prefix=str(Path(folder) / "run"))
             twin = Composition(composition.tasks, composition.model, session, composition.io_device)
             for _ in range(warmup + runs):

@@ -199,7 +199,7 @@ class Server(TaskSelection):
         self._init_selection()
         chosen = tuple(dict.fromkeys(tasks)) if tasks is not None else tuple(self.bundle.tasks)
         for task in chosen:
-            self._check_task(task)
+            self.check_task(task)
         self._state = (chosen, None)  # loaded when Triton starts
         self.model_name = model_name
         self.max_queue_delay_us = max_queue_delay_us
@@ -243,8 +243,8 @@ class Server(TaskSelection):
         with atomic_write(self.repository / self.model_name / "config.pbtxt") as path:
             path.write_text(to_pbtxt(self.config(tasks)) + "\n")
 
-    def _check_task(self, name: str) -> None:
-        self.model._check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
+    def check_task(self, name: str) -> None:
+        self.model.check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
 
     def _switch(self, tasks: Tuple[str, ...]) -> None:
         """Load the model again with `tasks` (TaskSelection's swap: Triton keeps answering with
