@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import kfdeploy
-from kfdeploy.bundle import Bundle
+from kfdeploy.bundling.bundle import Bundle
 from rates import per_second
 
 

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 import kfdeploy
-from kfdeploy.bundle import Bundle
-from kfdeploy.data import SpritesSource
-from kfdeploy.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
-from kfdeploy.fuse import Composer, probs_output
-from kfdeploy.runs import load_teacher
+from kfdeploy.bundling.bundle import Bundle
+from kfdeploy.training.data import SpritesSource
+from kfdeploy.bundling.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
+from kfdeploy.bundling.fuse import Composer, probs_output
+from kfdeploy.training.runs import load_teacher
 from kfdeploy.runtime import ort_session_for, physical_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -3,7 +3,7 @@
     python benchmarks/serve.py --bundle runs/quickstart/bundle     # in the serve environment
 
 Runs in an environment with the serve extra (nvidia-pytriton's tritonserver, tritonclient;
-numpy<2). It starts the server in a child process (`--child`: kfdeploy.serve.Server, plus a
+numpy<2). It starts the server in a child process (`--child`: kfdeploy.serving.serve.Server, plus a
 no-op Python-backend model loaded beside kfdeploy's, the server's own floor), then drives it
 from this process over loopback gRPC with one synchronous client per thread
 (tritonclient.http's async_infer spaces requests ~10 ms apart, so it never forms batches). Every load is bounded: --requests per level and
@@ -18,7 +18,7 @@ off (the server restarted between the two):
 plus single at concurrency 1 and 16 (and noop at 1) for each of --sweep-delays, what the
 queue delay trades (a lone request waits it out; under load, requests queue while a batch
 runs and are batched with no delay); and, in this process, `kfdeploy.load` called one
-image at a time (the in-process ceiling), and what answering a mixed batch costs with the routed composition (kfdeploy/routing.py:
+image at a time (the in-process ceiling), and what answering a mixed batch costs with the routed composition (kfdeploy/serving/routing.py:
 the trunk once, each task on its rows) against grouping rows by task set and running each
 group's composition. Writes results/serve-<device>.json. Client and server share this
 machine's cores: run it alone, and read the numbers as the whole system's.
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kfdeploy.serve import DEFAULT_QUEUE_DELAY_US
+from kfdeploy.serving.serve import DEFAULT_QUEUE_DELAY_US
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASK_SETS = [["shape"], ["scale", "pos_x"], ["orientation"], ["pos_x", "pos_y"], None]  # None: all served
@@ -70,8 +70,8 @@ class TritonPythonModel:
 
 def child(args) -> int:
     """The server: kfdeploy's model, and a no-op model with its config loaded beside it."""
-    from kfdeploy.serve import Server, run
-    from kfdeploy.triton_repo import to_pbtxt
+    from kfdeploy.serving.serve import Server, run
+    from kfdeploy.serving.triton_repo import to_pbtxt
 
     server = Server(args.bundle, port=args.port, max_queue_delay_us=args.queue_delay_us,
                     dynamic_batching=not args.no_dynamic_batching, drain_timeout_s=5)
@@ -197,7 +197,7 @@ def stats(port: int) -> dict:
 def in_process(bundle: Path, seconds: float) -> dict:
     """The ceiling: kfdeploy.load one image at a time; and routed vs grouped mixed batches."""
     import kfdeploy
-    from kfdeploy.routing import Router
+    from kfdeploy.serving.routing import Router
 
     quiet = {"log": lambda line: None}
     model = kfdeploy.load(bundle, **quiet)

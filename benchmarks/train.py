@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from kfdeploy import feed
+from kfdeploy.training import feed
 from kfdeploy.cli import QUICKSTART_FACTORIZE_STEPS, QUICKSTART_TEACHER_STEPS
-from kfdeploy.data import SpritesRGBSource, SpritesSource, render, render_rgb
-from kfdeploy.pipeline import factorize, train_teacher
-from kfdeploy.runs import METRICS_FILE, RUN_FILE
-from kfdeploy.train import TrainConfig
+from kfdeploy.training.data import SpritesRGBSource, SpritesSource, render, render_rgb
+from kfdeploy.training.pipeline import factorize, train_teacher
+from kfdeploy.training.runs import METRICS_FILE, RUN_FILE
+from kfdeploy.training.train import TrainConfig
 from rates import per_second
 
 RESULTS = Path(__file__).resolve().parent / "results"

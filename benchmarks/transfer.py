@@ -2,15 +2,15 @@
 
     python benchmarks/transfer.py BUNDLE [--labels 100,1000,10000] [--steps 600] [--extra-trunk BUNDLE2]
 
-For each embedded new task (kfdeploy.data.NEW_TASKS) and each label budget, with the same
-step budget, batch and learning-rate schedule (kfdeploy.train.train) for all four:
+For each embedded new task (kfdeploy.training.data.NEW_TASKS) and each label budget, with the same
+step budget, batch and learning-rate schedule (kfdeploy.training.train.train) for all four:
   (a) brick   - `kfdeploy add-task`: a task module on the bundle's frozen trunk, exported
                 into a copy of the bundle; accuracy as the manifest records it (ONNX Runtime)
   (b) probe   - a linear head on the frozen trunk's common feature
   (c) alone   - the same task module with no trunk: head(its own code)
   (d) scratch - a full SimpleConv network (the teacher's architecture) from scratch
 all scored on the same 2,048 held-out sprites. Then the LogME transferability score of
-each task (kfdeploy.transferability, on 500 images, before any training) against the
+each task (kfdeploy.bundling.transferability, on 500 images, before any training) against the
 accuracy the brick reached, as a Spearman rank correlation (across trunks too with
 --extra-trunk, whose bricks train at the largest budget only). Last, the new modules' size
 and the composed assembly's latency with one of them, against the factorization's own.
@@ -32,17 +32,17 @@ import torch
 from torch import nn
 
 import kfdeploy
-from kfdeploy.add_task import LabelledPool, add_task, open_new_task_data
-from kfdeploy.bundle import Bundle
-from kfdeploy.data import NEW_TASKS
-from kfdeploy.export import ACCURACY_IMAGES, torch_modules
-from kfdeploy.losses import LossWeights, TeacherObjective, task_terms
-from kfdeploy.models import SpritesTeacher, TeacherConfig
-from kfdeploy.train import TrainConfig, accuracy, setup_distributed, train
+from kfdeploy.bundling.add_task import LabelledPool, add_task, open_new_task_data
+from kfdeploy.bundling.bundle import Bundle
+from kfdeploy.training.data import NEW_TASKS
+from kfdeploy.bundling.export import ACCURACY_IMAGES, torch_modules
+from kfdeploy.training.losses import LossWeights, TeacherObjective, task_terms
+from kfdeploy.training.models import SpritesTeacher, TeacherConfig
+from kfdeploy.training.train import TrainConfig, accuracy, setup_distributed, train
 from rates import per_second
 
 METHODS = ("brick", "probe", "alone", "scratch")
-SCORES = ("logme", "gain", "readout_accuracy")  # kfdeploy.transferability's, each rank-correlated with the brick
+SCORES = ("logme", "gain", "readout_accuracy")  # kfdeploy.bundling.transferability's, each rank-correlated with the brick
 
 
 class Probe(nn.Module):
@@ -88,7 +88,7 @@ class Alone(nn.Module):
 
 
 class AloneObjective(nn.Module):
-    """The brick's own terms (kfdeploy.losses.task_terms) with a zero common feature."""
+    """The brick's own terms (kfdeploy.training.losses.task_terms) with a zero common feature."""
 
     def __init__(self, alone: Alone):
         super().__init__()
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/transfer-cpu.json"))
     args = parser.parse_args()
-    from kfdeploy.transferability import score
+    from kfdeploy.bundling.transferability import score
 
     tasks, counts, methods = args.tasks.split(","), [int(c) for c in args.labels.split(",")], args.methods.split(",")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=10**9, checkpoint_every=10**9, log_every=50)

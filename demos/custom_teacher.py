@@ -5,7 +5,7 @@ task "quadrant" asks where it is (4 classes), task "size" how big it is (3 class
 The teacher is an ordinary PyTorch model you trained yourself. All kfdeploy needs is:
 
 - the teacher exposes `task_classes`, `feature_dim`, `forward_features(x)` and
-  `forward_head(features) -> {task: logits}` (kfdeploy.models.TeacherProtocol);
+  `forward_head(features) -> {task: logits}` (kfdeploy.training.models.TeacherProtocol);
 - a dataset item is `(image tensor (C, H, W) in [0, 1], {task: int label})`.
 
     python demos/custom_teacher.py --out runs/custom
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfdeploy.evaluate import evaluate_run, format_table
-from kfdeploy.models import BackboneConfig
-from kfdeploy.pipeline import factorize
-from kfdeploy.train import TrainConfig
+from kfdeploy.training.evaluate import evaluate_run, format_table
+from kfdeploy.training.models import BackboneConfig
+from kfdeploy.training.pipeline import factorize
+from kfdeploy.training.train import TrainConfig
 
 
 class Rectangles(torch.utils.data.Dataset):

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .data import NEW_TASK_STEPS, NEW_TASKS
 from .errors import KfError
 from .extras import check
+from .training.data import NEW_TASK_STEPS, NEW_TASKS
 
 EXAMPLES = {
     "teacher": "kfdeploy teacher --out runs/teacher\n  kfdeploy teacher --out runs/teacher --tasks shape,scale --steps 2000\n  kfdeploy teacher --out runs/r50 --arch resnet50 --pretrained resnet50.safetensors --image-size 128\n  kfdeploy teacher --out runs/rgb --data sprites-rgb --arch resnet34\n  kfdeploy teacher --out runs/photos --data photos/ --arch resnet18 --image-size 96   # photos/labels.csv",
@@ -68,7 +68,7 @@ def _add_data_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from .training.train import TrainConfig
 
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -239,8 +239,8 @@ def _task_list(text: Optional[str]) -> Optional[List[str]]:
 
 
 def cmd_teacher(args) -> None:
-    from .models import BackboneConfig
-    from .pipeline import SPRITES, default_image_size, train_teacher
+    from .training.models import BackboneConfig
+    from .training.pipeline import SPRITES, default_image_size, train_teacher
 
     data = args.data or SPRITES
     backbone = BackboneConfig(image_size=args.image_size or default_image_size(data), arch=args.arch)
@@ -252,8 +252,8 @@ def cmd_teacher(args) -> None:
 
 
 def cmd_factorize(args) -> None:
-    from .losses import LossWeights
-    from .pipeline import factorize, teacher_from_factory
+    from .training.losses import LossWeights
+    from .training.pipeline import factorize, teacher_from_factory
 
     teacher, teacher_source = args.teacher, None
     if args.teacher_factory:
@@ -273,7 +273,7 @@ def cmd_factorize(args) -> None:
 
 
 def run_evaluation(run: Path, images: int = 8192, teacher=None) -> dict:
-    from .evaluate import DISENTANGLEMENT_PNG, EVALUATION_FILE, evaluate_run, format_table
+    from .training.evaluate import DISENTANGLEMENT_PNG, EVALUATION_FILE, evaluate_run, format_table
 
     result = evaluate_run(run, teacher=teacher, images=images)
     print(format_table(result))
@@ -284,7 +284,7 @@ def run_evaluation(run: Path, images: int = 8192, teacher=None) -> dict:
 def cmd_evaluate(args) -> None:
     teacher = None
     if args.teacher_factory:
-        from .pipeline import teacher_from_factory
+        from .training.pipeline import teacher_from_factory
 
         teacher, _ = teacher_from_factory(args.teacher_factory, args.teacher_weights)
     elif args.teacher_weights:
@@ -295,7 +295,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_bundle, load_profile
+    from .bundling.export import export_bundle, load_profile
 
     started = time.perf_counter()
     tasks = args.tasks.split(",") if args.tasks else None
@@ -305,7 +305,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_add_task(args) -> int:
-    from .add_task import add_task
+    from .bundling.add_task import add_task
 
     started = time.perf_counter()
     try:
@@ -323,7 +323,7 @@ def cmd_add_task(args) -> int:
 
 
 def cmd_transferability(args) -> None:
-    from .transferability import format_report, score
+    from .bundling.transferability import format_report, score
 
     result = score(args.bundle, args.data, tasks=_task_list(args.tasks), images=args.images, seed=args.seed)
     print(format_report(result))
@@ -336,7 +336,7 @@ def _human_bytes(count: int) -> str:
 
 
 def cmd_inspect(args) -> None:
-    from .bundle import Bundle
+    from .bundling.bundle import Bundle
 
     bundle = Bundle.open(args.bundle)
     m = bundle.manifest
@@ -382,7 +382,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from .export import verify_bundle
+    from .bundling.export import verify_bundle
 
     started = time.perf_counter()
     verify_bundle(args.bundle)
@@ -390,14 +390,14 @@ def cmd_verify(args) -> None:
 
 
 def cmd_build_engines(args) -> None:
-    from .export import build_engines
+    from .bundling.export import build_engines
 
     records = build_engines(args.bundle, args.precision, args.builders or ["tensorrt"])
     print(f"{len(records)} engines recorded in {args.bundle / 'manifest.json'}")
 
 
 def cmd_quantize(args) -> None:
-    from .quantize import quantize_bundle
+    from .bundling.quantize import quantize_bundle
 
     started = time.perf_counter()
     records = quantize_bundle(args.bundle, args.precision, tasks=_task_list(args.tasks), calibration=args.calibration,
@@ -409,8 +409,8 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_check_trt(args) -> int:
-    from .bundle import Bundle
-    from .trt_check import check_model
+    from .bundling.bundle import Bundle
+    from .bundling.trt_check import check_model
 
     bundle = Bundle.open(args.bundle)
     offenders = 0
@@ -465,7 +465,7 @@ def fit_images(images: list, bundle) -> tuple:
 
 
 def cmd_run(args) -> None:
-    from .bundle import Bundle
+    from .bundling.bundle import Bundle
     from .runtime import load
 
     images = read_images(args.inputs)  # before the bundle: a bad file is refused at once
@@ -491,7 +491,7 @@ def quickstart_answers(bundle_dir: Path) -> None:
     """Assemble two tasks, answer fresh sprites, add a third task live, answer again."""
     import numpy as np
 
-    from .data import TASK_LABELS, TASK_NAMES, render
+    from .training.data import TASK_LABELS, TASK_NAMES, render
     from .runtime import load
 
     factors = np.random.default_rng().integers(0, [3, 6, 40, 32, 32], size=(4, 5))
@@ -515,10 +515,10 @@ def cmd_demo(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from .export import export_bundle, verify_bundle
-    from .pipeline import factorize, train_teacher
-    from .runs import MODEL_FILE
-    from .train import TrainConfig
+    from .bundling.export import export_bundle, verify_bundle
+    from .training.pipeline import factorize, train_teacher
+    from .training.runs import MODEL_FILE
+    from .training.train import TrainConfig
 
     started = time.perf_counter()
     teacher_dir, kf_dir = args.out / "teacher", args.out / "kf"
@@ -547,7 +547,7 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_triton_repo(args) -> None:
-    from .triton_repo import write_repository
+    from .serving.triton_repo import write_repository
 
     tasks = args.tasks.split(",") if args.tasks else None
     done = write_repository(args.bundle, args.out, tasks=tasks, ensembles=args.ensemble, backend=args.backend,
@@ -559,7 +559,7 @@ def cmd_triton_repo(args) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .serve import Server, run
+    from .serving.serve import Server, run
 
     server = Server(args.bundle, tasks=args.tasks.split(",") if args.tasks else None, host=args.host, port=args.port,
                     grpc_port=args.grpc_port, metrics_port=args.metrics_port, control_port=args.control_port,

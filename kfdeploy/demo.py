@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 import gradio as gr  # at import, so `kfdeploy demo` can name the missing extra
 import numpy as np
 
-from .bundle import MANIFEST, VARIANT_PRECISIONS, Bundle
+from .bundling.bundle import MANIFEST, VARIANT_PRECISIONS, Bundle
 from .errors import KfError
 from .images import fit_image, read_image
 from .runtime import Assembly, Timings, engines_for_this_device, replacement_problem
@@ -206,7 +206,7 @@ def _manifest_stamp(root: Path) -> Optional[tuple]:
 
 def sprite(shape: str, scale: int, orientation: int, pos_x: int, pos_y: int) -> tuple[np.ndarray, Dict[str, str]]:
     """Render one sprite from factor indices; returns the image and its true labels."""
-    from .data import SHAPES, TASK_LABELS, render
+    from .training.data import SHAPES, TASK_LABELS, render
 
     factors = [SHAPES.index(shape), int(scale), int(orientation), int(pos_x), int(pos_y)]
     truth = {t: TASK_LABELS[t][i] for t, i in zip(TASK_LABELS, factors)}
@@ -335,7 +335,7 @@ def build_app(bundle_path: Path = DEFAULT_BUNDLE, opened: Optional[tuple] = None
                                          visible=len(offered) > 1, elem_id="precision")
                 with gr.Tabs():
                     if demo.sprites:
-                        from .data import SHAPES
+                        from .training.data import SHAPES
 
                         with gr.Tab("Generate a sprite", elem_id="tab-sprite"):
                             shape = gr.Radio(list(SHAPES), value="heart", label="shape")

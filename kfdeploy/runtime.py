@@ -25,10 +25,10 @@ from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence,
 
 import numpy as np
 
-from .bundle import Bundle, read_manifest
+from .bundling.bundle import Bundle, read_manifest
+from .bundling.fuse import Composer, probs_output
 from .errors import KfError
 from .extras import require
-from .fuse import Composer, probs_output
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 _PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -101,7 +101,7 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> tuple[List[st
 def engines_for_this_device(manifest: dict) -> tuple[Optional[Dict[str, dict]], str]:
     """The bundle's TensorRT engines built for this GPU, by module; or None and why not."""
     try:
-        from . import tensorrt as trt_backend
+        from .bundling import tensorrt as trt_backend
 
         trt_backend.require_tensorrt()
         slug = trt_backend.signature_slug(trt_backend.device_signature())
@@ -381,7 +381,7 @@ def replacement_problem(old: Bundle, new: Bundle, precision: str = "fp32") -> Op
 class Assembly(TaskSelection):
     """A trunk plus selected task modules of one bundle, callable like a model.
 
-    With ONNX Runtime the selected modules run composed into one graph (see kfdeploy/fuse.py)
+    With ONNX Runtime the selected modules run composed into one graph (see kfdeploy/bundling/fuse.py)
     as one session. `add_task`/`remove_task` build the new composition in the calling
     thread while other threads keep calling the current one, then swap it in; calls in
     flight finish on the graph they started with. The `cache_size` most recently used
@@ -431,7 +431,7 @@ class Assembly(TaskSelection):
             log(line)
             self._io_device = io_device_for(self.providers)
         elif backend == "torch":
-            from .export import graph_modules, torch_modules
+            from .bundling.export import graph_modules, torch_modules
 
             # What the graphs were exported from: 0-1 pixels in, the bundle's normalization inside.
             self._torch_modules = graph_modules(torch_modules(bundle), bundle.normalization())
@@ -485,7 +485,7 @@ class Assembly(TaskSelection):
                 raise KfError(f"bundle {old.root} changed on disk since this assembly loaded it: {problem}; "
                               f"to use task {name!r}, load it again with kfdeploy.load({str(old.root)!r})")
             if self.backend == "torch":
-                from .export import graph_modules, torch_modules
+                from .bundling.export import graph_modules, torch_modules
 
                 self._torch_modules = graph_modules(torch_modules(new), new.normalization())
             elif self.backend == "tensorrt":
@@ -511,7 +511,7 @@ class Assembly(TaskSelection):
     def _make_module(self, name: str):
         if self.backend == "torch":
             return TorchModule(self._torch_modules[name])
-        from . import tensorrt as trt_backend
+        from .bundling import tensorrt as trt_backend
 
         engine = self._engines.get(name)
         if engine is None:
@@ -574,7 +574,7 @@ class Assembly(TaskSelection):
         import hashlib
         import json
 
-        from . import tensorrt as trt_backend
+        from .bundling import tensorrt as trt_backend
 
         precision = self.manifest.get("profile", {}).get("precision", "fp32")
         identity = {"tasks": sorted(key), "sha256": {m: self.bundle.variant(m, self.precision)["sha256"]
@@ -732,7 +732,7 @@ class Assembly(TaskSelection):
     def save_fused(self, path, tasks: Optional[Sequence[str]] = None) -> Path:
         """Write the composition of the selected tasks (or `tasks`) as one ONNX file: what
         this assembly runs, outputs `<task>` (logits) and `<task>:probs`."""
-        from .fuse import fuse_bundle
+        from .bundling.fuse import fuse_bundle
 
         return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path), self.precision)
 

@@ -105,7 +105,7 @@ def bundle(factor_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_tasks(factor_run, tmp_path_factory) -> Path:
     """A bundle of shape and scale only: pos_x is what tests add to it on disk."""
-    from kfdeploy.export import export_bundle
+    from kfdeploy.bundling.export import export_bundle
 
     return export_bundle(factor_run, tmp_path_factory.mktemp("two") / "b", tasks=["shape", "scale"], progress=lambda m: None)
 

@@ -8,9 +8,9 @@ import pytest
 
 import kfdeploy
 from conftest import cli_fails, kill_at
-from kfdeploy.bundle import Bundle
+from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
-from kfdeploy.data import NEW_TASKS, SpritesSource, sprite_labels
+from kfdeploy.training.data import NEW_TASKS, SpritesSource, sprite_labels
 from kfdeploy.errors import KfError
 from test_folder_data import make_folder
 
@@ -142,7 +142,7 @@ def test_a_task_from_a_labelled_folder_joins_the_bundle(bundle, tmp_path):
 
 
 def test_a_label_budget_trains_on_that_many_images(bundle, tmp_path):
-    from kfdeploy.add_task import LabelledPool, open_new_task_data
+    from kfdeploy.bundling.add_task import LabelledPool, open_new_task_data
 
     opened = open_new_task_data(Bundle.open(bundle), "sprites", ["ring"])
     pool = LabelledPool(opened, 100, seed=0)

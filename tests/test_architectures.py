@@ -12,14 +12,14 @@ import torch
 
 import kfdeploy
 from conftest import cli_fails
-from kfdeploy.architectures import BackboneConfig, ConvBackbone, build_backbone, load_pretrained
+from kfdeploy.training.architectures import BackboneConfig, ConvBackbone, build_backbone, load_pretrained
 from kfdeploy.cli import main
-from kfdeploy.data import SpritesSource
+from kfdeploy.training.data import SpritesSource
 from kfdeploy.errors import KfError
-from kfdeploy.export import PARITY_MAX_ABS_ERR, PARITY_MAX_REL_ERR, export_bundle, fold_batch_norm, torch_modules
-from kfdeploy.models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
-from kfdeploy.pipeline import factorize, resize_images, train_teacher
-from kfdeploy.train import TrainConfig
+from kfdeploy.bundling.export import PARITY_MAX_ABS_ERR, PARITY_MAX_REL_ERR, export_bundle, fold_batch_norm, torch_modules
+from kfdeploy.training.models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
+from kfdeploy.training.pipeline import factorize, resize_images, train_teacher
+from kfdeploy.training.train import TrainConfig
 
 SIZE = 32  # the smallest size resnet18 and mobilenetv2_050 take (their total stride)
 TASKS = {"shape": 3, "scale": 6}
@@ -99,7 +99,7 @@ def test_timm_bundle_passes_check_trt(timm_bundle, capsys):
 
 def test_timm_bundle_loads_and_matches_pytorch(timm_bundle):
     images = resize_images(SpritesSource().heldout(16, offset=100)[0], SIZE)
-    model = torch_modules(kfdeploy.bundle.Bundle.open(timm_bundle))
+    model = torch_modules(kfdeploy.bundling.bundle.Bundle.open(timm_bundle))
     with torch.no_grad():
         expected = model(images)
     assembly = kfdeploy.load(timm_bundle)

@@ -10,8 +10,8 @@ import pytest
 from onnx import external_data_helper
 
 from conftest import run_cli
-from kfdeploy import bundle as bundle_module
-from kfdeploy.bundle import Bundle, extract_archive, is_task_name, sha256_file
+from kfdeploy.bundling import bundle as bundle_module
+from kfdeploy.bundling.bundle import Bundle, extract_archive, is_task_name, sha256_file
 from kfdeploy.cli import main
 from kfdeploy.errors import KfError
 

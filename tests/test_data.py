@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from kfdeploy import data
+from kfdeploy.training import data
 
 
 def test_same_seed_and_step_give_the_same_batch():

@@ -13,7 +13,7 @@ from PIL import Image
 
 import kfdeploy
 from conftest import chromium_driver
-from kfdeploy.data import render
+from kfdeploy.training.data import render
 from kfdeploy.demo import MAX_UPLOAD_BYTES, Demo, build_app, launch, sprite, to_model_input
 from kfdeploy.errors import KfError
 from test_images import png_header_only

@@ -1,7 +1,7 @@
 import json
 
 from kfdeploy.cli import main
-from kfdeploy.data import TASK_NAMES
+from kfdeploy.training.data import TASK_NAMES
 
 
 def test_evaluate_prints_the_table_and_writes_json_and_heatmap(factor_run, tmp_path, capsys):

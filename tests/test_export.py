@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import cli_fails, kill_at, run_cli
-from kfdeploy.bundle import Bundle
+from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
-from kfdeploy.data import TASK_NAMES, SpritesSource
-from kfdeploy.export import PARITY_MAX_ABS_ERR, load_profile
-from kfdeploy.runs import load_factor_run
+from kfdeploy.training.data import TASK_NAMES, SpritesSource
+from kfdeploy.bundling.export import PARITY_MAX_ABS_ERR, load_profile
+from kfdeploy.training.runs import load_factor_run
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ def test_profiles_set_opset_and_batch_range(factor_run, tmp_path):
 
 
 def test_build_engines_without_tensorrt_names_the_missing_package(bundle_copy, capsys):
-    pytest.importorskip("kfdeploy.tensorrt")
+    pytest.importorskip("kfdeploy.bundling.tensorrt")
     if __import__("importlib").util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
     cli_fails(["build-engines", str(bundle_copy)], capsys, "'tensorrt'")

@@ -1,4 +1,4 @@
-"""Feeds (kfdeploy.feed): sprites rendered with torch draw numpy's pixels, and every feed gives
+"""Feeds (kfdeploy.training.feed): sprites rendered with torch draw numpy's pixels, and every feed gives
 each step the batch the plain host path gives, so training and resume stay bit-exact."""
 import numpy as np
 import pytest
@@ -6,11 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli_fails
-from kfdeploy import data, feed
-from kfdeploy.losses import TeacherObjective
-from kfdeploy.models import BackboneConfig, SpritesTeacher, TeacherConfig
-from kfdeploy.pipeline import NormalizedSource, open_data
-from kfdeploy.train import Distributed, TrainConfig, train
+from kfdeploy.training import data, feed
+from kfdeploy.training.losses import TeacherObjective
+from kfdeploy.training.models import BackboneConfig, SpritesTeacher, TeacherConfig
+from kfdeploy.training.pipeline import NormalizedSource, open_data
+from kfdeploy.training.train import Distributed, TrainConfig, train
 from test_folder_data import make_folder
 
 # The torch renderer runs on the training device: on a GPU its float64 kernels are checked
@@ -167,7 +167,7 @@ def test_feed_device_on_an_image_folder_is_refused_in_one_line_with_nothing_writ
 def test_a_teacher_learns_on_a_gpu_from_sprites_rendered_there(tmp_path, compile_mode):
     # The whole GPU path at once: device feed, bf16 autocast, fused AdamW, and with
     # reduce-overhead the step replayed as a CUDA graph. Learning is the check, not speed.
-    from kfdeploy.train import accuracy
+    from kfdeploy.training.train import accuracy
 
     source = data.SpritesSource(seed=0, tasks=["shape", "scale"])
     model = SpritesTeacher(TeacherConfig({"shape": 3, "scale": 6}, BackboneConfig()))

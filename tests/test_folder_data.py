@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from conftest import cli_fails
-from kfdeploy import folder_data
+from kfdeploy.training import folder_data
 from kfdeploy.cli import main
 from kfdeploy.errors import KfError
-from kfdeploy.pipeline import normalized, open_data, open_run_data
+from kfdeploy.training.pipeline import normalized, open_data, open_run_data
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 SIZE = 32

@@ -18,14 +18,14 @@ from PIL import Image
 
 import kfdeploy
 from conftest import chromium_driver, cli_fails
-from kfdeploy.architectures import BackboneConfig
-from kfdeploy.bundle import FORMAT_VERSION, Bundle
+from kfdeploy.training.architectures import BackboneConfig
+from kfdeploy.bundling.bundle import FORMAT_VERSION, Bundle
 from kfdeploy.cli import main
 from kfdeploy.errors import KfError
-from kfdeploy.export import EXAMPLE_IMAGES, export_bundle, torch_modules
-from kfdeploy.models import SpritesTeacher, TeacherConfig
-from kfdeploy.pipeline import factorize
-from kfdeploy.train import TrainConfig
+from kfdeploy.bundling.export import EXAMPLE_IMAGES, export_bundle, torch_modules
+from kfdeploy.training.models import SpritesTeacher, TeacherConfig
+from kfdeploy.training.pipeline import factorize
+from kfdeploy.training.train import TrainConfig
 
 SIZE = 48
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

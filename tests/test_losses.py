@@ -1,6 +1,6 @@
 import torch
 
-from kfdeploy.losses import distillation_loss, gaussian_kl, infomax_loss
+from kfdeploy.training.losses import distillation_loss, gaussian_kl, infomax_loss
 
 
 def test_infomax_rewards_features_that_follow_the_teacher():

@@ -1,7 +1,7 @@
 import torch
 
-from kfdeploy.data import TASK_CLASSES, SpritesSource
-from kfdeploy.models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig, count_parameters
+from kfdeploy.training.data import TASK_CLASSES, SpritesSource
+from kfdeploy.training.models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig, count_parameters
 
 
 def _pair():

@@ -16,7 +16,7 @@ MIN_AGREEMENT = 0.92
 
 @pytest.fixture(scope="module")
 def int8_bundle(bundle, tmp_path_factory):
-    from kfdeploy.quantize import quantize_bundle
+    from kfdeploy.bundling.quantize import quantize_bundle
 
     out = tmp_path_factory.mktemp("quantized") / "sprites"
     shutil.copytree(bundle, out)
@@ -25,7 +25,7 @@ def int8_bundle(bundle, tmp_path_factory):
 
 
 def heldout(count=512):
-    from kfdeploy.data import SpritesSource
+    from kfdeploy.training.data import SpritesSource
 
     images, labels = SpritesSource().heldout(count)
     return images.numpy(), {t: v.numpy() for t, v in labels.items()}
@@ -108,7 +108,7 @@ def test_precision_other_than_fp32_needs_onnxruntime(int8_bundle):
 
 def test_accuracy_guard_fails_with_numbers_and_leaves_bundle_unchanged(bundle, tmp_path):
     from kfdeploy.errors import KfError
-    from kfdeploy.quantize import quantize_bundle
+    from kfdeploy.bundling.quantize import quantize_bundle
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -122,7 +122,7 @@ def test_accuracy_guard_fails_with_numbers_and_leaves_bundle_unchanged(bundle, t
 
 def test_allow_mixed_keeps_fp32_for_a_task_that_loses(bundle, tmp_path):
     import kfdeploy
-    from kfdeploy.quantize import quantize_bundle
+    from kfdeploy.bundling.quantize import quantize_bundle
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -138,7 +138,7 @@ def test_allow_mixed_keeps_fp32_for_a_task_that_loses(bundle, tmp_path):
 
 
 def test_quantizing_a_task_later_keeps_the_trunk_variant(int8_bundle, tmp_path):
-    from kfdeploy.quantize import quantize_bundle
+    from kfdeploy.bundling.quantize import quantize_bundle
 
     copy = tmp_path / "b"
     shutil.copytree(int8_bundle, copy)
@@ -176,7 +176,7 @@ def test_fp16_variants_keep_float32_interface_and_agree(int8_bundle, tmp_path):
     import onnx
 
     import kfdeploy
-    from kfdeploy.quantize import quantize_bundle
+    from kfdeploy.bundling.quantize import quantize_bundle
 
     copy = tmp_path / "b"
     shutil.copytree(int8_bundle, copy)

@@ -15,9 +15,9 @@ import pytest
 
 import kfdeploy
 from kfdeploy import KfError, runtime
-from kfdeploy.bundle import Bundle
+from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
-from kfdeploy.data import TASK_NAMES, render
+from kfdeploy.training.data import TASK_NAMES, render
 
 QUIET = {"log": lambda line: None}
 
@@ -220,7 +220,7 @@ def test_asking_for_a_provider_that_is_not_installed_names_the_installed_ones():
 
 
 def test_the_tensorrt_backend_takes_only_engines_built_for_this_gpu(monkeypatch):
-    from kfdeploy import tensorrt as trt_backend
+    from kfdeploy.bundling import tensorrt as trt_backend
 
     orin = {"gpu": "Orin", "compute_capability": "8.7", "tensorrt": "10.3.0.30", "cuda": "12.6"}
     h100 = {"gpu": "NVIDIA H100", "compute_capability": "9.0", "tensorrt": "10.3.0.30", "cuda": "12.6"}
@@ -451,7 +451,7 @@ def test_a_task_outside_the_selection_is_refused_per_call(model, images):
 # -- tasks added to the bundle on disk since it was loaded ---------------------------------
 def add_on_disk(factor_run, bundle_dir, task="pos_x"):
     """What `kfdeploy add-task` does: a new bundle beside it, hard-linked, swapped in atomically."""
-    from kfdeploy.export import export_bundle
+    from kfdeploy.bundling.export import export_bundle
 
     export_bundle(factor_run, bundle_dir, tasks=[task], into=True, progress=lambda m: None)
 
@@ -565,7 +565,7 @@ def test_an_assembly_from_an_archive_does_not_read_it_again(bundle, monkeypatch)
 
 
 def test_a_router_serves_a_task_added_to_the_bundle_on_disk(live, factor_run, images):
-    from kfdeploy.routing import Router
+    from kfdeploy.serving.routing import Router
 
     router = Router(live, tasks=["shape"], **QUIET)
     add_on_disk(factor_run, live)

@@ -277,7 +277,7 @@ def test_tasks_are_added_and_removed_live_without_dropping_requests(server, refe
 
 def test_a_task_added_to_the_bundle_on_disk_since_start_is_served_without_a_restart(live, factor_run, tmp_path):
     """`kfdeploy add-task` while serving: loading the model again declares the new output."""
-    from kfdeploy.export import export_bundle
+    from kfdeploy.bundling.export import export_bundle
 
     with kfdeploy_serve(live, tmp_path, name="added") as running:
         client = grpc.InferenceServerClient(running["grpc"])

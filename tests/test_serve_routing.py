@@ -1,4 +1,4 @@
-"""kfdeploy.routing: one batch whose requests ask for different tasks, answered by one
+"""kfdeploy.serving.routing: one batch whose requests ask for different tasks, answered by one
 session that runs the trunk once and each task on its own rows."""
 import threading
 
@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 import kfdeploy
-from kfdeploy.bundle import Bundle
+from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.errors import KfError
-from kfdeploy.routing import Router, compose_routed, rows_input
+from kfdeploy.serving.routing import Router, compose_routed, rows_input
 
 QUIET = {"log": lambda line: None}
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from conftest import cli_fails
-from kfdeploy import data
+from kfdeploy.training import data
 from kfdeploy.cli import main
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 from kfdeploy.errors import KfError
-from kfdeploy.tensorrt import (
+from kfdeploy.bundling.tensorrt import (
     build_engine, build_torch_tensorrt, device_signature, load_engine, require_tensorrt, require_torch_tensorrt,
     signature_slug,
 )
@@ -88,7 +88,7 @@ def test_signature_slug_is_filename_safe_for_any_signature(sig):
 
 
 def test_importing_the_modules_pulls_in_neither_torch_nor_tensorrt():
-    code = "import sys, kfdeploy.tensorrt, kfdeploy.trt_check; print(sorted({'torch', 'tensorrt', 'onnx'} & set(sys.modules)))"
+    code = "import sys, kfdeploy.bundling.tensorrt, kfdeploy.bundling.trt_check; print(sorted({'torch', 'tensorrt', 'onnx'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_cli
-from kfdeploy.data import TASK_CLASSES
+from kfdeploy.training.data import TASK_CLASSES
 from kfdeploy.errors import KfError
-from kfdeploy.runs import RNG_FILE, load_checkpoint, save_checkpoint
+from kfdeploy.training.runs import RNG_FILE, load_checkpoint, save_checkpoint
 
 
 def _records(run):

@@ -1,4 +1,4 @@
-"""Transferability before training (kfdeploy/transferability.py): LogME checked against the
+"""Transferability before training (kfdeploy/bundling/transferability.py): LogME checked against the
 evidence computed directly, and the score of a real bundle's trunk on new sprites tasks."""
 import json
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfdeploy.data import NEW_TASKS, TASK_NAMES
+from kfdeploy.training.data import NEW_TASKS, TASK_NAMES
 from kfdeploy.errors import KfError
-from kfdeploy.transferability import Folds, format_report, logme, logme_fit, readout_accuracy, score
+from kfdeploy.bundling.transferability import Folds, format_report, logme, logme_fit, readout_accuracy, score
 
 
 def direct_log_evidence(features, y, alpha, beta):

@@ -11,9 +11,9 @@ from google.protobuf import text_format
 
 import kfdeploy
 from conftest import run_cli
-from kfdeploy.bundle import Bundle
+from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.errors import KfError
-from kfdeploy.triton_repo import write_repository
+from kfdeploy.serving.triton_repo import write_repository
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] (the dev extra) is missing")
 

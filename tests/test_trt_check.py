@@ -4,7 +4,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from kfdeploy.trt_check import TRT_OPSET_RANGE, TRT_SUPPORTED_OPS, TrtIssue, check_file, check_model
+from kfdeploy.bundling.trt_check import TRT_OPSET_RANGE, TRT_SUPPORTED_OPS, TrtIssue, check_file, check_model
 
 
 class TinyNet(nn.Module):

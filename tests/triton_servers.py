@@ -28,9 +28,9 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-_PROBE = "from kfdeploy.serve import triton_folder; triton_folder()"  # nvidia-pytriton's server is there
-# What kfdeploy serve gives the binary (kfdeploy/serve.py): a backend folder, the stub's environment
-_SETUP = ("import json, pathlib, sys; from kfdeploy.serve import backend_folder, triton_environment, triton_folder; "
+_PROBE = "from kfdeploy.serving.serve import triton_folder; triton_folder()"  # nvidia-pytriton's server is there
+# What kfdeploy serve gives the binary (kfdeploy/serving/serve.py): a backend folder, the stub's environment
+_SETUP = ("import json, pathlib, sys; from kfdeploy.serving.serve import backend_folder, triton_environment, triton_folder; "
           "home = triton_folder(); backend_folder(home, pathlib.Path(sys.argv[1])); env = triton_environment(home); "
           "print(json.dumps({'binary': str(home / 'bin' / 'tritonserver'), "
           "'env': {k: env[k] for k in ('PATH', 'LD_LIBRARY_PATH', 'PYTHONPATH')}}))")

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, TASK_NAME_RULE, Bundle, is_task_name, sha256_file,
-                     write_archive)
-from .errors import KfError
-from .models import FactorConfig, FactorNet
-from .runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
-from .train import weights_digest
+from .. import __version__
+from ..errors import KfError
+from ..names import TASK_NAME_RULE, is_task_name
+from ..training.models import FactorConfig, FactorNet
+from ..training.runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
+from ..training.train import weights_digest
+from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, sha256_file, write_archive
 
 # export/*.toml, installed inside the package as kfdeploy.profiles (setup.cfg): read from
 # there, an installed kfdeploy finds them without the source tree.
@@ -286,8 +286,8 @@ def parity_images(config: FactorConfig, data: str, seed: int, count: int = PARIT
     """Held-out sprites (from `seed` on) for sprites bundles; uniform noise images otherwise
     (a bundle does not carry its data: export compares on the run's held-out images instead)."""
     if data == "sprites":
-        from .data import SpritesSource, heldout_combinations
-        from .pipeline import resize_images
+        from ..training.data import SpritesSource, heldout_combinations
+        from ..training.pipeline import resize_images
 
         images = SpritesSource().heldout(count, offset=seed % (len(heldout_combinations()) - count))[0]
         return resize_images(images, config.trunk.image_size)  # rendered at 64x64
@@ -349,12 +349,12 @@ def _heldout_accuracy(bundle_root: Path, trunk_file: str, task_files: Dict[str, 
 
 
 def _open_run_data(info: dict, progress):
-    """The run's data opened again (kfdeploy.pipeline.OpenedData), or None, with a line saying
+    """The run's data opened again (kfdeploy.training.pipeline.OpenedData), or None, with a line saying
     why, where it cannot be (datasets passed from Python, a folder moved since training)."""
     if info.get("data") == "custom":
         progress("held-out accuracy and examples: none (the run trained on datasets passed from Python)")
         return None
-    from .pipeline import open_run_data
+    from ..training.pipeline import open_run_data
 
     try:
         return open_run_data(info)
@@ -383,15 +383,15 @@ def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
 
 
 def heldout_examples(opened, config: FactorConfig, count: int = EXAMPLE_IMAGES):
-    """`count` held-out images of the run's data (`opened`, kfdeploy.pipeline.OpenedData) for
+    """`count` held-out images of the run's data (`opened`, kfdeploy.training.pipeline.OpenedData) for
     the bundle's examples, with their labels: (images (N, C, H, W) in [0, 1], {task: (N,)
     class indices}); None where there are none. Pass `examples=` to export_bundle for
     datasets passed from Python, which kfdeploy cannot open again."""
     if opened is None:
         return None
     if opened.kind == "sprites":  # every sprite factor labelled, whatever tasks the run has
-        from .data import TASK_NAMES, SpritesSource
-        from .pipeline import resize_images
+        from ..training.data import TASK_NAMES, SpritesSource
+        from ..training.pipeline import resize_images
 
         images, labels = SpritesSource(tasks=list(TASK_NAMES)).heldout(count, offset=EXAMPLES_OFFSET)
         return resize_images(images, config.trunk.image_size), labels
@@ -416,7 +416,7 @@ def _examples_from_dataset(dataset, count: int = EXAMPLE_IMAGES):
 def _write_examples(staging: Path, examples, shape: tuple, task_labels: Dict[str, List[str]]) -> List[dict]:
     """examples/<n>.png for each image (uint8, rounded from [0, 1]) and its file record,
     with the true labels of the tasks `task_labels` names."""
-    from .extras import require
+    from ..extras import require
 
     Image = require("PIL.Image", None)
     images, labels = examples
@@ -485,10 +485,10 @@ def export_bundle(
     items (the first EXAMPLE_IMAGES are taken), such as your held-out set. `keep_examples`
     (with `into`) leaves the bundle's examples as they are. `profile` defaults to the
     bundle's own with `into` (graphs of one opset and batch range compose), else cpu-fp32.
-    `opened_data`: the run's data as the caller already opened it (kfdeploy.pipeline.
+    `opened_data`: the run's data as the caller already opened it (kfdeploy.training.pipeline.
     OpenedData with the exported tasks), so a folder is not decoded twice.
     """
-    from .pipeline import parse_tasks
+    from ..training.pipeline import parse_tasks
 
     run_dir, out = Path(run_dir), Path(out)
     model, info = load_factor_run(run_dir)

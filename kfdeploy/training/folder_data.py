@@ -29,8 +29,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import KfError
+from ..names import TASK_NAME_RULE, is_task_name
 from .data import epoch_slice
-from .errors import KfError
 
 LABELS_FILE = "labels.csv"
 FILE_COLUMN = "file"
@@ -121,7 +122,6 @@ def read_labels(
     for task in tasks:
         if task not in columns:
             raise KfError(f"{table_path} has no column for task '{task}'; its tasks: {', '.join(columns)}")
-    from .bundle import TASK_NAME_RULE, is_task_name
 
     for task in tasks:
         if not is_task_name(task):
@@ -195,7 +195,7 @@ def read_labels(
 
 def infer_channels(table: LabelTable) -> int:
     """3 if any image holds colour, else 1 (from the files' headers; no pixels decoded)."""
-    from .images import is_colour
+    from ..images import is_colour
 
     for file in table.files:
         if _in_folder(table, file, is_colour):
@@ -218,7 +218,7 @@ def load_images(table: LabelTable, size: int, channels: int, workers: Optional[i
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .images import fit_image, read_image
+    from ..images import fit_image, read_image
 
     images = np.empty((len(table.files), channels, size, size), dtype=np.uint8)
 

@@ -23,8 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import (Annotated, Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union, get_args,
                     get_origin, get_type_hints)
 
-from .atomic import atomic_write
-from .errors import KfError
+from ..atomic import atomic_write
+from ..errors import KfError
+from ..names import TASK_NAME_RULE, is_task_name
 
 FORMAT = "kfdeploy-bundle"
 # 2: the input spec says how pixels are normalized (inside the graphs) and which pixel types
@@ -239,7 +240,7 @@ class Bundle:
         As graph(): the bytes decoded are the bytes checked, and decoding goes through
         kfdeploy.images (pixel cap, no decompression bombs). Needs Pillow.
         """
-        from .images import decode_image
+        from ..images import decode_image
 
         record = self.examples[index]
         data = self.file(record["file"]).read_bytes()
@@ -295,15 +296,7 @@ def _node_tensors(nodes) -> Iterator:
 # keep the plain dict. A field a later format version adds comes in with a default, so
 # manifests written before it still read.
 
-TASK_NAME_RULE = "letters, digits, '_', '.' and '-', not '.' or '..'"
-_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def is_task_name(name: object) -> bool:
-    """Whether `name` may name a task: it becomes part of file names (tasks/<name>.onnx,
-    engines/<name>...), so the one rule that writers and readers share is here."""
-    return isinstance(name, str) and _TASK_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -329,7 +322,7 @@ Shape = Annotated[list, _rule('["batch", C, H, W] with C, H and W positive integ
 Range = Annotated[List[float], _rule("[low, high] with finite low < high", lambda v: (
     len(v) == 2 and all(math.isfinite(x) for x in v) and v[0] < v[1]))]
 Precision = Literal["fp32", "fp16"]
-# Reduced-precision variants of a module's graph (kfdeploy/quantize.py writes them).
+# Reduced-precision variants of a module's graph (kfdeploy/bundling/quantize.py writes them).
 VariantPrecision = Literal["int8", "fp16"]
 VARIANT_PRECISIONS = ("int8", "fp16")
 Finite = Annotated[float, _rule("a finite number", math.isfinite)]

@@ -1,4 +1,4 @@
-"""The Python-backend model that `kfdeploy serve` runs inside Triton (see kfdeploy/serve.py).
+"""The Python-backend model that `kfdeploy serve` runs inside Triton (see kfdeploy/serving/serve.py).
 
 Triton's Python backend imports this from the model repository's `1/model.py`, which
 kfdeploy writes as one import line: the code that runs is this installed package's, and
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kfdeploy.routing import Router
+from kfdeploy.serving.routing import Router
 
 
 def _error(message: str):

@@ -28,10 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import KfError
-from .fuse import probs_output
-from .runtime import TaskSelection, load
+from ..bundling.bundle import Bundle
+from ..bundling.fuse import probs_output
+from ..errors import KfError
+from ..runtime import TaskSelection, load
 
 ROWS_SUFFIX = ":rows"
 Request = Tuple[np.ndarray, Optional[Sequence[str]], bool]  # images, tasks (None: all served), logits
@@ -47,7 +47,7 @@ def compose_routed(graphs: Dict[str, object], tasks: Sequence[str]):
     `<task>:rows` lists (gathered from the image and from `common`).
 
     `graphs` maps "trunk" and each task to its ModelProto (`Bundle.graph`); names inside are
-    prefixed with their module (`trunk/...`, `<task>/...`), as kfdeploy/fuse.py does, so
+    prefixed with their module (`trunk/...`, `<task>/...`), as kfdeploy/bundling/fuse.py does, so
     ONNX Runtime's profiler attributes time the same way.
     """
     from onnx import TensorProto, compose, helper
@@ -154,7 +154,7 @@ class Router(TaskSelection):
         self.model.check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
 
     def _runner_for(self, tasks: Tuple[str, ...]) -> Routed:
-        from .runtime import ort_session_for
+        from ..runtime import ort_session_for
 
         ordered = [t for t in self.bundle.tasks if t in tasks]  # bundle order: one graph per set
         for module in ["trunk", *ordered]:

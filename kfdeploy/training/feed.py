@@ -29,11 +29,11 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from ..errors import KfError
 from .data import (
     _COLOUR_RGB, RGB_IMAGE_SIZE, RGB_TASK_NAMES, IMAGE_SIZE, Batch, _texture_bank,
     sprite_geometry, sprite_labels,
 )
-from .errors import KfError
 
 FEEDS = ("auto", "inline", "prefetch", "device")
 PREFETCH_DEPTH = 3  # batches made ahead: enough to ride out one slow batch, little memory

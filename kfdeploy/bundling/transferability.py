@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import KfError
+from ..errors import KfError
 
 DEFAULT_IMAGES = 500
 FOLDS = 5  # read-out accuracy: k-fold over the scored images
@@ -293,7 +293,7 @@ def score(
     the bundle was factorized on sprites/sprites-rgb, `reference` scores the trunk's own
     tasks the same way. Returns a JSON-ready dict; `format_report` prints it."""
     from .bundle import Bundle
-    from .data import RGB_TASK_CLASSES, TASK_CLASSES
+    from ..training.data import RGB_TASK_CLASSES, TASK_CLASSES
 
     if images < 2 * FOLDS:
         raise KfError(f"--images must be at least {2 * FOLDS} (the read-out is scored {FOLDS}-fold), got {images}")

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import atomic_write
-from .errors import KfError
+from ..atomic import atomic_write
+from ..errors import KfError
 
 PRECISIONS = ("fp32", "fp16")
 Shapes = Tuple[tuple, tuple, tuple]  # (min, opt, max) shape of one input

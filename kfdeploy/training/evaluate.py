@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import KfError
 from .data import SHAPES, collate
-from .errors import KfError
 from .models import FactorNet
 from .runs import load_factor_run, load_teacher, write_json_atomic
 from .train import accuracy

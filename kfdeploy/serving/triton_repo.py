@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import __version__
-from .bundle import Bundle
-from .errors import KfError
+from .. import __version__
+from ..bundling.bundle import Bundle
+from ..errors import KfError
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
@@ -176,7 +176,7 @@ class RepositoryWriter:
     # -- what goes in ---------------------------------------------------------------------
     def _engines(self, device: Optional[str]) -> Dict[str, dict]:
         """The bundle's TensorRT engines for one device, by module; every module must have one."""
-        from . import tensorrt as trt_backend
+        from ..bundling import tensorrt as trt_backend
 
         if device is None:
             try:

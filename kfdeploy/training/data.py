@@ -96,7 +96,7 @@ def sprite_geometry(factors: np.ndarray, size: int) -> Dict[str, np.ndarray]:
     in pixels (`centre_y`, `centre_x`, float64), 1 / radius in pixels (`inv_radius`,
     float32) and the rotation (`cos`, `sin`, float32). The geometry is the 64x64 one scaled
     by size / 64. Both renderers start from these numbers (numpy here, torch on the
-    training device in kfdeploy.feed), so they can only differ in the per-pixel arithmetic.
+    training device in kfdeploy.training.feed), so they can only differ in the per-pixel arithmetic.
     """
     factors = np.asarray(factors, dtype=np.int64).reshape(-1, len(TASK_NAMES))
     k = size / IMAGE_SIZE
@@ -236,10 +236,10 @@ class SpritesSource:
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
         return _to_batch(self.train_factors(step, batch_size, rank), self.tasks)
 
-    renders_on_device = True  # kfdeploy.feed: --feed device
+    renders_on_device = True  # kfdeploy.training.feed: --feed device
 
     def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu") -> Batch:
-        """batch(step) rendered with torch on `device` (kfdeploy.feed): the same draws, the same pixels."""
+        """batch(step) rendered with torch on `device` (kfdeploy.training.feed): the same draws, the same pixels."""
         from .feed import sprites_batch
 
         return sprites_batch(self.train_factors(step, batch_size, rank), self.tasks, device)
@@ -362,10 +362,10 @@ class SpritesRGBSource:
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
         return _rgb_batch(*self.train_factors(step, batch_size, rank), self.tasks)
 
-    renders_on_device = True  # kfdeploy.feed: --feed device
+    renders_on_device = True  # kfdeploy.training.feed: --feed device
 
     def device_batch(self, step: int, batch_size: int, rank: int = 0, device="cpu") -> Batch:
-        """batch(step) rendered with torch on `device` (kfdeploy.feed): the same draws, the same pixels."""
+        """batch(step) rendered with torch on `device` (kfdeploy.training.feed): the same draws, the same pixels."""
         from .feed import sprites_rgb_batch
 
         return sprites_rgb_batch(*self.train_factors(step, batch_size, rank), self.tasks, device)

@@ -6,8 +6,8 @@ The nvidia-pytriton wheel (the serve extra) ships a `tritonserver` binary with t
 backend; kfdeploy runs that binary itself, on a model repository it writes into a temporary
 folder: one Python-backend model, `kfdeploy` unless `--model-name` says otherwise, whose
 config.pbtxt comes from the bundle's manifest and whose model.py imports
-kfdeploy/serve_backend.py (nothing from the bundle is executed). Inside Triton's Python
-stub, kfdeploy/routing.py answers each dynamic batch: the trunk once for every row, each
+kfdeploy/serving/serve_backend.py (nothing from the bundle is executed). Inside Triton's Python
+stub, kfdeploy/serving/routing.py answers each dynamic batch: the trunk once for every row, each
 task on the rows that asked for it, and one response per request: a request that cannot be
 answered gets its own error while the others of its batch are answered. PyTriton's own
 Python API is not used: its proxy hop cost ~2 ms a request here, and it answers a batch
@@ -56,10 +56,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from .atomic import atomic_write
-from .errors import KfError
-from .extras import install_hint
-from .runtime import TaskSelection, load
+from ..atomic import atomic_write
+from ..errors import KfError
+from ..extras import install_hint
+from ..runtime import TaskSelection, load
 from .triton_repo import Enum, to_pbtxt
 
 # Measured here (2 cores, batch-1 requests, benchmarks/serve.py): throughput at 16 concurrent
@@ -69,7 +69,7 @@ from .triton_repo import Enum, to_pbtxt
 DEFAULT_QUEUE_DELAY_US = 0
 DEFAULT_DRAIN_TIMEOUT_S = 30
 READY_TIMEOUT_S = 180
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # what the stub puts on sys.path to import kfdeploy
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # what the stub puts on sys.path to import kfdeploy
 
 
 def triton_folder() -> Path:
@@ -306,8 +306,8 @@ class Server(TaskSelection):
         self.control.daemon_threads = True
         (self.repository / self.model_name / "1").mkdir(parents=True)
         (self.repository / self.model_name / "1" / "model.py").write_text(
-            "# written by kfdeploy serve: the model is kfdeploy's own (kfdeploy/serve_backend.py)\n"
-            "from kfdeploy.serve_backend import TritonPythonModel  # noqa: F401\n")
+            "# written by kfdeploy serve: the model is kfdeploy's own (kfdeploy/serving/serve_backend.py)\n"
+            "from kfdeploy.serving.serve_backend import TritonPythonModel  # noqa: F401\n")
         self._write_config(self.tasks)
         command = [
             str(self.triton_home / "bin" / "tritonserver"), f"--model-repository={self.repository}",

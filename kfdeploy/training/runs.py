@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write
-from .errors import KfError
+from ..atomic import atomic_write
+from ..errors import KfError
 from .models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
 
 RUN_FILE = "run.json"

@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import KfError
 from .bundle import MANIFEST, VARIANT_PRECISIONS, Bundle, read_manifest
-from .errors import KfError
 from .fuse import Composer
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -55,14 +55,14 @@ def _run_data(bundle: Bundle, seed: int):
     """The bundle's run data, opened again: (kind, source with batch()/heldout()), or None."""
     source = bundle.manifest.get("source", {})
     if source.get("data") == "sprites":
-        from .data import NEW_TASKS, TASK_NAMES, SpritesSource
+        from ..training.data import NEW_TASKS, TASK_NAMES, SpritesSource
 
         return SpritesSource(seed=seed, tasks=[t for t in bundle.tasks if t in TASK_NAMES or t in NEW_TASKS])
     run = source.get("run")
     if not run or not Path(run, "run.json").is_file():
         return None
-    from .pipeline import open_run_data
-    from .runs import read_run
+    from ..training.pipeline import open_run_data
+    from ..training.runs import read_run
 
     try:
         return open_run_data(read_run(Path(run), "factorized", ""), seed=seed).source
@@ -71,7 +71,7 @@ def _run_data(bundle: Bundle, seed: int):
 
 
 def _as_input(images, bundle: Bundle) -> np.ndarray:
-    from .pipeline import resize_images
+    from ..training.pipeline import resize_images
 
     return np.ascontiguousarray(resize_images(images, bundle.image_size[0]).numpy(), dtype=np.float32)
 
@@ -83,7 +83,7 @@ def calibration_images(bundle: Bundle, count: int, seed: int, folder: Optional[P
     and size), else from the run's training stream: never the held-out images that the
     variants are judged on."""
     if folder is not None:
-        from .images import fit_image, read_image
+        from ..images import fit_image, read_image
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -323,9 +323,9 @@ def quantize_bundle(path: Path | str, precision: str = "int8", tasks: Optional[S
 def _write(bundle: Bundle, precision: str, variants: Dict[str, object], mixed: set, selected: List[str], how: dict,
            numbers: Dict[str, dict], count: int) -> Dict[str, dict]:
     """Add the variants to a staging copy of the bundle, check it as a reader would, swap it in."""
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
     from .export import _exchange, _file_record, _remove_stale_staging
-    from .runs import write_json_atomic
+    from ..training.runs import write_json_atomic
 
     out = bundle.root
     _remove_stale_staging(out)

@@ -2,13 +2,13 @@
 
 Your own teacher and data plug in here::
 
-    from kfdeploy.pipeline import factorize
+    from kfdeploy.training.pipeline import factorize
     factorize(my_teacher, "runs/mine", train_data=my_train_set, heldout_data=my_test_set)
 
 `my_teacher` follows models.TeacherProtocol; a dataset item is (image tensor (C, H, W)
 in [0, 1], {task: int label}).
 
-Architectures are chosen by name (kfdeploy.architectures): `simpleconv` by default, or any
+Architectures are chosen by name (kfdeploy.training.architectures): `simpleconv` by default, or any
 timm model, with optional local weights (`pretrained=`); nothing is downloaded.
 """
 from __future__ import annotations
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from .. import __version__
+from ..errors import KfError
 from .architectures import SIMPLECONV, load_pretrained
 from .data import (
     IMAGE_SIZE, NEW_TASK_LABELS, RGB_IMAGE_SIZE, RGB_TASK_CLASSES, RGB_TASK_LABELS, TASK_CLASSES, TASK_LABELS,
     DatasetSource, SpritesRGBSource, SpritesSource, collate,
 )
-from .errors import KfError
 from .feed import resolve_feed
 from .losses import FactorizationObjective, LossWeights, TeacherObjective
 from .models import BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
@@ -115,7 +115,7 @@ def open_data(
     known_classes: Optional[Mapping[str, Sequence[str]]] = None,
     split_seed: int = 0,
 ) -> OpenedData:
-    """Open `sprites`, `sprites-rgb` or a labelled image folder (kfdeploy.folder_data).
+    """Open `sprites`, `sprites-rgb` or a labelled image folder (kfdeploy.training.folder_data).
 
     `image_size` defaults to the data's own (64, 128; 64 for a folder); `channels` (folders
     only) to RGB if any image is colour, else grey. `known_classes`: a teacher's class
@@ -352,7 +352,7 @@ def train_teacher(
     """Train a multi-task teacher on `data` into run folder `out`.
 
     `data` is "sprites" (the default), "sprites-rgb" or a labelled image folder
-    (kfdeploy.folder_data); `tasks` a subset of its tasks (default: all). `backbone.arch`
+    (kfdeploy.training.folder_data); `tasks` a subset of its tasks (default: all). `backbone.arch`
     names the architecture (`simpleconv`, or a timm model such as "resnet50") and
     `backbone.image_size` the input size (default: the data's own); the channels are the
     data's (`channels` 1 or 3 converts a folder's images). `pretrained` is a local weights

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
-from .errors import KfError
+from ..errors import KfError
 
 PROBS_SUFFIX = ":probs"
 _MODEL_GRAPH_FIELD = 7  # ModelProto.graph
@@ -104,7 +104,7 @@ def fuse_bundle(bundle, tasks: Sequence[str], path: Path, precision: str = "fp32
     every module at `precision` (its fp32 graph, or the variant `kfdeploy quantize` made)."""
     import onnx
 
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     if not tasks:
         raise KfError("save_fused needs at least one task")

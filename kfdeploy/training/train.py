@@ -4,7 +4,7 @@ One process, or many under torchrun (DistributedDataParallel: nccl on GPU, gloo 
 Each step's batch is a pure function of (seed, rank, step), so `--resume` continues the
 exact stream, the learning-rate schedule and the Adam moments where they stopped.
 
-On a GPU nothing in a step waits for the host: batches come from a feed (kfdeploy.feed:
+On a GPU nothing in a step waits for the host: batches come from a feed (kfdeploy.training.feed:
 sprites rendered on the device, other data prefetched by a thread) and the losses are
 summed on the device, read back once per log line rather than once per loss per step.
 """
@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: Optional[float] = None  # stop early (and still finish cleanly) past this
     # How the steps run, not what they compute (a resumed run takes the ones asked now):
-    feed: str = "auto"  # how batches reach the device: kfdeploy.feed (auto, inline, prefetch, device)
+    feed: str = "auto"  # how batches reach the device: kfdeploy.training.feed (auto, inline, prefetch, device)
     compile: Optional[str] = None  # a torch.compile mode for the step ("reduce-overhead": CUDA graphs too), None: eager
 
     def lr_at(self, step: int) -> float:

@@ -11,7 +11,7 @@ bundle and swapped in atomically, so an interrupted add-task leaves the bundle a
 
 Data: a labelled folder (labels.csv; the column named like the task holds its classes)
 or the embedded sprites, which offer new tasks the factorization never saw
-(kfdeploy.data.NEW_TASKS: quadrant, ring, diagonal, orientation_quarter, x_parity).
+(kfdeploy.training.data.NEW_TASKS: quadrant, ring, diagonal, orientation_quarter, x_parity).
 """
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import __version__
-from .bundle import TASK_NAME_RULE, Bundle, is_task_name
-from .data import NEW_TASK_STEPS, NEW_TASKS, epoch_slice
-from .errors import KfError
+from .. import __version__
+from ..errors import KfError
+from ..names import TASK_NAME_RULE, is_task_name
+from ..training.data import NEW_TASK_STEPS, NEW_TASKS, epoch_slice
+from ..training.losses import FrozenTrunkObjective, LossWeights
+from ..training.pipeline import EMBEDDED, EVAL_IMAGES, OpenedData, _start_run, _stored_config, normalized, open_data
+from ..training.train import TrainConfig, accuracy, setup_distributed, train, weights_digest
+from .bundle import Bundle
 from .export import _remove_stale_staging, export_bundle, torch_modules
-from .losses import FrozenTrunkObjective, LossWeights
-from .pipeline import EMBEDDED, EVAL_IMAGES, OpenedData, _start_run, _stored_config, normalized, open_data
-from .train import TrainConfig, accuracy, setup_distributed, train, weights_digest
 
 
 def open_new_task_data(bundle: Bundle, data: str | Path, tasks: Optional[Sequence[str]] = None, seed: int = 0) -> OpenedData:

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import KfError
+from ..errors import KfError
 
 SIMPLECONV = "simpleconv"
 # Probing sizes past this is pointless for a deployable module (and slow for big nets).
@@ -88,7 +88,7 @@ class ConvBackbone(nn.Module):
 
 
 def _timm():
-    from .extras import require
+    from ..extras import require
 
     return require("timm", "train")
 
