@@ -121,11 +121,28 @@ class Routed:
         return dict(zip(outputs, self.session.run(list(outputs), feeds)))
 
 
-class Router(TaskSelection):
-    """A bundle's trunk and a served set of tasks, answering batches of requests that each
-    name their own tasks (see the module's docstring)."""
+class ServedTasks(TaskSelection):
+    """A served set of tasks on an assembly with no task of its own (`self.model`), which
+    brings the checks: a task is refused, or read from the bundle's folder if added there
+    since, exactly as `kfdeploy.load` would. The Router and kfdeploy serve's Server."""
 
     _set_name = "served"
+
+    @property
+    def bundle(self) -> Bundle:
+        """The assembly's bundle: re-read from its folder when a task added there since is asked for."""
+        return self.model.bundle
+
+    def labels(self, task: str) -> List[str]:
+        return self.bundle.task(task)["labels"]
+
+    def check_task(self, name: str) -> None:
+        self.model.check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
+
+
+class Router(ServedTasks):
+    """A bundle's trunk and a served set of tasks, answering batches of requests that each
+    name their own tasks (see the module's docstring)."""
 
     def __init__(self, bundle, tasks: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, verify: bool = True, log=None):
@@ -137,21 +154,9 @@ class Router(TaskSelection):
         self._init_selection()
         chosen = list(dict.fromkeys(tasks)) if tasks is not None else self.bundle.tasks
         for task in chosen:
-            self.model.check_task(task)  # unknown tasks and foreign trunks are refused here
+            self.check_task(task)
         with self._mutation:
             self._switch(tuple(chosen))
-
-    @property
-    def bundle(self) -> Bundle:
-        """The assembly's bundle: re-read from its folder when a task added there since is asked for."""
-        return self.model.bundle
-
-    # -- the served set ---------------------------------------------------------------
-    def labels(self, task: str) -> List[str]:
-        return self.bundle.task(task)["labels"]
-
-    def check_task(self, name: str) -> None:
-        self.model.check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
 
     def _runner_for(self, tasks: Tuple[str, ...]) -> Routed:
         from ..runtime import ort_session_for

@@ -59,7 +59,8 @@ from typing import Optional, Sequence, Tuple
 from ..atomic import atomic_write
 from ..errors import KfError
 from ..extras import install_hint
-from ..runtime import TaskSelection, load
+from ..runtime import load
+from .routing import ServedTasks
 from .triton_repo import Enum, to_pbtxt
 
 # Measured here (2 cores, batch-1 requests, benchmarks/serve.py): throughput at 16 concurrent
@@ -162,11 +163,9 @@ class ControlHandler(BaseHTTPRequestHandler):
         pass
 
 
-class Server(TaskSelection):
+class Server(ServedTasks):
     """A bundle served by a Triton process of its own, with a control endpoint beside it.
     The served set (TaskSelection's) changes by loading the model again in Triton."""
-
-    _set_name = "served"
 
     def __init__(self, bundle, tasks: Optional[Sequence[str]] = None, host: str = "127.0.0.1", port: int = 8000,
                  grpc_port: Optional[int] = None, metrics_port: Optional[int] = None, control_port: Optional[int] = None,
@@ -213,10 +212,6 @@ class Server(TaskSelection):
         self.triton: Optional[subprocess.Popen] = None
         self.control: Optional[ThreadingHTTPServer] = None
 
-    @property
-    def bundle(self):
-        return self.model.bundle
-
     # -- the model Triton serves ------------------------------------------------------------
     def config(self, tasks: Sequence[str]) -> dict:
         """The model's config for a served set: every task of the bundle is an output (so a
@@ -232,7 +227,7 @@ class Server(TaskSelection):
         config["instance_group"] = [{"count": 1, "kind": Enum("KIND_CPU")}]
         parameters = {
             "bundle": str(bundle.root), "tasks": json.dumps(list(tasks)), "threads": str(self.threads or ""),
-            "labels": json.dumps({t: bundle.task(t)["labels"] for t in bundle.tasks}),
+            "labels": json.dumps({t: self.labels(t) for t in bundle.tasks}),
             "input_range": json.dumps(bundle.manifest["input"]["range"]),
             "outputs": "probabilities; logits with the request parameter logits=true",
         }
@@ -242,9 +237,6 @@ class Server(TaskSelection):
     def _write_config(self, tasks: Sequence[str]) -> None:
         with atomic_write(self.repository / self.model_name / "config.pbtxt") as path:
             path.write_text(to_pbtxt(self.config(tasks)) + "\n")
-
-    def check_task(self, name: str) -> None:
-        self.model.check_task(name)  # unknown tasks and foreign trunks are refused here; added ones read
 
     def _switch(self, tasks: Tuple[str, ...]) -> None:
         """Load the model again with `tasks` (TaskSelection's swap: Triton keeps answering with
@@ -281,7 +273,7 @@ class Server(TaskSelection):
     def describe_tasks(self) -> dict:
         bundle = self.bundle
         return {"model": self.model_name, "served": self.tasks, "available": bundle.tasks,
-                "labels": {t: bundle.task(t)["labels"] for t in bundle.tasks}}
+                "labels": {t: self.labels(t) for t in bundle.tasks}}
 
     def stats(self) -> dict:
         """Triton's statistics of the model since it was last loaded: batches, requests, rows."""
