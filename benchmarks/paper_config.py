@@ -49,9 +49,9 @@ from train import read_run  # noqa: E402  (benchmarks/train.py)
 
 import kfdeploy  # noqa: E402
 from kfdeploy.bundling.bundle import Bundle  # noqa: E402
-from kfdeploy.training.evaluate import evaluate_run  # noqa: E402
 from kfdeploy.bundling.export import ExportProfile, Normalize, _quiet_export, graph_modules, run_normalization  # noqa: E402
 from kfdeploy.bundling.fuse import Composer, probs_output  # noqa: E402
+from kfdeploy.training.evaluate import evaluate_run  # noqa: E402
 from kfdeploy.training.models import count_parameters  # noqa: E402
 from kfdeploy.training.pipeline import open_run_data  # noqa: E402
 from kfdeploy.training.runs import load_factor_run, load_teacher, read_json  # noqa: E402

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from kfdeploy.training import feed
 from kfdeploy.cli import QUICKSTART_FACTORIZE_STEPS, QUICKSTART_TEACHER_STEPS
+from kfdeploy.training import feed
 from kfdeploy.training.data import SpritesRGBSource, SpritesSource, render, render_rgb
 from kfdeploy.training.pipeline import factorize, train_teacher
 from kfdeploy.training.runs import METRICS_FILE, RUN_FILE
@@ -91,16 +91,17 @@ def measure_feeds(device: str, steps: int, compile_modes, work: Path) -> list:
         out = work / f"kf-{name}-{batch}-{mode or 'eager'}"
         started = time.perf_counter()
         row = {"feed": name, "batch": batch, "compile": mode, "steps": steps}
+        label = f"feed {name:<8} batch {batch:>5} compile {mode or '-':<15}"
         try:
             factorize(teacher, out, config=config, device=device)
         except Exception as error:  # noqa: BLE001 -- one configuration failing (say, compiling) must not lose the others' numbers
             row["error"] = f"{type(error).__name__}: {error}"
             rows.append(row)
-            print(f"feed {name:<8} batch {batch:>5} compile {mode or '-':<15} FAILED: {row['error']}", flush=True)
+            print(f"{label} FAILED: {row['error']}", flush=True)
             continue
         row.update(samples_per_s=read_run(out)["samples_per_s"], wall_s=time.perf_counter() - started)
         rows.append(row)
-        print(f"feed {name:<8} batch {batch:>5} compile {mode or '-':<15} {row['samples_per_s']:>9,.0f} samples/s "
+        print(f"{label} {row['samples_per_s']:>9,.0f} samples/s "
               f"(whole command {row['wall_s']:.0f} s)", flush=True)
     return rows
 
