@@ -2,7 +2,9 @@
 loopback with tritonclient (HTTP and gRPC), every answer checked against kfdeploy.load here."""
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ import pytest
 
 import kfdeploy
 from conftest import REPO
-from triton_servers import kfdeploy_serve, need_serve_env
+from triton_servers import free_ports, kfdeploy_serve, need_serve_env
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient (the dev extra) is missing")
 grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient (the dev extra) is missing")
@@ -30,8 +32,13 @@ MAX_BATCH = 16
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     need_serve_env()
+    # Served from a folder whose name is not ASCII: Triton's Python stub runs with an ASCII
+    # filesystem encoding, which once made such a bundle "no bundle at"
+    folder = tmp_path_factory.mktemp("serve")
+    served = folder / "bündel é"
+    shutil.copytree(bundle, served)
     # a long queue delay, so that concurrent requests are batched together
-    with kfdeploy_serve(bundle, tmp_path_factory.mktemp("serve"), "--tasks", ",".join(SERVED),
+    with kfdeploy_serve(served, folder, "--tasks", ",".join(SERVED),
                         "--max-batch-size", str(MAX_BATCH), "--max-queue-delay-us", "20000", "--drain-timeout", "10") as running:
         yield running
 
@@ -336,6 +343,34 @@ def test_serve_refuses_mistakes_in_one_line_before_starting(bundle, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.startswith("kfdeploy: error:")]
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+
+
+def test_a_port_in_use_is_named_before_triton_starts(bundle):
+    env = need_serve_env()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()  # holds the port and never answers, as a stuck program would
+        port = taken.getsockname()[1]
+        for flag in ("--port", "--grpc-port", "--metrics-port"):
+            result = subprocess.run([env["python"], "-m", "kfdeploy", "serve", str(bundle), "--tasks", "shape", flag, str(port)],
+                                    capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert result.returncode == 2, (flag, result.stderr)
+            lines = [line for line in result.stderr.splitlines() if line.startswith("kfdeploy: error:")]
+            assert len(lines) == 1 and f":{port} (Address already in use); choose another {flag}" in lines[0], (flag, result.stderr)
+
+
+def test_a_triton_that_cannot_start_is_reported_not_waited_on(bundle):
+    """The control endpoint is open when Triton fails to start: stopping must not wait for
+    it to serve (it did, forever: socketserver's shutdown() waits for serve_forever)."""
+    env = need_serve_env()
+    script = ("import sys; from pathlib import Path; from kfdeploy.serving.serve import Server, run\n"
+              "server = Server(sys.argv[1], tasks=['shape'], port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), "
+              "metrics_port=int(sys.argv[4]), control_port=int(sys.argv[5]))\n"
+              "server.triton_home = Path(sys.argv[6])  # no tritonserver there\n"
+              "run(server)\n")
+    result = subprocess.run([env["python"], "-c", script, str(bundle), *map(str, free_ports(4)), str(REPO / "no-triton-here")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1 and "FileNotFoundError" in result.stderr and "no-triton-here" in result.stderr, result.stderr
 
 
 def test_without_pytriton_serve_names_the_extra(bundle):

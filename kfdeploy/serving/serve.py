@@ -38,12 +38,14 @@ libraries; Triton's addresses default to 0.0.0.0, so all three are set.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -211,6 +213,7 @@ class Server(ServedTasks):
         self.repository = self.folder / "repository"
         self.triton: Optional[subprocess.Popen] = None
         self.control: Optional[ThreadingHTTPServer] = None
+        self._control_thread: Optional[threading.Thread] = None
 
     # -- the model Triton serves ------------------------------------------------------------
     def config(self, tasks: Sequence[str]) -> dict:
@@ -252,12 +255,12 @@ class Server(ServedTasks):
         self._state = (tasks, None)
         self.last_switch_ms = (time.perf_counter() - started) * 1e3
 
-    def _triton_call(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+    def _triton_call(self, method: str, path: str, body: Optional[dict] = None, timeout: float = READY_TIMEOUT_S) -> dict:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         request = urllib.request.Request(f"http://{host}:{self.port}{path}", method=method,
                                          data=None if body is None else json.dumps(body).encode())
         try:
-            with urllib.request.urlopen(request, timeout=READY_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 data = response.read()
         except urllib.error.HTTPError as exc:
             message = exc.read().decode(errors="replace")
@@ -290,12 +293,17 @@ class Server(ServedTasks):
         """Open the control endpoint's port (a port in use fails before Triton starts), start
         Triton and wait for the model to be ready, then answer control calls."""
         handler = type("Handler", (ControlHandler,), {"served": self})
-        try:
+        with _port_refused("the control endpoint", self.control_host, self.control_port, "--control-port"):
             self.control = ThreadingHTTPServer((self.control_host, self.control_port), handler)
-        except OSError as exc:
-            raise KfError(f"cannot open the control endpoint on {self.control_host}:{self.control_port} ({exc.strerror}); "
-                          "choose another --control-port") from None
         self.control.daemon_threads = True
+        # Triton binds its ports after loading the model, seconds later, and then only says so
+        # in its log: a port in use is named here, before it starts (a race can still lose one)
+        for what, port, flag in (("HTTP", self.port, "--port"), ("gRPC", self.grpc_port, "--grpc-port"),
+                                 ("metrics", self.metrics_port, "--metrics-port")):
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with _port_refused(f"Triton's {what} endpoint", self.host, port, flag), socket.socket(family) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is no conflict
+                probe.bind((self.host, port))
         (self.repository / self.model_name / "1").mkdir(parents=True)
         (self.repository / self.model_name / "1" / "model.py").write_text(
             "# written by kfdeploy serve: the model is kfdeploy's own (kfdeploy/serving/serve_backend.py)\n"
@@ -314,7 +322,8 @@ class Server(ServedTasks):
             self.triton = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=triton_environment(self.triton_home),
                                            start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready()
-        threading.Thread(target=self.control.serve_forever, name="kfdeploy-control", daemon=True).start()
+        self._control_thread = threading.Thread(target=self.control.serve_forever, name="kfdeploy-control", daemon=True)
+        self._control_thread.start()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -322,7 +331,8 @@ class Server(ServedTasks):
             if self.triton.poll() is not None:
                 raise KfError(f"Triton exited with code {self.triton.returncode} before the model was ready" + self._log_tail())
             try:
-                self._triton_call("GET", f"/v2/models/{self.model_name}/ready")
+                # briefly: whatever holds the port if Triton lost it may never answer
+                self._triton_call("GET", f"/v2/models/{self.model_name}/ready", timeout=2)
                 return
             except KfError:
                 time.sleep(0.2)
@@ -354,7 +364,8 @@ class Server(ServedTasks):
         """Stop taking control calls; SIGTERM Triton, which refuses new requests, answers those
         in flight (up to --drain-timeout) and exits. Returns Triton's exit code."""
         if self.control is not None:
-            self.control.shutdown()
+            if self._control_thread is not None:  # shutdown() waits for serve_forever: forever, had it not begun
+                self.control.shutdown()
             self.control.server_close()
         code = 0
         if self.triton is not None:
@@ -367,6 +378,15 @@ class Server(ServedTasks):
                 code = self.triton.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
         return code
+
+
+@contextlib.contextmanager
+def _port_refused(what: str, host: str, port: int, flag: str):
+    """Turn a failure to bind `host:port` into the one-line error that names the flag to change."""
+    try:
+        yield
+    except OSError as exc:
+        raise KfError(f"cannot open {what} on {host}:{port} ({exc.strerror}); choose another {flag}") from None
 
 
 def run(server: Server, ready=None) -> int:

@@ -12,6 +12,7 @@ for it, and a request that cannot be answered (NaN, a task not served, ...) gets
 error response while the requests batched with it are answered.
 """
 import json
+import os
 import sys
 
 import numpy as np
@@ -30,7 +31,10 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.outputs = {output["name"] for output in config["output"]}
         threads = int(parameters["threads"]) if parameters.get("threads") else None
-        self.router = Router(parameters["bundle"], tasks=json.loads(parameters["tasks"]), threads=threads,
+        # The stub's Python runs isolated with no locale set, so its filesystem encoding is
+        # ASCII: a path with a 'ü' in it must reach open() as the bytes it is on disk
+        bundle = os.fsdecode(parameters["bundle"].encode("utf-8"))
+        self.router = Router(bundle, tasks=json.loads(parameters["tasks"]), threads=threads,
                              log=lambda line: print(line, file=sys.stderr, flush=True))  # into Triton's log
 
     def _parse(self, request):
