@@ -18,7 +18,7 @@ and reports, for the one held-out set of the run's data:
 - export parity: each module's error as `kfdeploy export` recorded it (on the run's
   held-out images), and the assembly's logits against PyTorch's on the held-out images;
 - the runtime's composition at this scale, at batch 1 and 64, each variant taking turns with
-  the assembly (benchmarks/runtime.py's time_in_turns): the assembly of every task, the same
+  the assembly (benchmarks/rates.py's time_in_turns): the assembly of every task, the same
   tasks as one fused graph in a plain session, the monolithic teacher as one ONNX graph, and
   the trunk alone (so what the task modules add shows).
   DESIGN's bar: the assembly at least 1.5x faster than the teacher at both batch sizes.
@@ -44,7 +44,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime import alike_session, time_in_turns  # noqa: E402  (benchmarks/runtime.py)
+from rates import time_in_turns  # noqa: E402
+from runtime import alike_session  # noqa: E402  (benchmarks/runtime.py)
 from train import read_run  # noqa: E402  (benchmarks/train.py)
 
 import kfdeploy  # noqa: E402

@@ -44,33 +44,10 @@ from kfdeploy.bundling.export import ExportProfile, TrunkGraph, _quiet_export, t
 from kfdeploy.bundling.fuse import Composer, probs_output
 from kfdeploy.training.runs import load_teacher
 from kfdeploy.runtime import ort_session_for, physical_cores
+from rates import time_in_turns
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
-
-
-def time_in_turns(variants: dict, seconds: float, turn_seconds: float = 0.25, settle_seconds: float = 0.05) -> dict:
-    """Median seconds per call of each variant, the variants taking turns.
-
-    This VM's speed drifts by 10-20% within seconds. Timed one after another, variants
-    would differ by whenever they happened to run; taking turns spreads the drift over
-    all of them, so their ratios hold still. Turns are long and their first calls are
-    not counted: the variant before may leave its threads spinning for milliseconds
-    (PyTorch's OpenMP pool, ONNX Runtime's default pools), and the caches hold its data.
-    """
-    samples = {name: [] for name in variants}
-    for _ in range(max(2, round(seconds / turn_seconds))):
-        for name, fn in variants.items():
-            turn_started = time.perf_counter()
-            fn()  # never counted: it meets the previous variant's spinning threads
-            calls = []  # (when it started in the turn, how long it took)
-            while not calls or calls[-1][0] < turn_seconds:
-                started = time.perf_counter()
-                fn()
-                calls.append((started - turn_started, time.perf_counter() - started))
-            settled = [took for at, took in calls if at >= settle_seconds]
-            samples[name] += settled or [calls[-1][1]]
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
