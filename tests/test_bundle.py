@@ -276,3 +276,21 @@ def test_archives_open_on_a_python_whose_tarfile_lacks_the_data_filter(bundle, t
     with pytest.raises(KfError, match="climbs out with '..'"):
         extract_archive(escape, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()  # where '../escape.txt' would have landed
+
+
+def test_a_module_read_after_the_bundle_was_swapped_says_so(bundle_copy, tmp_path):
+    """export and add-task --replace swap a new folder in whole: a reader that opened the old
+    one and reads a module after the swap gets the new bundle's file. That is not damage,
+    and the message must not say re-export; what helps is opening the bundle again."""
+    opened = Bundle.open(bundle_copy)
+    replacement = tmp_path / "replacement"
+    shutil.copytree(bundle_copy, replacement)
+    (replacement / "tasks" / "shape.onnx").write_bytes(b"retrained")  # what --replace rewrote, in short
+    bundle_copy.rename(tmp_path / "old")
+    replacement.rename(bundle_copy)
+    with pytest.raises(KfError, match=r"was replaced on disk while it was being read \(tasks/shape.onnx is the new "
+                                      r"bundle's, e.g. after `kfdeploy add-task --replace`\); open or load it again$"):
+        opened.graph("shape")
+    # the same file damaged in a bundle nobody swapped is still a checksum mismatch
+    with pytest.raises(KfError, match=r"checksum mismatch for tasks/shape.onnx"):
+        Bundle.open(bundle_copy, verify=False).graph("shape")

@@ -78,9 +78,12 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return current
 
 
-def _checksum_mismatch(relative: str, root: Path) -> KfError:
-    return KfError(f"checksum mismatch for {relative} in bundle {root}: the file is corrupted or "
-                   "was modified after export; re-export the bundle or restore the file")
+def _file_identity(path: Path) -> Optional[tuple]:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size
 
 
 class Bundle:
@@ -89,8 +92,18 @@ class Bundle:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
+        # export and add-task swap a whole new folder in: a file read after that belongs to
+        # another manifest than this one, and its mismatch is no sign of damage
+        self._manifest_identity = _file_identity(root / MANIFEST)
         self.verified = False  # whether open() checked every checksum and graph
         self.archive: Optional[Path] = None  # the .tar.gz it was extracted from: a folder that never changes
+
+    def _checksum_mismatch(self, relative: str) -> KfError:
+        if _file_identity(self.root / MANIFEST) != self._manifest_identity:
+            return KfError(f"bundle {self.root} was replaced on disk while it was being read ({relative} is the new "
+                           "bundle's, e.g. after `kfdeploy add-task --replace`); open or load it again")
+        return KfError(f"checksum mismatch for {relative} in bundle {self.root}: the file is corrupted or "
+                       "was modified after export; re-export the bundle or restore the file")
 
     @classmethod
     def open(cls, path: Path | str, verify: bool = True) -> "Bundle":
@@ -149,7 +162,7 @@ class Bundle:
             if id(entry) in modules:
                 self.graph(*modules[id(entry)])
             elif sha256_file(self.file(entry["file"])) != entry["sha256"]:
-                raise _checksum_mismatch(entry["file"], self.root)
+                raise self._checksum_mismatch(entry["file"])
 
     def modules(self) -> Dict[str, dict]:
         """The trunk's record, then each task's, by module name ("trunk" or the task)."""
@@ -189,7 +202,7 @@ class Bundle:
         data = path.read_bytes()
         # The bytes parsed are the bytes checked: the file may have changed since open().
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise _checksum_mismatch(record["file"], self.root)
+            raise self._checksum_mismatch(record["file"])
         try:
             model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf raises its own DecodeError, not a common base
@@ -245,7 +258,7 @@ class Bundle:
         record = self.examples[index]
         data = self.file(record["file"]).read_bytes()
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise _checksum_mismatch(record["file"], self.root)
+            raise self._checksum_mismatch(record["file"])
         return decode_image(data, record["file"]), dict(record.get("labels", {}))
 
     def input_shapes(self, module: str) -> Dict[str, Tuple[tuple, tuple, tuple]]:
