@@ -298,18 +298,19 @@ def main() -> int:
     report["in_process"] = in_process(args.bundle, args.seconds / 3)
     print(json.dumps(report["in_process"], indent=1))
     dyn = report["served"]["dynamic_batching"]
+    noop = {lv["concurrency"]: lv for lv in dyn["noop"]}
     single = {lv["concurrency"]: lv for lv in dyn["single"]}
     mixed = {lv["concurrency"]: lv for lv in dyn["mixed"]}
     batched = report["in_process"]["load_batched_images_per_s"]["16"]
     # What concurrency 16 could reach on these cores: the model alone on batches of 16 if
     # client and server cost nothing, or with what they cost on the no-op model added
-    both = 1 / (1 / batched + 1 / dyn["noop"][1]["requests_per_s"])
+    both = 1 / (1 / batched + 1 / noop[16]["requests_per_s"])
     report["goals"] = {
         "c16_over_c1_throughput (>= 3)": round(single[16]["requests_per_s"] / single[1]["requests_per_s"], 2),
         "c16_over_c1_bound_by_the_model_alone": round(batched / single[1]["requests_per_s"], 2),
         "c16_over_c1_bound_by_the_model_plus_the_noop_floor": round(both / single[1]["requests_per_s"], 2),
         "single_over_mixed_throughput_c16 (<= 1.3)": round(single[16]["requests_per_s"] / mixed[16]["requests_per_s"], 2),
-        "p50_c1_minus_noop_ms (<= 1)": round(single[1]["p50_ms"] - dyn["noop"][0]["p50_ms"], 3),
+        "p50_c1_minus_noop_ms (<= 1)": round(single[1]["p50_ms"] - noop[1]["p50_ms"], 3),
     }
     print(json.dumps(report["goals"], indent=1))
     out = RESULTS / "serve-cpu.json"

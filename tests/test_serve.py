@@ -351,8 +351,12 @@ def test_a_port_in_use_is_named_before_triton_starts(bundle):
         taken.bind(("127.0.0.1", 0))
         taken.listen()  # holds the port and never answers, as a stuck program would
         port = taken.getsockname()[1]
-        for flag in ("--port", "--grpc-port", "--metrics-port"):
-            result = subprocess.run([env["python"], "-m", "kfdeploy", "serve", str(bundle), "--tasks", "shape", flag, str(port)],
+        flags = ("--port", "--grpc-port", "--metrics-port", "--control-port")
+        for flag in flags:
+            # every other port free, so that only the taken one can be named (not a default in use)
+            ports = {**dict(zip(flags, free_ports(len(flags)))), flag: port}
+            result = subprocess.run([env["python"], "-m", "kfdeploy", "serve", str(bundle), "--tasks", "shape",
+                                     *(arg for pair in ports.items() for arg in map(str, pair))],
                                     capture_output=True, text=True, timeout=120, cwd=REPO)
             assert result.returncode == 2, (flag, result.stderr)
             lines = [line for line in result.stderr.splitlines() if line.startswith("kfdeploy: error:")]
