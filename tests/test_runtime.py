@@ -144,6 +144,26 @@ def test_profile_splits_a_call_between_the_trunk_and_each_task(model, images):
     assert sum(timings.ops_ms.values()) <= timings.total_ms
 
 
+def test_last_timings_are_this_threads_last_call(bundle, images):
+    composed = kfdeploy.load(bundle, tasks=["shape", "scale"], **QUIET)
+    assert composed.last_timings.total_ms == 0.0  # no call yet in this thread
+    composed(images)
+    mine = composed.last_timings
+    assert mine.total_ms > 0 and mine.trunk_ms is None and mine.tasks_ms == {}  # one graph: no split per call
+    other = threading.Thread(target=lambda: composed(images[:1]))
+    other.start()
+    other.join()
+    assert composed.last_timings.total_ms == mine.total_ms
+
+    chained = kfdeploy.load(bundle, tasks=["shape", "scale"], backend="torch", **QUIET)
+    chained(images)
+    split = chained.last_timings
+    assert set(split.tasks_ms) == {"shape", "scale"} and split.trunk_ms > 0
+    assert split.total_ms >= split.trunk_ms + sum(split.tasks_ms.values())
+    split.tasks_ms.clear()  # a copy: the caller's to keep
+    assert set(chained.last_timings.tasks_ms) == {"shape", "scale"}
+
+
 def test_backends_agree_within_the_export_tolerance(bundle, images):
     reference = kfdeploy.load(bundle, backend="onnxruntime", **QUIET)(images, logits=True)
     torch_out = kfdeploy.load(bundle, backend="torch", **QUIET)(images, logits=True)
