@@ -5,9 +5,13 @@
 Runs in an environment with the serve extra (nvidia-pytriton's tritonserver, tritonclient;
 numpy<2). It starts the server in a child process (`--child`: kfdeploy.serving.serve.Server, plus a
 no-op Python-backend model loaded beside kfdeploy's, the server's own floor), then drives it
-from this process over loopback gRPC with one synchronous client per thread
-(tritonclient.http's async_infer spaces requests ~10 ms apart, so it never forms batches). Every load is bounded: --requests per level and round and
---seconds per level, whichever ends first.
+from this process over loopback with tritonclient's asyncio gRPC client, the cheapest
+client measured here (tritonclient.http's async_infer spaces requests ~10 ms apart, so it
+never forms batches; a synchronous client per thread costs ~40% more CPU a request, taken
+from the server). Every load is bounded: --requests per level and round and --seconds per
+level, whichever ends first. Each level also reports the CPU time a request cost the
+client and the server (its whole process tree): on two shared cores, that is where the
+throughput goes.
 
 Measured, for batch-1 requests at concurrency 1, 4, 16, 64, with dynamic batching on and
 off (the server restarted between the two):
@@ -35,7 +39,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -144,51 +147,76 @@ def stop_server(process) -> None:
         process.kill()
 
 
-def load(port: int, model: str, concurrency: int, requests: int, seconds: float, task_sets) -> dict:
-    """`requests` batch-1 requests over `concurrency` threads, each with its own gRPC client;
-    stops early after `seconds`. Returns requests/s and latency percentiles."""
-    import tritonclient.grpc as grpc
+def cpu_seconds(root: int) -> float:
+    """CPU time used so far by process `root` and every process under it (Linux /proc)."""
+    parents, used = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            parents[int(entry)], used[int(entry)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return sum(used.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def load(port: int, model: str, concurrency: int, requests: int, seconds: float, task_sets, server_pid: int) -> dict:
+    """`requests` batch-1 requests kept `concurrency` in flight by as many coroutines on one
+    asyncio gRPC client; stops early after `seconds`. Returns requests/s, latency
+    percentiles, and the CPU time per request of this client and of the server.
+
+    Client and server share two cores, so what the client costs is taken from the server:
+    measured at concurrency 16 on the no-op model, a synchronous gRPC client per thread
+    cost 166-183 us of CPU a request, an HTTP one 178-190 us, this one 127-132 us."""
+    import asyncio
+
+    import tritonclient.grpc.aio as grpc
 
     x = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
-    latencies, errors, lock = [], [], threading.Lock()
+    latencies, errors = [], []
     counter = iter(range(requests))
-    deadline = time.perf_counter() + seconds
-    barrier = threading.Barrier(concurrency + 1)
 
-    def worker():
+    async def generate():
         client = grpc.InferenceServerClient(f"127.0.0.1:{port + 1}")
         image = grpc.InferInput("image", [1, 1, 64, 64], "FP32")
         image.set_data_from_numpy(x)
-        barrier.wait()
-        while time.perf_counter() < deadline:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                break
-            tasks = task_sets[index % len(task_sets)] if task_sets else None
-            outputs = [grpc.InferRequestedOutput(t) for t in tasks] if tasks else None
-            started = time.perf_counter()
-            try:
-                client.infer(model, [image], outputs=outputs, client_timeout=60)
-                with lock:
-                    latencies.append(time.perf_counter() - started)
-            except Exception as exc:  # noqa: BLE001 - counted and reported
-                with lock:
-                    errors.append(str(exc)[:200])
-        client.close()
+        deadline = time.perf_counter() + seconds
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
+        async def worker():
+            for index in counter:
+                if time.perf_counter() >= deadline:
+                    break
+                tasks = task_sets[index % len(task_sets)] if task_sets else None
+                outputs = [grpc.InferRequestedOutput(t) for t in tasks] if tasks else None
+                started = time.perf_counter()
+                try:
+                    await client.infer(model, [image], outputs=outputs, client_timeout=60)
+                    latencies.append(time.perf_counter() - started)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    errors.append(str(exc)[:200])
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            await client.close()
+
+    client_cpu, server_cpu, started = time.process_time(), cpu_seconds(server_pid), time.perf_counter()
+    asyncio.run(generate())
     elapsed = time.perf_counter() - started
+    client_cpu, server_cpu = time.process_time() - client_cpu, cpu_seconds(server_pid) - server_cpu
     ms = sorted(1e3 * v for v in latencies)
+    answered = max(len(ms), 1)
     return {"concurrency": concurrency, "requests": len(ms), "errors": len(errors), "first_error": errors[0] if errors else None,
             "seconds": round(elapsed, 2), "requests_per_s": round(len(ms) / elapsed, 1),
-            "p50_ms": round(ms[len(ms) // 2], 3) if ms else None, "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3) if ms else None}
+            "p50_ms": round(ms[len(ms) // 2], 3) if ms else None, "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3) if ms else None,
+            "cpu_us_per_request": {"client": round(1e6 * client_cpu / answered), "server": round(1e6 * server_cpu / answered)}}
 
 
 def stats(port: int) -> dict:
@@ -209,7 +237,14 @@ def in_process(bundle: Path, seconds: float) -> dict:
     batches = (1, 8, 16)
     took = time_in_turns({rows: lambda rows=rows: model(images[:rows]) for rows in batches}, seconds)
     result = {"load_batch1": {"requests_per_s": round(1 / took[1], 1), "p50_ms": round(1e3 * took[1], 3)},
-              "load_batched_images_per_s": {str(rows): round(rows / took[rows], 1) for rows in batches[1:]}}
+              "load_batched_images_per_s": {str(rows): round(rows / took[rows], 1) for rows in batches[1:]},
+              "load_cpu_us_per_image": {}}
+    for rows in batches:  # process time: both of ONNX Runtime's threads, spinning included
+        calls = max(10, round(seconds / took[rows]))
+        cpu = time.process_time()
+        for _ in range(calls):
+            model(images[:rows])
+        result["load_cpu_us_per_image"][str(rows)] = round(1e6 * (time.process_time() - cpu) / (calls * rows))
     router = Router(bundle, **quiet)
     served = router.tasks
     # grouping: each task set's own composition, made beforehand (as a cache would hold it)
@@ -243,12 +278,12 @@ def measure(args, delay_us, plan, key: str) -> dict:
     process, port, log = start_server(args, delay_us)
     try:
         rounds = {}
-        load(port, "kfdeploy", 4, 100, 10, None)  # warm-up
+        load(port, "kfdeploy", 4, 100, 10, None, process.pid)  # warm-up
         for round_index in range(args.rounds):
             for name, model, sets, concurrencies in plan:
                 for concurrency in concurrencies:
                     before = stats(port)
-                    level = load(port, model, concurrency, args.requests, args.seconds, sets)
+                    level = load(port, model, concurrency, args.requests, args.seconds, sets, process.pid)
                     if model == "kfdeploy":
                         after = stats(port)
                         batches = after["batches"] - before["batches"]
@@ -256,7 +291,8 @@ def measure(args, delay_us, plan, key: str) -> dict:
                     rounds.setdefault((name, concurrency), []).append(level)
                     print(f"{key:20} round {round_index + 1} {name:6} c={concurrency:<3} {level['requests_per_s']:8.1f} req/s  "
                           f"p50 {level['p50_ms']} ms  p99 {level['p99_ms']} ms  {level.get('requests_per_batch', '')} req/batch  "
-                          f"errors {level['errors']}", flush=True)
+                          f"cpu/request client {level['cpu_us_per_request']['client']} us server "
+                          f"{level['cpu_us_per_request']['server']} us  errors {level['errors']}", flush=True)
         levels = {}
         for (name, _), measured in rounds.items():
             ranked = sorted(measured, key=lambda level: level["requests_per_s"])
