@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kfdeploy.serving.serve import DEFAULT_QUEUE_DELAY_US
+from kfdeploy.serving import SERVE_QUEUE_DELAY_US
 from rates import time_in_turns
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -312,8 +312,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400, help="requests per load level and round (default 400)")
     parser.add_argument("--rounds", type=int, default=8, help="rounds of every load level, in turn (default 8)")
     parser.add_argument("--seconds", type=float, default=15, help="time limit per load level (default 15)")
-    parser.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
-                        help=f"dynamic batching's queue delay (default kfdeploy serve's, {DEFAULT_QUEUE_DELAY_US})")
+    parser.add_argument("--queue-delay-us", type=int, default=SERVE_QUEUE_DELAY_US,
+                        help=f"dynamic batching's queue delay (default kfdeploy serve's, {SERVE_QUEUE_DELAY_US})")
     parser.add_argument("--sweep-delays", type=lambda v: [int(d) for d in v.split(",") if d], default=[250, 500, 1000, 2000],
                         help="queue delays (us) to measure at concurrency 1 and 16 besides the default (default 250,500,1000,2000)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

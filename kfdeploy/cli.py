@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from .errors import KfError
 from .extras import check
+from .serving import REPOSITORY_QUEUE_DELAY_US, SERVE_DRAIN_TIMEOUT_S, SERVE_QUEUE_DELAY_US
 from .training.data import NEW_TASK_STEPS, NEW_TASKS
 
 EXAMPLES = {
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="kfdeploy", help="name of the all-task ensemble and prefix of the other models (default kfdeploy)")
     p.add_argument("--kind", choices=["cpu", "gpu"], help="instance_group kind (default cpu; gpu for --backend tensorrt)")
     p.add_argument("--instances", type=int, default=1, help="instances of each module (default 1)")
-    p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching queue delay of each module (default 1000)")
+    p.add_argument("--max-queue-delay-us", type=int, default=REPOSITORY_QUEUE_DELAY_US,
+                   help=f"dynamic batching queue delay of each module (default {REPOSITORY_QUEUE_DELAY_US})")
     p.add_argument("--engine-device", metavar="SIGNATURE", help="with --backend tensorrt: the device whose engines to use, e.g. orin-sm87-trt10.3 (default: this machine's)")
 
     p = command("serve", "Serve a bundle on Triton Inference Server (nvidia-pytriton's build); each request names its tasks.")
@@ -221,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-host", default="127.0.0.1", help="control endpoint address (default 127.0.0.1, whatever --host is)")
     p.add_argument("--model-name", default="kfdeploy", help="the served model's name (default kfdeploy)")
     p.add_argument("--max-batch-size", type=int, help="largest batch Triton forms or accepts (default: the bundle's batch maximum)")
-    p.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="how long a request may wait for others to batch with (default 0: batches form from what queues while a batch runs)")
+    p.add_argument("--max-queue-delay-us", type=int, default=SERVE_QUEUE_DELAY_US,
+                   help=f"how long a request may wait for others to batch with (default {SERVE_QUEUE_DELAY_US}: batches form from what queues while a batch runs)")
     p.add_argument("--no-dynamic-batching", action="store_true", help="run each request as it comes")
-    p.add_argument("--drain-timeout", type=int, default=30, metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take (default 30)")
+    p.add_argument("--drain-timeout", type=int, default=SERVE_DRAIN_TIMEOUT_S, metavar="SECONDS",
+                   help=f"on SIGTERM, how long in-flight requests may take (default {SERVE_DRAIN_TIMEOUT_S})")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: the cores this process may use)")
     p.add_argument("--triton-log", type=Path, metavar="FILE", help="where Triton writes its log (default: a temporary folder, printed at start)")
 

@@ -62,15 +62,10 @@ from ..atomic import atomic_write
 from ..errors import KfError
 from ..extras import install_hint
 from ..runtime import load
+from . import SERVE_DRAIN_TIMEOUT_S, SERVE_QUEUE_DELAY_US
 from .routing import ServedTasks
 from .triton_repo import Enum, to_pbtxt
 
-# Measured here (2 cores, batch-1 requests, benchmarks/serve.py): throughput at 16 concurrent
-# clients is the same with no delay as with 250-2000 us (7-9 requests per batch either way:
-# they queue while a batch runs), while a lone request waits out the whole delay (p50 at 1
-# client 1.0 ms with none, 1.7 ms at 500 us, 2.2 ms at 1000 us). So no delay.
-DEFAULT_QUEUE_DELAY_US = 0
-DEFAULT_DRAIN_TIMEOUT_S = 30
 READY_TIMEOUT_S = 180
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # what the stub puts on sys.path to import kfdeploy
 
@@ -172,8 +167,8 @@ class Server(ServedTasks):
     def __init__(self, bundle, tasks: Optional[Sequence[str]] = None, host: str = "127.0.0.1", port: int = 8000,
                  grpc_port: Optional[int] = None, metrics_port: Optional[int] = None, control_port: Optional[int] = None,
                  control_host: str = "127.0.0.1", model_name: str = "kfdeploy", max_batch_size: Optional[int] = None,
-                 max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, dynamic_batching: bool = True,
-                 drain_timeout_s: int = DEFAULT_DRAIN_TIMEOUT_S, threads: Optional[int] = None,
+                 max_queue_delay_us: int = SERVE_QUEUE_DELAY_US, dynamic_batching: bool = True,
+                 drain_timeout_s: int = SERVE_DRAIN_TIMEOUT_S, threads: Optional[int] = None,
                  triton_log: Optional[Path] = None, log=None):
         self.triton_home = triton_folder()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))

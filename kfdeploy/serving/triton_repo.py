@@ -45,12 +45,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .. import __version__
 from ..bundling.bundle import Bundle
 from ..errors import KfError
+from . import REPOSITORY_QUEUE_DELAY_US
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.onnx"}
 INFO_FILE = "kfdeploy.json"
-DEFAULT_QUEUE_DELAY_US = 1000
 # ONNX TensorProto element types -> Triton data types (the ones a bundle's graphs can have)
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",
                  6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
@@ -150,7 +150,7 @@ class RepositoryWriter:
     """Builds the models of a repository for one bundle; `write(out)` puts them in place."""
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", prefix: str = "kfdeploy",
-                 kind: Optional[str] = None, instances: int = 1, max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+                 kind: Optional[str] = None, instances: int = 1, max_queue_delay_us: int = REPOSITORY_QUEUE_DELAY_US,
                  engine_device: Optional[str] = None):
         if backend not in BACKENDS:
             raise KfError(f"unknown backend {backend!r} for a Triton repository; choose one of {', '.join(BACKENDS)}")
@@ -388,7 +388,7 @@ def write_models(models: Sequence[RepoModel], out: Path) -> Dict[str, str]:
 
 def write_repository(bundle, out: Path, tasks: Optional[Sequence[str]] = None, ensembles: Sequence[str] = (),
                      backend: str = "onnxruntime", prefix: str = "kfdeploy", kind: Optional[str] = None,
-                     instances: int = 1, max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+                     instances: int = 1, max_queue_delay_us: int = REPOSITORY_QUEUE_DELAY_US,
                      engine_device: Optional[str] = None) -> Dict[str, str]:
     """Write (or update) a Triton model repository at `out` for `bundle` (a folder, archive or
     Bundle): the trunk, `tasks` (default all) and the ensembles named in `ensembles`
