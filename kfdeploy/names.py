@@ -1,12 +1,23 @@
 """The rule for task names, shared by every stage: a task's name becomes part of file
 names in a bundle (tasks/<name>.onnx, engines/<name>...), and training data (a folder's
-label columns) must already obey it, so that what trains can be exported."""
+label columns) must already obey it, so that what trains can be exported. Likewise for
+any text a bundle carries (class names become its labels)."""
 import re
+import unicodedata
 
-TASK_NAME_RULE = "letters, digits, '_', '.' and '-', not '.' or '..'"
+# The trunk module's name, and the tensors every task graph reads: a task so named would
+# shadow the trunk or collide with its own inputs when graphs are composed.
+RESERVED = ("trunk", "image", "common")
+TASK_NAME_RULE = "letters, digits, '_', '.' and '-', not '.' or '..', nor trunk, image or common"
 _TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def is_task_name(name: object) -> bool:
     """Whether `name` may name a task (TASK_NAME_RULE)."""
-    return isinstance(name, str) and _TASK_NAME.fullmatch(name) is not None and name not in (".", "..")
+    return isinstance(name, str) and _TASK_NAME.fullmatch(name) is not None and name not in (".", "..", *RESERVED)
+
+
+def unprintable(text: str) -> bool:
+    """Whether `text` holds control characters (escape sequences would reach the terminal of
+    whoever inspects a bundle) or lone surrogates (which no terminal encoding can print)."""
+    return not text.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in text)

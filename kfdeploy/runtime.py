@@ -142,16 +142,27 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    if not _global_pool:
-        try:
-            return ort.InferenceSession(model, options, providers=list(providers))
-        except RuntimeError as exc:
-            if "global thread pool" not in str(exc):
-                raise
-            _global_pool.append(True)
-    # The app made ONNX Runtime's global pool itself, so pools of our own are refused: join it.
-    options.use_per_session_threads = False
-    return ort.InferenceSession(model, options, providers=list(providers))
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    # What ONNX Runtime raises for a graph it cannot run (an operator from a domain it does
+    # not know, a malformed graph): the bundle's graphs are untrusted, so a one-line error
+    refused = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidArgument, ort_errors.InvalidProtobuf,
+               ort_errors.NotImplemented)
+    try:
+        if not _global_pool:
+            try:
+                return ort.InferenceSession(model, options, providers=list(providers))
+            except RuntimeError as exc:
+                if "global thread pool" not in str(exc):
+                    raise
+                _global_pool.append(True)
+        # The app made ONNX Runtime's global pool itself, so pools of our own are refused: join it.
+        options.use_per_session_threads = False
+        return ort.InferenceSession(model, options, providers=list(providers))
+    except refused as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KfError(f"ONNX Runtime {ort.__version__} cannot run this bundle's graphs ({reason}); "
+                      "re-export the bundle with this kfdeploy, or install the ONNX Runtime it was made for") from None
 
 
 class Composition:

@@ -13,6 +13,7 @@ from conftest import run_cli
 from kfdeploy.bundling import bundle as bundle_module
 from kfdeploy.bundling.bundle import Bundle, extract_archive, is_task_name, sha256_file
 from kfdeploy.cli import main
+from kfdeploy.names import TASK_NAME_RULE
 from kfdeploy.errors import KfError
 
 
@@ -131,7 +132,7 @@ def _engine(**changes):
 @pytest.mark.parametrize("engines, message", [
     ({}, "engines must be an array, got an object"),
     ([_engine(module="colour")], "engines[0].module must be 'trunk' or a task of this bundle, got the string 'colour'"),
-    ([_engine(module="../trunk")], "engines[0].module must be a task name"),
+    ([_engine(module="../trunk")], "engines[0].module must be \"trunk\" or a task name"),
     ([_engine(builder="trtexec")], "engines[0].builder must be \"tensorrt\" or \"torch-tensorrt\", got the string 'trtexec'"),
     ([_engine(precision="int8")], "engines[0].precision must be \"fp32\" or \"fp16\""),
     ([_engine(device="orin")], "engines[0].device must be an object, got the string 'orin'"),
@@ -142,11 +143,38 @@ def test_malformed_engine_records_are_refused_naming_the_field(bundle_copy, engi
     _refused(bundle_copy, message)
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "../../x", "a b", ""])
-def test_a_task_name_that_cannot_be_a_file_name_is_refused_on_read(bundle_copy, name):
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../../x", "a b", "", "trunk", "image", "common"])
+def test_a_task_name_that_cannot_be_a_file_name_or_would_shadow_a_graph_name_is_refused_on_read(bundle_copy, name):
+    # "trunk" would shadow the trunk module; "image" and "common" are every task graph's inputs
     assert not is_task_name(name)
     _tamper(bundle_copy, lambda m: m["tasks"].update({name: m["tasks"].pop("shape")}))
-    _refused(bundle_copy, f"the key {name!r} of tasks must be a task name (letters, digits, '_', '.' and '-', not '.' or '..')")
+    _refused(bundle_copy, f"the key {name!r} of tasks must be a task name ({TASK_NAME_RULE})")
+
+
+@pytest.mark.parametrize("where", ["range", "mean"])
+def test_an_integer_too_large_for_a_float_is_refused_naming_the_field(bundle_copy, where):
+    huge = 10 ** 400
+    if where == "range":
+        _tamper(bundle_copy, lambda m: m["input"].update(range=[0, huge]))
+        _refused(bundle_copy, "input.range[1] must be a number a float can hold, got the integer 1000")
+    else:
+        _tamper(bundle_copy, lambda m: m["input"].update(normalization={"mean": [huge], "std": [1.0], "in_graph": True}))
+        _refused(bundle_copy, "input.normalization.mean[0] must be a number a float can hold")
+
+
+@pytest.mark.parametrize("field, text", [
+    ("label", r"\u001b[31mred"), ("created", r"\ud800"), ("producer", r"\u001b]0;owned\u0007"),
+], ids=["escape-in-label", "lone-surrogate", "terminal-title"])
+def test_text_with_control_characters_or_lone_surrogates_is_refused(bundle_copy, field, text):
+    # Such text would reach the terminal of whoever runs `kfdeploy inspect` on the bundle.
+    value = json.loads(f'"{text}"')
+    where = {"label": 'tasks["shape"].labels[0]', "created": "created", "producer": "producer.kfdeploy"}[field]
+    _tamper(bundle_copy, {"label": lambda m: m["tasks"]["shape"]["labels"].__setitem__(0, value),
+                          "created": lambda m: m.update(created=value),
+                          "producer": lambda m: m["producer"].update(kfdeploy=value)}[field])
+    _refused(bundle_copy, f"{where} must be text without control characters or lone surrogates")
+    result = run_cli("inspect", str(bundle_copy))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "\x1b" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("where", ["trunk", "task"])
@@ -215,6 +243,70 @@ def test_a_graph_with_tensors_in_an_external_file_is_refused_before_any_session(
         assert main([command, str(bundle_copy)]) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, (command, err)
+
+
+# -- graphs take and give what the manifest says --------------------------------------------
+
+def _rewrite_graph(folder, relative: str, change):
+    """Change a module's graph and re-record its checksum, so that only the check under test
+    can catch it."""
+    model = onnx.load(str(folder / relative))
+    change(model)
+    (folder / relative).write_bytes(model.SerializeToString())
+    module = "trunk" if relative == "trunk.onnx" else relative.split("/")[1].removesuffix(".onnx")
+    _tamper(folder, lambda m: (m["trunk"] if module == "trunk" else m["tasks"][module]).update(
+        sha256=sha256_file(folder / relative), bytes=(folder / relative).stat().st_size))
+
+
+def _rename_input(model, old: str, new: str):
+    for value in model.graph.input:
+        if value.name == old:
+            value.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+@pytest.mark.parametrize("case", ["task-input-renamed", "task-outputs-wider", "trunk-input-smaller"])
+def test_a_graph_that_does_not_take_or_give_what_the_manifest_says_is_refused(bundle_copy, case):
+    if case == "task-input-renamed":
+        _rewrite_graph(bundle_copy, "tasks/shape.onnx", lambda m: _rename_input(m, "common", "feat"))
+        expected = "tasks/shape.onnx in bundle {} must take the inputs image, common and give one output (it takes image, feat"
+    elif case == "task-outputs-wider":
+        _rewrite_graph(bundle_copy, "tasks/shape.onnx",
+                       lambda m: setattr(m.graph.output[0].type.tensor_type.shape.dim[1], "dim_value", 5))
+        expected = "tasks/shape.onnx in bundle {} has 'logits' of shape (?, 5) where the manifest says (batch, 3)"
+    else:
+        _tamper(bundle_copy, lambda m: m["input"].update(shape=["batch", 1, 32, 32]))
+        expected = "trunk.onnx in bundle {} has 'image' of shape (?, 1, 64, 64) where the manifest says (batch, 1, 32, 32)"
+    message = _refused(bundle_copy, expected.format(bundle_copy))
+    assert message.endswith("re-export the bundle"), message
+
+
+def test_a_graph_onnx_runtime_cannot_run_is_a_one_line_error(bundle_copy):
+    import kfdeploy
+
+    def foreign_operator(model):
+        model.graph.node.append(onnx.helper.make_node("Mystery", ["common"], ["mystery_out"], domain="com.example"))
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", foreign_operator)
+    with pytest.raises(KfError, match=r"^ONNX Runtime [0-9.]+ cannot run this bundle's graphs \(.*\); re-export") as caught:
+        kfdeploy.load(bundle_copy, tasks=["shape"], log=lambda line: None)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update(image_size="64"), "model.trunk.image_size must be int, got str '64'"),
+    (lambda t: t.update(arch=5), "model.trunk.arch must be str, got int 5"),
+    (lambda t: t.update(in_channels=1.5), "model.trunk.in_channels must be int, got float 1.5"),
+    (lambda t: t.update(width=-3), "model.trunk.width must be at least 1, got -3"),
+], ids=["size-str", "arch-int", "channels-float", "width-negative"])
+def test_a_model_configuration_of_the_wrong_types_is_refused_before_a_network_is_built(bundle_copy, change, message):
+    import kfdeploy
+
+    _tamper(bundle_copy, lambda m: change(m["model"]["trunk"]))
+    with pytest.raises(KfError, match="model is not a factor network configuration") as caught:
+        kfdeploy.load(bundle_copy, backend="torch", log=lambda line: None)
+    assert message in str(caught.value)
 
 
 # -- archives ----------------------------------------------------------------------------

@@ -204,6 +204,8 @@ def _class_only_heldout(root):
     (lambda root: (root / "labels.csv").unlink(), [], "has no labels.csv"),
     (lambda root: _edit(root, lambda rows: rows[0].update(split="test")), [], "split must be train or heldout, not 'test'"),
     (lambda root: _edit(root, lambda rows: rows[1].update(colour="")), [], "(img001.png) has no class for task 'colour'"),
+    (lambda root: _edit(root, lambda rows: rows[1].update(colour="\x1b[31mred")), [],
+     "(img001.png): class '\\x1b[31mred' of task 'colour' holds control characters"),
     (lambda root: _edit(root, lambda rows: rows.append(dict(rows[0]))), [], "lists img000.jpg twice (lines 2 and 38)"),
 ])
 def test_bad_folders_are_refused_with_one_line_and_nothing_written(tmp_path, capsys, damage, extra, expected):

@@ -103,7 +103,7 @@ def add_task(
                       "(extract an archive with `tar -xzf`, then add the task to the folder)")
     bundle = Bundle.open(bundle_path)
     if not is_task_name(name):
-        raise KfError(f"task name {name!r} cannot name a file in a bundle; use {TASK_NAME_RULE}")
+        raise KfError(f"task name {name!r} cannot name a task module; use {TASK_NAME_RULE}")
     if name in bundle.tasks and not replace_existing:
         raise KfError(f"the bundle already has a task {name!r}; pass --replace to retrain it, or choose another --name")
     if resume and run is None:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -25,7 +26,7 @@ from typing import (Annotated, Any, Callable, Dict, Iterator, List, Literal, Opt
 
 from ..atomic import atomic_write
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name
+from ..names import TASK_NAME_RULE, is_task_name, unprintable
 
 FORMAT = "kfdeploy-bundle"
 # 2: the input spec says how pixels are normalized (inside the graphs) and which pixel types
@@ -211,7 +212,38 @@ class Bundle:
         if external is not None:
             raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {external!r} in an external file, which "
                           "bundles do not allow (it would be read outside the checksums); re-export the bundle")
+        problem = self._interface_problem(module, model.graph)
+        if problem:
+            raise KfError(f"{record['file']} in bundle {self.root} {problem}; re-export the bundle")
         return model
+
+    def _interface_problem(self, module: str, graph) -> Optional[str]:
+        """Why a module's graph does not take and give what the manifest says (and what
+        composing and calling it rely on), or None. Dimensions are compared where the graph
+        fixes them; the batch dimension is free."""
+        channels_height_width = self.manifest["input"]["shape"][1:]
+        width = self.manifest["trunk"]["output"]["width"]
+        if module == "trunk":
+            expected = {"image": ["batch", *channels_height_width]}
+            out = width
+        else:
+            expected = {"image": ["batch", *channels_height_width], "common": ["batch", width]}
+            out = self.task(module)["classes"]
+        inputs = {value.name: value for value in graph.input}
+        if sorted(inputs) != sorted(expected) or len(graph.output) != 1:
+            return (f"must take the inputs {', '.join(expected)} and give one output (it takes "
+                    f"{', '.join(inputs) or 'none'} and gives {len(graph.output)})")
+        for value, dims in [*((inputs[name], dims) for name, dims in expected.items()), (graph.output[0], ["batch", out])]:
+            tensor = value.type.tensor_type
+            if tensor.elem_type != 1:  # FLOAT: every variant keeps float32 inputs and outputs
+                return f"must take and give float32 tensors ({value.name!r} is not one)"
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            fixed = dims[1:]
+            if len(shape) != len(dims) or any(got is not None and got != want for got, want in zip(shape[1:], fixed)):
+                shown = ", ".join("?" if d is None else str(d) for d in shape)
+                return (f"has {value.name!r} of shape ({shown}) where the manifest says (batch, "
+                        f"{', '.join(map(str, fixed))})")
+        return None
 
     @property
     def tasks(self) -> List[str]:
@@ -327,6 +359,7 @@ def _rule(expected: str, ok: Callable[[Any], bool]) -> Rule:
 
 Sha256 = Annotated[str, _rule("64 lowercase hex digits (a SHA-256)", lambda v: _HEX64.fullmatch(v) is not None)]
 TaskName = Annotated[str, _rule(f"a task name ({TASK_NAME_RULE})", is_task_name)]
+ModuleName = Annotated[str, _rule("\"trunk\" or a task name", lambda v: v == "trunk" or is_task_name(v))]
 InsidePath = Annotated[str, Rule("a relative path inside the bundle", lambda v: _escape_reason(v))]
 Positive = Annotated[int, _rule("at least 1", lambda v: v >= 1)]
 Size = Annotated[int, _rule("at least 0", lambda v: v >= 0)]
@@ -447,7 +480,7 @@ class Device:
 
 @dataclass(kw_only=True)
 class Engine(FileRecord):
-    module: TaskName  # "trunk" or a task; Manifest.invariant checks which
+    module: ModuleName  # Manifest.invariant checks that it is one of this bundle's
     builder: Literal["tensorrt", "torch-tensorrt"]
     precision: Precision
     device: Device
@@ -657,6 +690,10 @@ def _validate(value: Any, hint: Any, where: str) -> None:
     json_type = dict if dataclasses.is_dataclass(base) else {float: (int, float), Any: object}.get(base, base)
     if not isinstance(value, json_type) or (isinstance(value, bool) and json_type not in (bool, object)):
         raise _wrong_type(where, hint, value)
+    if base is float and isinstance(value, int) and abs(value) > sys.float_info.max:
+        raise _Invalid(f"{where} must be a number a float can hold, got {_describe(value)}")
+    if base is str and unprintable(value):
+        raise _Invalid(f"{where} must be text without control characters or lone surrogates, got {_describe(value)}")
     if origin is list:
         for i, item in enumerate(value):
             _validate(item, args[0], f"{where}[{i}]")

@@ -496,7 +496,7 @@ def export_bundle(
     tasks = parse_tasks(",".join(tasks) if tasks else None, list(model.task_classes), f"the factorized run {run_dir}")
     for task in tasks:
         if not is_task_name(task):
-            raise KfError(f"task name {task!r} cannot name a file in a bundle; use {TASK_NAME_RULE}")
+            raise KfError(f"task name {task!r} cannot name a task module; use {TASK_NAME_RULE}")
     fingerprint = weights_digest(model.trunk)
     existing = None
     if into:
@@ -653,13 +653,13 @@ def torch_modules(bundle: Bundle, new_tasks: Optional[Dict[str, int]] = None) ->
     It takes normalized pixels, as in training; `graph_modules(model, bundle.normalization())`
     wraps it into what the graphs compute from 0-1 pixels (the torch backend runs those).
     """
+    classes = new_tasks if new_tasks is not None else {t: bundle.task(t)["classes"] for t in bundle.tasks}
     try:
         config = FactorConfig.from_dict(bundle.manifest["model"])
-    except (KeyError, TypeError, ValueError) as exc:  # the schema checks the object, not what it configures
+        model = FactorNet(replace(config, task_classes=classes))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the schema checks the object, not what it configures
         raise KfError(f"{bundle.root / MANIFEST}: model is not a factor network configuration this kfdeploy can "
                       f"build ({type(exc).__name__}: {exc}); re-export the bundle with this kfdeploy") from None
-    classes = new_tasks if new_tasks is not None else {t: bundle.task(t)["classes"] for t in bundle.tasks}
-    model = FactorNet(replace(config, task_classes=classes))
     apply_weights(model.trunk, load_weights(bundle.file(bundle.manifest["trunk"]["weights"]["file"]), "trunk weights"), "trunk weights")
     for task in bundle.tasks if new_tasks is None else ():
         what = f"task {task} weights"

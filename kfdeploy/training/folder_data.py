@@ -30,7 +30,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name
+from ..names import TASK_NAME_RULE, is_task_name, unprintable
 from .data import epoch_slice
 
 LABELS_FILE = "labels.csv"
@@ -150,6 +150,9 @@ def read_labels(
             name = row[index[task]]
             if not name:
                 raise KfError(f"{table_path} line {number} ({file}) has no class for task '{task}'")
+            if unprintable(name):
+                raise KfError(f"{table_path} line {number} ({file}): class {name!r} of task '{task}' holds control "
+                              "characters; class names become a bundle's labels, so write them as plain text")
             names[task].append(name)
         if SPLIT_COLUMN in index:
             split = row[index[SPLIT_COLUMN]]

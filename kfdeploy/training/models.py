@@ -10,8 +10,8 @@ Any teacher works if it follows `TeacherProtocol`; `SpritesTeacher` is ours.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, Mapping, Protocol, Tuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Dict, Mapping, Protocol, Tuple, get_type_hints
 
 import torch
 from torch import nn
@@ -40,6 +40,32 @@ class TeacherProtocol(Protocol):
     def forward_head(self, features: torch.Tensor) -> Dict[str, torch.Tensor]: ...
 
 
+def _typed(cls, values: dict, where: str):
+    """`cls(**values)` for a config read back from a file (a run's, or a bundle's manifest,
+    which is untrusted): every field one `cls` has, and every int, str or bool field of that
+    type (an int never a bool, and at least 1: every int here is a size), before a network
+    is built from it. Nested configs come in already built."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{where} must be an object, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f"{where} has no field {name!r}")
+        hint = hints[name]
+        if hint in (int, str, bool) and type(value) is not hint:
+            raise TypeError(f"{where}.{name} must be {hint.__name__}, got {type(value).__name__} {value!r:.40}")
+        if hint is int and value < 1:
+            raise ValueError(f"{where}.{name} must be at least 1, got {value}")
+    return cls(**values)
+
+
+def _task_classes(values: dict) -> Dict[str, int]:
+    if not isinstance(values, dict) or not all(type(n) is int and n >= 1 for n in values.values()):
+        raise TypeError(f"task_classes must map task names to class counts of at least 1, got {values!r:.60}")
+    return dict(values)
+
+
 @dataclass
 class TeacherConfig:
     task_classes: Dict[str, int]
@@ -54,7 +80,7 @@ class TeacherConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TeacherConfig":
-        return cls(dict(d["task_classes"]), BackboneConfig(**d["backbone"]))
+        return cls(_task_classes(d["task_classes"]), _typed(BackboneConfig, d["backbone"], "backbone"))
 
 
 class SpritesTeacher(nn.Module):
@@ -106,9 +132,9 @@ class FactorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FactorConfig":
         d = dict(d)
-        d["trunk"] = BackboneConfig(**d["trunk"])
-        d["task_classes"] = dict(d["task_classes"])
-        return cls(**d)
+        d["trunk"] = _typed(BackboneConfig, d["trunk"], "model.trunk")
+        d["task_classes"] = _task_classes(d["task_classes"])
+        return _typed(cls, d, "model")
 
 
 class TaskModule(nn.Module):
