@@ -9,7 +9,7 @@ exactly as it composes fp32 graphs, so a variant keeps the module's interface: i
 
 - INT8: ONNX Runtime static quantization, QDQ format (what TensorRT's explicit
   quantization reads too), per-channel s8 weights and u8 activations (s8 activations were
-  slower than fp32 on the VNNI CPU measured, see DESIGN.md), calibrated on images of the
+  slower than fp32 on the VNNI CPU measured), calibrated on images of the
   run's training stream or a folder (seeded). Tasks are calibrated on the fp32 trunk's
   `common`: what the task sees at fp32, and independent of the trunk's own rounding.
 - FP16: onnxruntime.transformers.float16 with keep_io_types (a Cast at each input and
