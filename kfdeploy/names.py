@@ -8,8 +8,10 @@ import unicodedata
 # The trunk module's name, and the tensors every task graph reads: a task so named would
 # shadow the trunk or collide with its own inputs when graphs are composed.
 RESERVED = ("trunk", "image", "common")
-TASK_NAME_RULE = "letters, digits, '_', '.' and '-', not '.' or '..', nor trunk, image or common"
-_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+TASK_NAME_RULE = "1 to 64 letters, digits, '_', '.' and '-', not '.' or '..', nor trunk, image or common"
+# 64: file names made from a task name (engines/<name>.<device>.<precision>.plan) stay far
+# below the 255 bytes a file name may have.
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def is_task_name(name: object) -> bool:

@@ -143,12 +143,13 @@ def test_malformed_engine_records_are_refused_naming_the_field(bundle_copy, engi
     _refused(bundle_copy, message)
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "../../x", "a b", "", "trunk", "image", "common"])
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../../x", "a b", "", "trunk", "image", "common", "t" * 65])
 def test_a_task_name_that_cannot_be_a_file_name_or_would_shadow_a_graph_name_is_refused_on_read(bundle_copy, name):
     # "trunk" would shadow the trunk module; "image" and "common" are every task graph's inputs
     assert not is_task_name(name)
     _tamper(bundle_copy, lambda m: m["tasks"].update({name: m["tasks"].pop("shape")}))
-    _refused(bundle_copy, f"the key {name!r} of tasks must be a task name ({TASK_NAME_RULE})")
+    shown = repr(name) if len(name) <= 40 else repr(name[:40]) + "..."  # long names are cut short
+    _refused(bundle_copy, f"the key {shown} of tasks must be a task name ({TASK_NAME_RULE})")
 
 
 @pytest.mark.parametrize("where", ["range", "mean"])
@@ -307,6 +308,28 @@ def test_a_model_configuration_of_the_wrong_types_is_refused_before_a_network_is
     with pytest.raises(KfError, match="model is not a factor network configuration") as caught:
         kfdeploy.load(bundle_copy, backend="torch", log=lambda line: None)
     assert message in str(caught.value)
+
+
+def test_a_model_configuration_too_large_for_its_weights_is_refused_before_memory_is_spent(bundle_copy, monkeypatch):
+    import torch
+
+    import kfdeploy
+    from kfdeploy.bundling import export
+
+    _tamper(bundle_copy, lambda m: m["model"]["trunk"].update(width=10 ** 6))  # ~10^14 parameters if built
+    devices = []
+
+    def build(config):
+        devices.append(str(torch.empty(0).device))
+        if devices[-1] != "meta":
+            pytest.fail("the network was built with storage before its weights were checked")
+        return real_factor_net(config)
+    real_factor_net = export.FactorNet
+    monkeypatch.setattr(export, "FactorNet", build)
+    with pytest.raises(KfError, match=r"^trunk weights: the weights do not fit the configured model \(.*in trunk.safetensors, "
+                                      r"\(1000000, .*\) configured\)"):
+        kfdeploy.load(bundle_copy, backend="torch", log=lambda line: None)
+    assert devices == ["meta"]
 
 
 # -- archives ----------------------------------------------------------------------------

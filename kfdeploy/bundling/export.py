@@ -33,7 +33,7 @@ from .. import __version__
 from ..errors import KfError
 from ..names import TASK_NAME_RULE, is_task_name
 from ..training.models import FactorConfig, FactorNet
-from ..training.runs import apply_weights, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
+from ..training.runs import apply_weights, check_weights_fit, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
 from ..training.train import weights_digest
 from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, sha256_file, write_archive
 
@@ -654,16 +654,25 @@ def torch_modules(bundle: Bundle, new_tasks: Optional[Dict[str, int]] = None) ->
     wraps it into what the graphs compute from 0-1 pixels (the torch backend runs those).
     """
     classes = new_tasks if new_tasks is not None else {t: bundle.task(t)["classes"] for t in bundle.tasks}
+    weights = {"trunk": bundle.file(bundle.manifest["trunk"]["weights"]["file"])}
+    if new_tasks is None:
+        weights.update({task: bundle.file(bundle.task(task)["weights"]["file"]) for task in bundle.tasks})
     try:
-        config = FactorConfig.from_dict(bundle.manifest["model"])
-        model = FactorNet(replace(config, task_classes=classes))
+        config = replace(FactorConfig.from_dict(bundle.manifest["model"]), task_classes=classes)
+        with torch.device("meta"):  # shapes without storage: checked against the files first
+            skeleton = FactorNet(config)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the schema checks the object, not what it configures
         raise KfError(f"{bundle.root / MANIFEST}: model is not a factor network configuration this kfdeploy can "
                       f"build ({type(exc).__name__}: {exc}); re-export the bundle with this kfdeploy") from None
-    apply_weights(model.trunk, load_weights(bundle.file(bundle.manifest["trunk"]["weights"]["file"]), "trunk weights"), "trunk weights")
-    for task in bundle.tasks if new_tasks is None else ():
-        what = f"task {task} weights"
-        apply_weights(model.tasks[task], load_weights(bundle.file(bundle.task(task)["weights"]["file"]), what), what)
+    def part(net: FactorNet, name: str) -> nn.Module:
+        return net.trunk if name == "trunk" else net.tasks[name]
+
+    described = {name: "trunk weights" if name == "trunk" else f"task {name} weights" for name in weights}
+    for name, path in weights.items():
+        check_weights_fit(part(skeleton, name), path, described[name])
+    model = FactorNet(config)
+    for name, path in weights.items():
+        apply_weights(part(model, name), load_weights(path, described[name]), described[name])
     return model.eval()
 
 

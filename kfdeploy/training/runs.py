@@ -82,6 +82,24 @@ def load_weights(path: Path, what: str) -> Dict[str, torch.Tensor]:
         raise KfError(f"{what}: {path} is not a readable safetensors file ({exc}); re-create it") from None
 
 
+def check_weights_fit(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Refuse a weights file whose tensors' names or shapes are not `module`'s, reading only
+    the file's header. Build `module` on the meta device to check a configuration from an
+    untrusted manifest before it costs memory: a width of 10^6 would ask for terabytes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as stored_file:
+            stored = {name: tuple(stored_file.get_slice(name).get_shape()) for name in stored_file.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KfError(f"{what}: {path} is not a readable safetensors file ({exc}); re-create it") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    if stored != expected:
+        name = next(n for n in sorted(set(stored) | set(expected)) if stored.get(n) != expected.get(n))
+        raise KfError(f"{what}: the weights do not fit the configured model ({name}: "
+                      f"{stored.get(name, 'absent')} in {path.name}, {expected.get(name, 'absent')} configured)")
+
+
 def apply_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> None:
     try:
         module.load_state_dict(tensors, strict=True)
