@@ -8,7 +8,7 @@ The teacher is an ordinary PyTorch model you trained yourself. All kfdeploy need
   `forward_head(features) -> {task: logits}` (kfdeploy.training.models.TeacherProtocol);
 - a dataset item is `(image tensor (C, H, W) in [0, 1], {task: int label})`.
 
-    python demos/custom_teacher.py --out runs/custom
+    python demos/custom_teacher.py --out runs/custom      # the bundle goes to runs/custom-bundle
 """
 from __future__ import annotations
 
@@ -20,10 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kfdeploy
+from kfdeploy.bundling.export import export_bundle
 from kfdeploy.training.evaluate import evaluate_run, format_table
 from kfdeploy.training.models import BackboneConfig
 from kfdeploy.training.pipeline import factorize
 from kfdeploy.training.train import TrainConfig
+
+
+# Class names, in the order of the labels the data gives (they become the bundle's labels).
+TASK_LABELS = {"quadrant": ["top-left", "top-right", "bottom-left", "bottom-right"], "size": ["small", "medium", "large"]}
 
 
 class Rectangles(torch.utils.data.Dataset):
@@ -89,6 +95,7 @@ def train_my_teacher(data: Rectangles, epochs: int) -> MyTeacher:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/custom"))
+    parser.add_argument("--bundle", type=Path, help="where the bundle goes (default: --out's name + '-bundle' beside it)")
     parser.add_argument("--quick", action="store_true", help="a smaller run (used by the tests)")
     args = parser.parse_args()
 
@@ -100,10 +107,23 @@ def main() -> None:
         trunk=BackboneConfig(image_size=32, width=16, feature_dim=64),  # sized for 1x32x32 input
         task_width=8,
         config=TrainConfig(steps=150 if args.quick else 1000, batch_size=64, eval_every=50, log_every=10),
+        task_labels=TASK_LABELS,
     )
     result = evaluate_run(args.out, teacher=teacher, heldout_data=test_set)
     print(format_table(result))
     print(f"factor networks in {args.out}")
+
+    # Ship them: one ONNX file per module, checksummed, the first test images as examples.
+    bundle = export_bundle(args.out, args.bundle or args.out.with_name(args.out.name + "-bundle"), examples=test_set)
+    # What an app does with the bundle: no PyTorch, no teacher, only the tasks it wants.
+    model = kfdeploy.load(bundle, tasks=["quadrant"])
+    images = np.stack([test_set[i][0].numpy() for i in range(6)])
+    answers = model.top(model(images))["quadrant"]
+    truth = [TASK_LABELS["quadrant"][test_set[i][1]["quadrant"]] for i in range(6)]
+    print("quadrant, bundle's answer vs truth: " + ", ".join(f"{best[0][0]} ({true})" for best, true in zip(answers, truth)))
+    model.add_task("size")  # composed anew while calls could go on
+    sizes = [best[0][0] for best in model.top(model(images))["size"]]
+    print(f"size added live: {', '.join(sizes)} ({model.last_timings.total_ms:.2f} ms for 6 images, both tasks)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from conftest import REPO
 
 
 @pytest.mark.slow
-def test_custom_teacher_example_factorizes_and_evaluates(tmp_path):
+def test_custom_teacher_example_factorizes_evaluates_exports_and_runs(tmp_path):
     import subprocess
     import sys
 
@@ -21,3 +21,9 @@ def test_custom_teacher_example_factorizes_and_evaluates(tmp_path):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert set(evaluation["factor_accuracy"]) == {"quadrant", "size"}
     assert evaluation["factor_accuracy"]["quadrant"] > 0.5  # chance is 0.25
+    # ... and ships: a bundle with the demo's class names, which the runtime answers with
+    manifest = json.loads((tmp_path / "custom-bundle" / "manifest.json").read_text())
+    assert manifest["tasks"]["size"]["labels"] == ["small", "medium", "large"] and len(manifest["examples"]) == 6
+    answered = result.stdout.split("quadrant, bundle's answer vs truth: ")[1].splitlines()[0].split(", ")
+    assert len(answered) == 6 and all(a.split(" (")[0] in manifest["tasks"]["quadrant"]["labels"] for a in answered)
+    assert "size added live: " in result.stdout

@@ -348,18 +348,19 @@ def _heldout_accuracy(bundle_root: Path, trunk_file: str, task_files: Dict[str, 
     return result
 
 
-def _open_run_data(info: dict, progress):
+def _open_run_data(info: dict, progress, examples_given: bool = False):
     """The run's data opened again (kfdeploy.training.pipeline.OpenedData), or None, with a line saying
     why, where it cannot be (datasets passed from Python, a folder moved since training)."""
+    missing = "held-out accuracy" if examples_given else "held-out accuracy and examples"
     if info.get("data") == "custom":
-        progress("held-out accuracy and examples: none (the run trained on datasets passed from Python)")
+        progress(f"{missing}: none (the run trained on datasets passed from Python)")
         return None
     from ..training.pipeline import open_run_data
 
     try:
         return open_run_data(info)
     except KfError as exc:
-        progress(f"held-out accuracy and examples: none ({exc})")
+        progress(f"{missing}: none ({exc})")
         return None
 
 
@@ -522,7 +523,7 @@ def export_bundle(
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        opened = opened_data if opened_data is not None else _open_run_data(info, progress)
+        opened = opened_data if opened_data is not None else _open_run_data(info, progress, examples is not None)
         if examples is not None:
             found = _examples_from_dataset(examples)
         else:
