@@ -39,6 +39,7 @@ import torch
 
 import kfdeploy
 from kfdeploy.bundling.bundle import Bundle
+from kfdeploy.extras import pyplot
 from kfdeploy.training.data import SpritesSource
 from kfdeploy.bundling.export import ExportProfile, TrunkGraph, _quiet_export, torch_modules
 from kfdeploy.bundling.fuse import Composer, probs_output
@@ -407,10 +408,7 @@ def markdown_table(result: dict, ks=(1, 3, 5)) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train")
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))

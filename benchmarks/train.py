@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from kfdeploy.cli import QUICKSTART_FACTORIZE_STEPS, QUICKSTART_TEACHER_STEPS
+from kfdeploy.extras import pyplot
 from kfdeploy.training import feed
 from kfdeploy.training.data import SpritesRGBSource, SpritesSource, render, render_rgb
 from kfdeploy.training.pipeline import factorize, train_teacher
@@ -128,10 +129,7 @@ def read_run(run: Path) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, stage in zip(axes, ("teacher", "factorize")):
@@ -153,10 +151,7 @@ def plot(results: dict, path: Path) -> None:
 
 def plot_feeds(feeds: dict, path: Path) -> None:
     """One bar per configuration: samples/s, labelled with its multiple of batch-128 inline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train")
 
     rows = [row for row in feeds["rows"] if "error" not in row]
     labels = [f"{r['feed']}\nbatch {r['batch']}" + (f"\n{r['compile']}" if r["compile"] else "") for r in rows]

@@ -34,6 +34,7 @@ from torch import nn
 import kfdeploy
 from kfdeploy.bundling.add_task import LabelledPool, add_task, open_new_task_data
 from kfdeploy.bundling.bundle import Bundle
+from kfdeploy.extras import pyplot
 from kfdeploy.training.data import NEW_TASKS
 from kfdeploy.bundling.export import ACCURACY_IMAGES, torch_modules
 from kfdeploy.training.losses import LossWeights, TeacherObjective, task_terms
@@ -154,10 +155,7 @@ def latency(bundle_dir: Path, own: list, new: str, rounds: int, seconds: float) 
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train")
 
     tasks = list(result["accuracy"])
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 3.4))

@@ -39,6 +39,7 @@ import numpy as np
 
 from .bundling.bundle import MANIFEST, VARIANT_PRECISIONS, Bundle
 from .errors import KfError
+from .extras import pyplot
 from .images import fit_image, read_image
 from .runtime import Assembly, Timings, engines_for_this_device, replacement_problem
 
@@ -215,10 +216,7 @@ def sprite(shape: str, scale: int, orientation: int, pos_x: int, pos_y: int) -> 
 
 def bricks_picture(sizes: Dict[str, int], teacher_bytes: Optional[int], precision: str = "fp32") -> np.ndarray:
     """The modules in use as stacked bricks, sized by their bytes, beside the teacher."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("demo")
     from PIL import Image
 
     fig, ax = plt.subplots(figsize=(5.2, 2.6))

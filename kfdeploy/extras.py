@@ -54,3 +54,11 @@ def check(*extras: str) -> None:
         for module in EXTRAS[extra]:
             if importlib.util.find_spec(module) is None:
                 raise KfError(install_hint(module, extra))
+
+
+def pyplot(extra: str):
+    """matplotlib's pyplot on its file backend: kfdeploy draws to PNG files and image arrays,
+    never to a window, and a machine without a display must not fail over one."""
+    matplotlib = require("matplotlib", extra)
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

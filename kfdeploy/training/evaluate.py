@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KfError
+from ..extras import pyplot
 from .data import SHAPES, collate
 from .models import FactorNet
 from .runs import load_factor_run, load_teacher, write_json_atomic
@@ -77,10 +78,7 @@ def disentanglement(model: FactorNet, images: torch.Tensor, labels: Dict[str, to
 
 
 def plot_disentanglement(matrix: Dict[str, Dict[str, float]], chance: Dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train")
 
     rows, cols = list(matrix), list(next(iter(matrix.values())))
     values = np.array([[matrix[r][c] for c in cols] for r in rows])
