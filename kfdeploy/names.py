@@ -23,3 +23,9 @@ def unprintable(text: str) -> bool:
     """Whether `text` holds control characters (escape sequences would reach the terminal of
     whoever inspects a bundle) or lone surrogates (which no terminal encoding can print)."""
     return not text.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+
+
+def printable(text: str) -> str:
+    """`text` as a bundle may carry it: itself, or escaped where it is `unprintable` (a path
+    on disk may hold a tab, or bytes that are not UTF-8)."""
+    return ascii(text)[1:-1] if unprintable(text) else text

@@ -5,6 +5,7 @@ import json
 import shutil
 import tarfile
 
+import numpy as np
 import onnx
 import pytest
 from onnx import external_data_helper
@@ -267,9 +268,17 @@ def _rename_input(model, old: str, new: str):
         node.input[:] = [new if name == old else name for name in node.input]
 
 
-@pytest.mark.parametrize("case", ["task-input-renamed", "task-outputs-wider", "trunk-input-smaller"])
+@pytest.mark.parametrize("case", ["task-input-renamed", "task-outputs-wider", "trunk-input-smaller", "trunk-batch-fixed",
+                                  "task-output-rank-unknown"])
 def test_a_graph_that_does_not_take_or_give_what_the_manifest_says_is_refused(bundle_copy, case):
-    if case == "task-input-renamed":
+    if case == "trunk-batch-fixed":
+        _rewrite_graph(bundle_copy, "trunk.onnx",
+                       lambda m: m.graph.input[0].type.tensor_type.shape.dim[0].__setattr__("dim_value", 1))
+        expected = "trunk.onnx in bundle {} has 'image' of shape (1, 1, 64, 64) where the manifest says (batch, 1, 64, 64)"
+    elif case == "task-output-rank-unknown":
+        _rewrite_graph(bundle_copy, "tasks/shape.onnx", lambda m: m.graph.output[0].type.tensor_type.ClearField("shape"))
+        expected = "tasks/shape.onnx in bundle {} has 'logits' of unknown rank where the manifest says (batch, 3)"
+    elif case == "task-input-renamed":
         _rewrite_graph(bundle_copy, "tasks/shape.onnx", lambda m: _rename_input(m, "common", "feat"))
         expected = "tasks/shape.onnx in bundle {} must take the inputs image, common and give one output (it takes image, feat"
     elif case == "task-outputs-wider":
@@ -281,6 +290,15 @@ def test_a_graph_that_does_not_take_or_give_what_the_manifest_says_is_refused(bu
         expected = "trunk.onnx in bundle {} has 'image' of shape (?, 1, 64, 64) where the manifest says (batch, 1, 32, 32)"
     message = _refused(bundle_copy, expected.format(bundle_copy))
     assert message.endswith("re-export the bundle"), message
+
+
+def test_a_task_graph_taking_its_inputs_in_the_other_order_composes_by_name(bundle, bundle_copy):
+    import kfdeploy
+
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", lambda m: m.graph.input.reverse())
+    images = np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32)
+    quiet = {"tasks": ["shape"], "log": lambda line: None}
+    np.testing.assert_array_equal(kfdeploy.load(bundle_copy, **quiet)(images)["shape"], kfdeploy.load(bundle, **quiet)(images)["shape"])
 
 
 def test_a_graph_onnx_runtime_cannot_run_is_a_one_line_error(bundle_copy):

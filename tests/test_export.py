@@ -108,6 +108,17 @@ def test_export_and_verify_print_how_long_they_took(factor_run, tmp_path, capsys
     assert re.search(rf"bundle {re.escape(str(out))} verified in \d+\.\d s$", capsys.readouterr().out.strip())
 
 
+def test_a_run_in_a_folder_whose_name_holds_a_tab_exports_a_bundle_its_reader_accepts(factor_run, tmp_path, capsys):
+    # Paths on disk may hold control characters; a manifest may not (readers print it), so
+    # the run's path is stored escaped rather than making a bundle nothing can open.
+    run = tmp_path / "run\tone"
+    shutil.copytree(factor_run, run)
+    out = tmp_path / "tabbed"
+    assert main(["export", str(run), "--out", str(out), "--tasks", "shape"]) == 0
+    assert _manifest(out)["source"]["run"].endswith("run\\tone")
+    assert main(["inspect", str(out)]) == 0, capsys.readouterr().err
+
+
 def test_inspect_shows_tasks_labels_and_checksums(bundle, capsys):
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out

@@ -220,7 +220,7 @@ class Bundle:
     def _interface_problem(self, module: str, graph) -> Optional[str]:
         """Why a module's graph does not take and give what the manifest says (and what
         composing and calling it rely on), or None. Dimensions are compared where the graph
-        fixes them; the batch dimension is free."""
+        fixes them, and the batch dimension must not be fixed."""
         channels_height_width = self.manifest["input"]["shape"][1:]
         width = self.manifest["trunk"]["output"]["width"]
         if module == "trunk":
@@ -237,12 +237,15 @@ class Bundle:
             tensor = value.type.tensor_type
             if tensor.elem_type != 1:  # FLOAT: every variant keeps float32 inputs and outputs
                 return f"must take and give float32 tensors ({value.name!r} is not one)"
+            wanted = f"(batch, {', '.join(map(str, dims[1:]))})"
+            if not tensor.HasField("shape"):
+                return f"has {value.name!r} of unknown rank where the manifest says {wanted}"
             shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-            fixed = dims[1:]
-            if len(shape) != len(dims) or any(got is not None and got != want for got, want in zip(shape[1:], fixed)):
+            # The batch must stay free: the manifest promises input.batch's whole range
+            if len(shape) != len(dims) or shape[0] is not None or any(
+                    got is not None and got != want for got, want in zip(shape[1:], dims[1:])):
                 shown = ", ".join("?" if d is None else str(d) for d in shape)
-                return (f"has {value.name!r} of shape ({shown}) where the manifest says (batch, "
-                        f"{', '.join(map(str, fixed))})")
+                return f"has {value.name!r} of shape ({shown}) where the manifest says {wanted}"
         return None
 
     @property

@@ -31,11 +31,11 @@ from torch import nn
 
 from .. import __version__
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name
+from ..names import TASK_NAME_RULE, is_task_name, printable
 from ..training.models import FactorConfig, FactorNet
 from ..training.runs import apply_weights, check_weights_fit, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
 from ..training.train import weights_digest
-from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, sha256_file, write_archive
+from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, read_manifest, sha256_file, write_archive
 
 # export/*.toml, installed inside the package as kfdeploy.profiles (setup.cfg): read from
 # there, an installed kfdeploy finds them without the source tree.
@@ -532,6 +532,11 @@ def export_bundle(
         manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization,
                           found, heldout)
         write_json_atomic(staging / MANIFEST, manifest)
+        try:  # what readers will check, before the bundle replaces anything
+            read_manifest(staging)
+        except KfError as exc:
+            raise KfError(f"export made a manifest its own reader refuses ({exc}); nothing was replaced. This is a "
+                          "kfdeploy bug: please report it with the command you ran") from None
         _exchange(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -539,6 +544,10 @@ def export_bundle(
     if archive:
         write_archive(out, out.with_name(out.name + ".tar.gz"))
     return out
+
+
+def _printable_or_none(text: Optional[str]) -> Optional[str]:
+    return None if text is None else printable(text)
 
 
 def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization, examples,
@@ -604,8 +613,9 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
                 "onnxruntime": onnxruntime.__version__, "opset": profile.opset,
             },
             "profile": asdict(profile),
-            "source": {"run": str(run_dir.resolve()), "teacher_run": info.get("teacher_run"), "data": data,
-                       "teacher_parameters": _teacher_parameters(info.get("teacher_run"))},
+            # Paths as text a reader accepts (no control characters): they only inform
+            "source": {"run": printable(str(run_dir.resolve())), "teacher_run": _printable_or_none(info.get("teacher_run")),
+                       "data": printable(data), "teacher_parameters": _teacher_parameters(info.get("teacher_run"))},
             "input": _input_spec(config.trunk.in_channels, size, normalization,
                                  {"min": profile.batch_min, "opt": profile.batch_opt, "max": profile.batch_max}),
             "model": config.to_dict(),

@@ -60,15 +60,17 @@ class Composer:
             import onnx
             from onnx import compose
 
+            # By name, never by position: a bundle's reader has checked that the trunk takes
+            # `image` and a task `image` and `common`, in whichever order, each giving one output
             model = self.graph_of(module)
-            image = model.graph.input[0].name
             if module == "trunk":
-                self._header = (model.ir_version, list(model.opset_import), model.graph.input[0])
-                shared = {image: image, model.graph.output[0].name: "common"}
+                image = next(value for value in model.graph.input if value.name == "image")
+                self._header = (model.ir_version, list(model.opset_import), image)
+                shared = {"image": "image", model.graph.output[0].name: "common"}
             else:
                 logits = model.graph.output[0]
                 self._outputs[module] = logits.type
-                shared = {image: "image", "common": "common", logits.name: module}
+                shared = {"image": "image", "common": "common", logits.name: module}
             prefix = f"{module}/"
             graph = compose.add_prefix(model, prefix).graph
             rename = {prefix + name: new for name, new in shared.items()}
