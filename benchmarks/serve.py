@@ -171,7 +171,8 @@ def cpu_seconds(root: int) -> float:
 def load(port: int, model: str, concurrency: int, requests: int, seconds: float, task_sets, server_pid: int) -> dict:
     """`requests` batch-1 requests kept `concurrency` in flight by as many coroutines on one
     asyncio gRPC client; stops early after `seconds`. Returns requests/s, latency
-    percentiles, and the CPU time per request of this client and of the server.
+    percentiles, and the CPU time per request of this client and of the server (the
+    server's in /proc's 10 ms ticks: coarse for one round, so levels add up their rounds).
 
     Client and server share two cores, so what the client costs is taken from the server:
     measured at concurrency 16 on the no-op model, a synchronous gRPC client per thread
@@ -217,7 +218,8 @@ def load(port: int, model: str, concurrency: int, requests: int, seconds: float,
     return {"concurrency": concurrency, "requests": len(ms), "errors": len(errors), "first_error": errors[0] if errors else None,
             "seconds": round(elapsed, 2), "requests_per_s": round(len(ms) / elapsed, 1),
             "p50_ms": round(ms[len(ms) // 2], 3) if ms else None, "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3) if ms else None,
-            "cpu_us_per_request": {"client": round(1e6 * client_cpu / answered), "server": round(1e6 * server_cpu / answered)}}
+            "cpu_us_per_request": {"client": round(1e6 * client_cpu / answered), "server": round(1e6 * server_cpu / answered)},
+            "cpu_seconds": {"client": client_cpu, "server": server_cpu}}
 
 
 def stats(port: int) -> dict:
@@ -297,9 +299,13 @@ def measure(args, delay_us, plan, key: str) -> dict:
         levels = {}
         for (name, _), measured in rounds.items():
             ranked = sorted(measured, key=lambda level: level["requests_per_s"])
-            levels.setdefault(name, []).append({**ranked[len(ranked) // 2], "errors": sum(level["errors"] for level in measured),
-                                                "rounds_requests_per_s": [level["requests_per_s"] for level in measured],
-                                                "rounds_p50_ms": [level["p50_ms"] for level in measured]})
+            answered = max(1, sum(level["requests"] for level in measured))
+            levels.setdefault(name, []).append({
+                **ranked[len(ranked) // 2], "errors": sum(level["errors"] for level in measured),
+                "rounds_requests_per_s": [level["requests_per_s"] for level in measured],
+                "rounds_p50_ms": [level["p50_ms"] for level in measured],
+                "cpu_us_per_request": {side: round(1e6 * sum(level["cpu_seconds"][side] for level in measured) / answered)
+                                       for side in ("client", "server")}})
         return levels
     finally:
         stop_server(process)
