@@ -76,8 +76,10 @@ def test_an_integer_too_long_to_convert_is_refused_as_invalid_json(bundle_copy):
     (lambda t: t.pop("heldout_accuracy"), 'tasks["shape"].heldout_accuracy is missing'),
     (lambda t: t["parity"].update(argmax_agreement=None), 'tasks["shape"].parity.argmax_agreement must be a number, got null'),
     (lambda t: t.update(weights=[]), 'tasks["shape"].weights must be an object, got []'),
+    (lambda t: t.update(heldout_accuracy=5.0), 'tasks["shape"].heldout_accuracy must be a number from 0 to 1, got the number 5.0'),
+    (lambda t: t["parity"].update(argmax_agreement=float("nan")), 'tasks["shape"].parity.argmax_agreement must be a number from 0 to 1, got the number nan'),
 ], ids=["classes-str", "classes-0", "labels-int", "labels-str", "labels-count", "accuracy-str", "accuracy-missing",
-        "parity-null", "weights-list"])
+        "parity-null", "weights-list", "accuracy-above-1", "agreement-nan"])
 def test_wrong_types_in_a_task_are_refused_naming_the_field(bundle_copy, change, message):
     _tamper(bundle_copy, lambda m: change(m["tasks"]["shape"]))
     _refused(bundle_copy, message)

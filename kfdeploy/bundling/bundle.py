@@ -375,6 +375,8 @@ Precision = Literal["fp32", "fp16"]
 VariantPrecision = Literal["int8", "fp16"]
 VARIANT_PRECISIONS = ("int8", "fp16")
 Finite = Annotated[float, _rule("a finite number", math.isfinite)]
+# Accuracies and agreements: shares of images, which readers print as such (NaN fails too)
+Share = Annotated[float, _rule("a number from 0 to 1", lambda v: 0 <= v <= 1)]
 # What readers (runtime, `kfdeploy run`, demo) take as pixels: uint8 0-255, divided by 255,
 # and floats in input.range, cast to float32. The graphs themselves take float32 only.
 PixelType = Literal["uint8", "float"]
@@ -410,7 +412,7 @@ class Parity:
 
 @dataclass(kw_only=True)
 class TaskParity(Parity):
-    argmax_agreement: float
+    argmax_agreement: Share
 
 
 @dataclass(kw_only=True)
@@ -427,9 +429,9 @@ class Variant(FileRecord):
     precision: VariantPrecision
     fallback: Optional[Literal["fp32"]] = None
     method: dict = None  # how it was made: tool, calibration method, image count, seed, data
-    heldout_accuracy: Optional[float] = None  # tasks: composed at this precision, held-out images
-    fp32_heldout_accuracy: Optional[float] = None  # the fp32 composition on the same images
-    agreement: Optional[float] = None  # tasks: argmax agreement with the fp32 composition
+    heldout_accuracy: Optional[Share] = None  # tasks: composed at this precision, held-out images
+    fp32_heldout_accuracy: Optional[Share] = None  # the fp32 composition on the same images
+    agreement: Optional[Share] = None  # tasks: argmax agreement with the fp32 composition
     images: Size = None  # how many held-out images those three were measured on
 
 
@@ -461,7 +463,7 @@ class Task(FileRecord):
     classes: Positive
     labels: List[str]
     trunk_fingerprint: Sha256
-    heldout_accuracy: Optional[float]
+    heldout_accuracy: Optional[Share]
     parity: TaskParity
     weights: FileRecord
     variants: Dict[VariantPrecision, Variant] = None
@@ -562,7 +564,7 @@ class Source:
 class ParityTolerance:
     max_abs_err: float = None
     max_rel_err: float = None
-    argmax_agreement: float = None
+    argmax_agreement: Share = None
 
 
 @dataclass(kw_only=True)
