@@ -42,7 +42,7 @@ class TeacherProtocol(Protocol):
 
 def _typed(cls, values: dict, where: str):
     """`cls(**values)` for a config read back from a file (a run's, or a bundle's manifest,
-    which is untrusted): every field one `cls` has, and every int, str or bool field of that
+    which is untrusted): no field `cls` lacks, and every int, str or bool field of that
     type (an int never a bool, and at least 1: every int here is a size), before a network
     is built from it. Nested configs come in already built."""
     if not isinstance(values, dict):

@@ -9,6 +9,7 @@ Layout of a run folder::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,13 +74,20 @@ def prepare_run_dir(out: Path, resume: bool) -> bool:
     return has_run and resume
 
 
-def load_weights(path: Path, what: str) -> Dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _safetensors_read(path: Path, what: str):
+    """Around a read of a safetensors file: a missing or unreadable one is a KfError naming it."""
     if not path.is_file():
         raise KfError(f"{what}: {path} is missing")
     try:
-        return load_file(str(path))
+        yield
     except (SafetensorError, OSError, ValueError) as exc:
         raise KfError(f"{what}: {path} is not a readable safetensors file ({exc}); re-create it") from None
+
+
+def load_weights(path: Path, what: str) -> Dict[str, torch.Tensor]:
+    with _safetensors_read(path, what):
+        return load_file(str(path))
 
 
 def check_weights_fit(module: torch.nn.Module, path: Path, what: str) -> None:
@@ -88,11 +96,8 @@ def check_weights_fit(module: torch.nn.Module, path: Path, what: str) -> None:
     untrusted manifest before it costs memory: a width of 10^6 would ask for terabytes."""
     from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), "np") as stored_file:
-            stored = {name: tuple(stored_file.get_slice(name).get_shape()) for name in stored_file.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise KfError(f"{what}: {path} is not a readable safetensors file ({exc}); re-create it") from None
+    with _safetensors_read(path, what), safe_open(str(path), "np") as stored_file:
+        stored = {name: tuple(stored_file.get_slice(name).get_shape()) for name in stored_file.keys()}
     expected = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     if stored != expected:
         name = next(n for n in sorted(set(stored) | set(expected)) if stored.get(n) != expected.get(n))
