@@ -37,7 +37,7 @@ from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.extras import pyplot
 from kfdeploy.training.data import NEW_TASKS
 from kfdeploy.bundling.export import ACCURACY_IMAGES, torch_modules
-from kfdeploy.training.losses import LossWeights, TeacherObjective, task_terms
+from kfdeploy.training.losses import LossWeights, TeacherObjective, single_task_terms
 from kfdeploy.training.models import SpritesTeacher, TeacherConfig
 from kfdeploy.training.train import TrainConfig, accuracy, setup_distributed, train
 from rates import per_second
@@ -89,7 +89,7 @@ class Alone(nn.Module):
 
 
 class AloneObjective(nn.Module):
-    """The brick's own terms (kfdeploy.training.losses.task_terms) with a zero common feature."""
+    """The brick's own terms (kfdeploy.training.losses.single_task_terms) with a zero common feature."""
 
     def __init__(self, alone: Alone):
         super().__init__()
@@ -98,7 +98,7 @@ class AloneObjective(nn.Module):
     def forward(self, images, labels):
         metrics = {}
         zero = torch.zeros(len(images), self.model.module.head.in_features, device=images.device)
-        task_terms(self.model.task, self.model.module, images, zero, labels[self.model.task], LossWeights(), metrics)
+        single_task_terms(self.model.task, self.model.module, images, zero, labels[self.model.task], LossWeights(), metrics)
         return sum(metrics.values()), metrics
 
 

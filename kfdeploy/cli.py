@@ -75,7 +75,7 @@ def _train_config(args):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         time_budget_s=args.minutes * 60 if args.minutes else None,
-        feed=args.feed, compile=args.compile,
+        feed=args.feed, compile=args.compile, fuse_tasks=not getattr(args, "no_fuse_tasks", False),
     )
 
 
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1e-3, help="InfoMin weight on each task code's KL")
     p.add_argument("--lambda-kd", type=float, default=0.1, help="soft-target distillation weight")
     p.add_argument("--lambda-feat", type=float, default=1.0, help="InfoMax weight")
+    p.add_argument("--no-fuse-tasks", action="store_true", help="run the task networks one by one instead of as one grouped "
+                   "network per architecture (the same numbers, slower; for comparison)")
 
     p = command("evaluate", "Score factor networks against the teacher; disentanglement heatmap.")
     p.add_argument("run", type=Path, help="factorized run folder")

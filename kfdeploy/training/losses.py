@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import FactorNet
+from .models import Code, FactorNet
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -95,23 +95,39 @@ class FactorizationObjective(nn.Module):
         metrics: Metrics = {
             "infomax": infomax_loss(common, student.teacher_proj(teacher_features.float())) * w.feat
         }
-        for task, module in student.tasks.items():
-            logits = task_terms(task, module, images, common, labels[task], w, metrics)
+        codes = student.task_codes(images)  # task networks of one architecture run fused
+        noise = code_noise(codes)
+        for (task, module), eps in zip(student.tasks.items(), noise):
+            logits = task_terms(task, module, common, codes[task], eps, labels[task], w, metrics)
             metrics[f"kd_{task}"] = distillation_loss(logits, teacher_logits[task], w.temperature) * w.kd
         return sum(metrics.values()), metrics
 
 
-def task_terms(task: str, module: nn.Module, images: torch.Tensor, common: torch.Tensor, labels: torch.Tensor,
-               w: LossWeights, metrics: Metrics) -> torch.Tensor:
+def code_noise(codes: Dict[str, Code]) -> torch.Tensor:
+    """The reparameterisation's standard normal draws for every task's code, in one draw: task
+    i's are row i, however the codes were computed (fused or not), so both draw the same."""
+    mu = next(iter(codes.values()))[0]
+    return torch.randn((len(codes), *mu.shape), device=mu.device, dtype=mu.dtype)
+
+
+def task_terms(task: str, module: nn.Module, common: torch.Tensor, code: Code, noise: torch.Tensor,
+               labels: torch.Tensor, w: LossWeights, metrics: Metrics) -> torch.Tensor:
     """A task module's own terms, added to `metrics`: label loss on its head and on its
-    auxiliary head, InfoMin on its sampled code. Returns the head's logits."""
-    mu, logvar = module.code(images)
-    code = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
-    logits = module.head(common + code)
+    auxiliary head, InfoMin on its code sampled with `noise`. Returns the head's logits."""
+    mu, logvar = code
+    sampled = mu + noise * (0.5 * logvar).exp()  # reparameterisation
+    logits = module.head(common + sampled)
     metrics[f"ce_{task}"] = F.cross_entropy(logits.float(), labels)
-    metrics[f"aux_{task}"] = F.cross_entropy(module.aux_head(code).float(), labels) * w.aux
+    metrics[f"aux_{task}"] = F.cross_entropy(module.aux_head(sampled).float(), labels) * w.aux
     metrics[f"kl_{task}"] = gaussian_kl(mu, logvar) * w.kl
     return logits
+
+
+def single_task_terms(task: str, module: nn.Module, images: torch.Tensor, common: torch.Tensor, labels: torch.Tensor,
+                      w: LossWeights, metrics: Metrics) -> torch.Tensor:
+    """`task_terms` of one task module run on its own (its code computed here)."""
+    code = module.code(images)
+    return task_terms(task, module, common, code, code_noise({task: code})[0], labels, w, metrics)
 
 
 class FrozenTrunkObjective(nn.Module):
@@ -134,5 +150,5 @@ class FrozenTrunkObjective(nn.Module):
         with torch.no_grad():
             common = self.model.forward_features(images)
         metrics: Metrics = {}
-        task_terms(self.task, self.model.tasks[self.task], images, common, labels[self.task], self.weights, metrics)
+        single_task_terms(self.task, self.model.tasks[self.task], images, common, labels[self.task], self.weights, metrics)
         return sum(metrics.values()), metrics

@@ -11,17 +11,21 @@ Any teacher works if it follows `TeacherProtocol`; `SpritesTeacher` is ours.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Dict, Mapping, Protocol, Tuple, get_type_hints
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, get_type_hints
 
 import torch
 from torch import nn
 
 from .architectures import SIMPLECONV, BackboneConfig, ConvBackbone, build_backbone
+from .fusion import fuse, grouped_linear, same_architecture
 
 __all__ = [
     "BackboneConfig", "ConvBackbone", "TeacherProtocol", "TeacherConfig", "SpritesTeacher",
-    "FactorConfig", "TaskModule", "FactorNet", "count_parameters",
+    "FactorConfig", "TaskModule", "FusedTaskModules", "FactorNet", "count_parameters",
 ]
+
+LOGVAR_RANGE = (-10.0, 10.0)  # a code's log-variance is clamped: exp() of more overflows in half precision
+Code = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (mu, log-variance or None where not asked for)
 
 
 class TeacherProtocol(Protocol):
@@ -168,15 +172,17 @@ class TaskModule(nn.Module):
             nn.init.zeros_(layer.bias)
         code_layers[-1].bias.data[-d:] = -4.0  # small initial variance, so sampling starts gentle
 
-    def code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def code(self, x: torch.Tensor, logvar: bool = True) -> Code:
+        """(mu, log-variance) of the code for images `x`; the log-variance only if asked for."""
         if self.projected:
             feature = self.tsn(x)
-            return self.mu(feature), self.logvar(feature).clamp(-10.0, 10.0)
-        out = self.tsn(x)
-        # Slicing, not chunk(): chunk exports as Split, whose form changed in opset 18 and
-        # breaks the down-conversion to opset 17 that TensorRT 8.5 (JetPack 5) needs.
-        d = out.shape[1] // 2
-        return out[:, :d], out[:, d:].clamp(-10.0, 10.0)
+            return self.mu(feature), self.logvar(feature).clamp(*LOGVAR_RANGE) if logvar else None
+        return split_code(self.tsn(x), logvar)
+
+    def fuses_with(self, other: "TaskModule") -> bool:
+        """Whether the two compute their codes alike (the same task network and code layers; heads may differ)."""
+        return (self.projected == other.projected and same_architecture(self.tsn, other.tsn)
+                and (not self.projected or self.mu.weight.shape == other.mu.weight.shape))
 
     def forward(self, x: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
         """Inference path, the one exported: deterministic (mu), returns logits."""
@@ -184,8 +190,44 @@ class TaskModule(nn.Module):
         return self.head(common + mu)
 
 
+def split_code(out: torch.Tensor, logvar: bool) -> Code:
+    """A simpleconv task network's output (..., 2D): mu is its first half, the log-variance its second."""
+    # Slicing, not chunk(): chunk exports as Split, whose form changed in opset 18 and
+    # breaks the down-conversion to opset 17 that TensorRT 8.5 (JetPack 5) needs.
+    d = out.shape[-1] // 2
+    return out[..., :d], out[..., d:].clamp(*LOGVAR_RANGE) if logvar else None
+
+
+class FusedTaskModules:
+    """k TaskModules of one architecture computing their codes as one: their task networks
+    fused into one grouped network (kfdeploy.training.fusion), their code layers one batched
+    matmul. The modules keep every weight; this holds no state of its own but the fused
+    network's structure, and answers exactly as the modules do one by one."""
+
+    def __init__(self, tasks: Sequence[str], modules: Sequence["TaskModule"], network: nn.Module):
+        self.tasks, self.modules, self.network = list(tasks), list(modules), network
+
+    def codes(self, x: torch.Tensor, logvar: bool = True) -> Dict[str, Code]:
+        template = self.modules[0]
+        if self.network.training != template.tsn.training:  # the fused copy follows its sources' mode
+            self.network.train(template.tsn.training)
+        out = self.network(x)
+        out = out.view(out.shape[0], len(self.modules), -1).transpose(0, 1)  # (k, N, width): task i's block is out[i]
+        if template.projected:
+            mu = grouped_linear(out, [m.mu for m in self.modules])
+            log_variance = grouped_linear(out, [m.logvar for m in self.modules]).clamp(*LOGVAR_RANGE) if logvar else None
+        else:
+            mu, log_variance = split_code(out, logvar)
+        return {t: (mu[i], None if log_variance is None else log_variance[i]) for i, t in enumerate(self.tasks)}
+
+
 class FactorNet(nn.Module):
-    """The common-knowledge trunk (CKN) plus one TaskModule per task."""
+    """The common-knowledge trunk (CKN) plus one TaskModule per task.
+
+    Task modules of one architecture compute their codes fused (`task_codes`, used by the
+    forward and by training) unless `fuse_tasks` is False: the same numbers, fewer and larger
+    kernels. Checkpoints, exports and bundles hold the modules one by one either way.
+    """
 
     def __init__(self, config: FactorConfig):
         super().__init__()
@@ -196,6 +238,9 @@ class FactorNet(nn.Module):
         self.tasks = nn.ModuleDict({t: TaskModule(config, n) for t, n in self.task_classes.items()})
         # InfoMax compares trunk features with teacher features projected to trunk width.
         self.teacher_proj = nn.Linear(config.teacher_feature_dim, config.feature_dim)
+        self.fuse_tasks = True
+        self._plans: Dict[tuple, List[Union[str, FusedTaskModules]]] = {}
+        self.fusion_notes: Dict[str, str] = {}  # why tasks run unfused, by task group
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
@@ -205,7 +250,62 @@ class FactorNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         common = self.forward_features(x)
-        return {t: m(x, common) for t, m in self.tasks.items()}
+        codes = self.task_codes(x, logvar=False)
+        return {t: m.head(common + codes[t][0]) for t, m in self.tasks.items()}
+
+    def task_codes(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None, logvar: bool = True) -> Dict[str, Code]:
+        """Every task's code (mu, log-variance) for images `x`, task networks of one architecture fused."""
+        codes: Dict[str, Code] = {}
+        for entry in self._plan(tuple(self.tasks if tasks is None else tasks)):
+            if isinstance(entry, FusedTaskModules):
+                codes.update(entry.codes(x, logvar))
+            else:
+                codes[entry] = self.tasks[entry].code(x, logvar)
+        return codes
+
+    def describe_task_networks(self) -> str:
+        """One line: which task networks run fused, and why any others run one by one."""
+        plan = self._plan(tuple(self.tasks))
+        arch = self.config.task_arch
+        parts = [f"{len(e.tasks)} x {arch} ({', '.join(e.tasks)}) fused into one grouped network"
+                 for e in plan if isinstance(e, FusedTaskModules)]
+        alone = [e for e in plan if isinstance(e, str)]
+        if alone:
+            why = "fusion turned off" if not self.fuse_tasks else "; ".join(self.fusion_notes.values())
+            parts.append(f"{', '.join(alone)} one by one" + (f" ({why})" if why else ""))
+        return "task networks: " + "; ".join(parts)
+
+    def _plan(self, tasks: tuple) -> List[Union[str, FusedTaskModules]]:
+        """How `tasks` run: groups of equal architecture fused, the rest one by one (cached)."""
+        key = (tasks, self.fuse_tasks, tuple(id(self.tasks[t]) for t in tasks))
+        if key in self._plans:
+            return self._plans[key]
+        plan: List[Union[str, FusedTaskModules]] = []
+        groups: List[List[str]] = []
+        for task in tasks:
+            module = self.tasks[task]
+            home = next((g for g in groups if self.fuse_tasks and self.tasks[g[0]].fuses_with(module)), None)
+            if home is None:
+                groups.append([task])
+            else:
+                home.append(task)
+        trunk = self.config.trunk
+        for group in groups:
+            network, why_not = fuse([self.tasks[t].tsn for t in group], (trunk.in_channels, trunk.image_size, trunk.image_size))
+            if network is None:
+                plan += group
+                if len(group) > 1:
+                    self.fusion_notes[", ".join(group)] = why_not
+            else:
+                plan.append(FusedTaskModules(group, [self.tasks[t] for t in group], network))
+        self._plans[key] = plan
+        return plan
+
+    def _apply(self, fn, *args, **kwargs):
+        # Fused networks were built for the modules' tensors where they were; .to() and
+        # friends move those, so plans are made again where they now are.
+        self._plans.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def warm_start_from(self, teacher: nn.Module) -> bool:
         """Copy the teacher's backbone into the trunk and its heads into ours, if they fit.

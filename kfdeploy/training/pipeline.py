@@ -289,8 +289,8 @@ def _held_out_batch(heldout_data, tasks: Sequence[str]):
 
 
 def _stored_config(info: dict, asked: TrainConfig) -> TrainConfig:
-    """The run's training settings as run.json stores them; how the steps run (feed, compile) as asked now."""
-    return replace(TrainConfig(**info["train"]), feed=asked.feed, compile=asked.compile)
+    """The run's training settings as run.json stores them; how the steps run (feed, compile, fusion) as asked now."""
+    return replace(TrainConfig(**info["train"]), feed=asked.feed, compile=asked.compile, fuse_tasks=asked.fuse_tasks)
 
 
 def _start_run(out: Path, resume: bool, env: Distributed, info: dict) -> tuple[bool, dict]:
@@ -630,6 +630,9 @@ def factorize(
     else:
         source = DatasetSource(train_data, tasks, seed=config.seed, world_size=env.world_size)
         images, labels = _held_out_batch(heldout_data, tasks)
+    student.fuse_tasks = config.fuse_tasks
+    if env.is_main:
+        print(student.describe_task_networks())
     objective = FactorizationObjective(student, teacher, LossWeights(**info["loss_weights"]))
     train(
         out, objective, source, config,

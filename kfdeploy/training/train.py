@@ -46,6 +46,9 @@ class TrainConfig:
     # How the steps run, not what they compute (a resumed run takes the ones asked now):
     feed: str = "auto"  # how batches reach the device: kfdeploy.training.feed (auto, inline, prefetch, device)
     compile: Optional[str] = None  # a torch.compile mode for the step ("reduce-overhead": CUDA graphs too), None: eager
+    # Task networks of one architecture run as one grouped network (kfdeploy.training.fusion):
+    # the same numbers in fewer, larger kernels. False runs them one by one, as a check.
+    fuse_tasks: bool = True
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay: a function of the step alone, so resumable."""
