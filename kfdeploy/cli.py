@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1e-3, help="InfoMin weight on each task code's KL")
     p.add_argument("--lambda-kd", type=float, default=0.1, help="soft-target distillation weight")
     p.add_argument("--lambda-feat", type=float, default=1.0, help="InfoMax weight")
+    p.add_argument("--infomax-stages", type=int, default=1, metavar="N", help="align the trunk with the teacher at its last N "
+                   "stages (InfoMax on each, pooled; the reference aligns 3), not only its pooled feature; needs timm "
+                   "architectures for both (default 1)")
     p.add_argument("--no-fuse-tasks", action="store_true", help="run the task networks one by one instead of as one grouped "
                    "network per architecture (the same numbers, slower; for comparison)")
 
@@ -273,6 +276,7 @@ def cmd_factorize(args) -> None:
         task_width=args.task_width, resume=args.resume, device=args.device,
         trunk_arch=args.trunk_arch, task_arch=args.task_arch, pretrained=args.pretrained,
         data=args.data, image_size=args.image_size, channels=args.channels, teacher_source=teacher_source,
+        infomax_stages=args.infomax_stages,
     )
     print(f"factor networks written to {out}")
 

@@ -63,12 +63,56 @@ def test_a_timm_trunk_is_warm_started_from_a_teacher_of_its_architecture():
 
 @pytest.fixture(scope="module")
 def timm_bundle(tmp_path_factory):
-    """resnet18 teacher -> resnet18 trunk + mobilenetv2_050 task modules -> bundle (a few steps each)."""
+    """resnet18 teacher -> resnet18 trunk + mobilenetv2_050 task modules -> bundle (a few steps each),
+    the trunk aligned with the teacher at three stages."""
     root = tmp_path_factory.mktemp("timm")
     quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, log_every=1, checkpoint_every=1000)
     train_teacher(root / "teacher", list(TASKS), quick, backbone=BackboneConfig(image_size=SIZE, arch="resnet18"))
-    factorize(root / "teacher", root / "kf", config=quick, task_arch="mobilenetv2_050")
+    factorize(root / "teacher", root / "kf", config=quick, task_arch="mobilenetv2_050", infomax_stages=3)
     return export_bundle(root / "kf", root / "bundle", progress=lambda message: None)
+
+
+def test_infomax_at_three_stages_trains_its_projections_and_stays_out_of_the_bundle(timm_bundle):
+    from safetensors import safe_open
+
+    run = timm_bundle.parent / "kf"
+    assert json.loads((run / "run.json").read_text())["model"]["teacher_stage_dims"] == [128, 256]  # resnet18's layer2, layer3
+    with safe_open(str(run / "model.safetensors"), "pt") as weights:
+        assert {k.split(".")[1] for k in weights.keys() if k.startswith("stage_proj.")} == {"0", "1"}
+    assert "teacher_stage_dims" not in json.loads((timm_bundle / "manifest.json").read_text())["model"]
+
+
+def test_infomax_over_stages_is_their_mean_and_reaches_every_projection():
+    from kfdeploy.training.losses import FactorizationObjective, LossWeights, infomax_loss
+
+    torch.manual_seed(0)
+    teacher = SpritesTeacher(TeacherConfig(TASKS, BackboneConfig(image_size=SIZE, arch="resnet18")))
+    student = FactorNet(FactorConfig(TASKS, trunk=BackboneConfig(image_size=SIZE, arch="resnet18"), teacher_feature_dim=512,
+                                     teacher_stage_dims=teacher.stage_dims(3)))
+    images = torch.rand(6, 1, SIZE, SIZE)
+    loss, metrics = FactorizationObjective(student, teacher, LossWeights(feat=2.0)).train()(images, {t: torch.zeros(6, dtype=torch.long) for t in TASKS})
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.stage_proj.parameters())
+    with torch.no_grad():
+        pooled, stages = teacher.forward_stages(images, 3)
+        common, own = student.forward_stages(images)
+        expected = [infomax_loss(s, project(t)) for s, project, t in zip(own, student.stage_proj, stages)]
+        expected.append(infomax_loss(common, student.teacher_proj(pooled)))
+    assert [s.shape[1] for s in own] == [128, 256]
+    torch.testing.assert_close(metrics["infomax"], 2.0 * sum(expected) / 3)
+
+
+def test_infomax_stages_are_refused_where_the_networks_cannot_give_them(teacher_run, tmp_path, capsys):
+    cli_fails(["factorize", "--teacher", str(teacher_run), "--out", str(tmp_path / "a"), "--infomax-stages", "3"], capsys,
+              "--infomax-stages 3 needs a teacher that gives its stages")
+    cli_fails(["factorize", "--teacher", str(teacher_run), "--out", str(tmp_path / "b"), "--infomax-stages", "9"], capsys,
+              "--infomax-stages must be 1 to 5, not 9")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from kfdeploy.training.pipeline import teacher_stage_dims
+
+    resnet = SpritesTeacher(TeacherConfig(TASKS, BackboneConfig(image_size=SIZE, arch="resnet18")))
+    with pytest.raises(KfError, match="needs a trunk that gives its stages .* simpleconv does not: choose --trunk-arch"):
+        teacher_stage_dims(resnet, BackboneConfig(image_size=SIZE), 3)
 
 
 def test_timm_modules_export_with_only_batch_dynamic_batchnorm_folded_and_parity_recorded(timm_bundle):

@@ -618,7 +618,7 @@ def _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing,
                        "data": printable(data), "teacher_parameters": _teacher_parameters(info.get("teacher_run"))},
             "input": _input_spec(config.trunk.in_channels, size, normalization,
                                  {"min": profile.batch_min, "opt": profile.batch_opt, "max": profile.batch_max}),
-            "model": config.to_dict(),
+            "model": config.deployed_dict(),
             "parity_tolerance": {
                 "max_abs_err": PARITY_MAX_ABS_ERR, "max_rel_err": PARITY_MAX_REL_ERR,
                 "rule": "parity.max_abs_err <= max_abs_err or parity.max_rel_err <= max_rel_err", "argmax_agreement": PARITY_MIN_ARGMAX_AGREEMENT,

@@ -13,7 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -192,6 +192,21 @@ def build_backbone(config: BackboneConfig) -> Tuple[nn.Module, int]:
             f"choose --image-size {smallest or 224} or another architecture"
         )
     return model.train(), int(model.num_features)
+
+
+def stage_widths(backbone: nn.Module, stages: int) -> Optional[List[int]]:
+    """Channels of the last `stages` stages of a timm backbone (the last is its pooled feature's),
+    or None for one that cannot give its stages (simpleconv, a net without forward_intermediates)."""
+    info = getattr(backbone, "feature_info", None)
+    if not callable(getattr(backbone, "forward_intermediates", None)) or not isinstance(info, list) or len(info) < stages:
+        return None
+    return [int(entry["num_chs"]) for entry in info[-stages:]]
+
+
+def pooled_stages(backbone: nn.Module, x: torch.Tensor, stages: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(the pooled feature, the `stages` - 1 stages before the last, each globally average-pooled), in one pass."""
+    final, maps = backbone.forward_intermediates(x, indices=stages)
+    return backbone.forward_head(final), [m.mean(dim=(2, 3)) for m in maps[:-1]]
 
 
 def resolve(config: BackboneConfig) -> BackboneConfig:

@@ -87,14 +87,19 @@ class FactorizationObjective(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
         w = self.weights
-        with torch.no_grad():
-            teacher_features = self.teacher.forward_features(images)
-            teacher_logits = self.teacher.forward_head(teacher_features)
         student = self.model
-        common = student.forward_features(images)
-        metrics: Metrics = {
-            "infomax": infomax_loss(common, student.teacher_proj(teacher_features.float())) * w.feat
-        }
+        stages = len(student.stage_proj) + 1
+        with torch.no_grad():
+            if stages > 1:
+                teacher_features, teacher_stages = self.teacher.forward_stages(images, stages)
+            else:
+                teacher_features, teacher_stages = self.teacher.forward_features(images), []
+            teacher_logits = self.teacher.forward_head(teacher_features)
+        common, student_stages = student.forward_stages(images)
+        # The reference averages InfoMax over the stages it aligns.
+        infomax = [infomax_loss(s, project(t.float())) for s, project, t in zip(student_stages, student.stage_proj, teacher_stages)]
+        infomax.append(infomax_loss(common, student.teacher_proj(teacher_features.float())))
+        metrics: Metrics = {"infomax": sum(infomax) / len(infomax) * w.feat}
         codes = student.task_codes(images)  # task networks of one architecture run fused
         noise = code_noise(codes)
         for (task, module), eps in zip(student.tasks.items(), noise):

@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from .architectures import SIMPLECONV, BackboneConfig, ConvBackbone, build_backbone
+from .architectures import SIMPLECONV, BackboneConfig, ConvBackbone, build_backbone, pooled_stages, stage_widths
 from .fusion import fuse, grouped_linear, same_architecture
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "FactorConfig", "TaskModule", "FusedTaskModules", "FactorNet", "count_parameters",
 ]
 
+MAX_INFOMAX_STAGES = 4  # stages aligned besides the pooled feature; a ResNet has 4 after its stem
 LOGVAR_RANGE = (-10.0, 10.0)  # a code's log-variance is clamped: exp() of more overflows in half precision
 Code = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (mu, log-variance or None where not asked for)
 
@@ -34,6 +35,10 @@ class TeacherProtocol(Protocol):
     - `task_classes`: task name -> number of classes, in a fixed order;
     - `feature_dim`: width of the pooled feature;
     - `forward_features(x) -> (N, feature_dim)`; `forward_head(features) -> {task: logits}`.
+
+    Optional, for InfoMax at intermediate stages (`--infomax-stages`): `stage_dims(stages)`,
+    the widths of the `stages` - 1 stages before the pooled feature (None if it has none), and
+    `forward_stages(x, stages) -> (pooled feature, [each of those stages, pooled])`.
     """
 
     task_classes: Mapping[str, int]
@@ -109,6 +114,13 @@ class SpritesTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
 
+    def stage_dims(self, stages: int) -> Optional[List[int]]:
+        widths = stage_widths(self.backbone, stages)
+        return None if widths is None else widths[:-1]
+
+    def forward_stages(self, x: torch.Tensor, stages: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        return pooled_stages(self.backbone, x, stages)
+
 
 @dataclass
 class FactorConfig:
@@ -120,7 +132,11 @@ class FactorConfig:
     task_width: int = 16
     task_hidden_dim: int = 128
     teacher_feature_dim: int = 256
-    task_arch: str = SIMPLECONV  # last, so configs written before it existed load as simpleconv
+    task_arch: str = SIMPLECONV  # after the fields above, so configs written before it existed load as simpleconv
+    # Widths of the teacher's stages that InfoMax also aligns the trunk with, before its pooled
+    # feature (the reference aligns three stages in all); empty: the pooled feature alone.
+    # Training only: a bundle's manifest leaves it out.
+    teacher_stage_dims: List[int] = field(default_factory=list)
 
     @property
     def feature_dim(self) -> int:
@@ -138,7 +154,17 @@ class FactorConfig:
         d = dict(d)
         d["trunk"] = _typed(BackboneConfig, d["trunk"], "model.trunk")
         d["task_classes"] = _task_classes(d["task_classes"])
+        dims = d.get("teacher_stage_dims", [])
+        if not isinstance(dims, list) or len(dims) > MAX_INFOMAX_STAGES or not all(type(n) is int and n >= 1 for n in dims):
+            raise TypeError(f"model.teacher_stage_dims must list at most {MAX_INFOMAX_STAGES} widths of at least 1, got {dims!r:.60}")
         return _typed(cls, d, "model")
+
+    def deployed_dict(self) -> dict:
+        """The configuration a bundle records: without what only training uses (nor the key, which
+        bundle readers from before it existed refuse)."""
+        d = self.to_dict()
+        del d["teacher_stage_dims"]
+        return d
 
 
 class TaskModule(nn.Module):
@@ -238,6 +264,15 @@ class FactorNet(nn.Module):
         self.tasks = nn.ModuleDict({t: TaskModule(config, n) for t, n in self.task_classes.items()})
         # InfoMax compares trunk features with teacher features projected to trunk width.
         self.teacher_proj = nn.Linear(config.teacher_feature_dim, config.feature_dim)
+        # ... and, where asked, at earlier stages, through the reference's projection (an MLP).
+        stages = len(config.teacher_stage_dims) + 1
+        widths = stage_widths(self.trunk, stages) if stages > 1 else [config.feature_dim]
+        if widths is None:
+            raise ValueError(f"a {config.trunk_arch} trunk cannot give its stages for InfoMax at {stages} stages")
+        self.stage_proj = nn.ModuleList(
+            nn.Sequential(nn.Linear(t, s), nn.BatchNorm1d(s), nn.ReLU(), nn.Linear(s, s))
+            for t, s in zip(config.teacher_stage_dims, widths[:-1])
+        )
         self.fuse_tasks = True
         self._plans: Dict[tuple, List[Union[str, FusedTaskModules]]] = {}
         self.fusion_notes: Dict[str, str] = {}  # why tasks run unfused, by task group
@@ -247,6 +282,12 @@ class FactorNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, common: torch.Tensor, task: str) -> torch.Tensor:
         return self.tasks[task](x, common)
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(the common feature, the trunk's earlier stages that InfoMax aligns, pooled)."""
+        if not self.stage_proj:
+            return self.forward_features(x), []
+        return pooled_stages(self.trunk, x, len(self.stage_proj) + 1)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         common = self.forward_features(x)

@@ -26,14 +26,14 @@ from torch import nn
 
 from .. import __version__
 from ..errors import KfError
-from .architectures import SIMPLECONV, load_pretrained
+from .architectures import SIMPLECONV, build_backbone, load_pretrained, stage_widths
 from .data import (
     IMAGE_SIZE, NEW_TASK_LABELS, RGB_IMAGE_SIZE, RGB_TASK_CLASSES, RGB_TASK_LABELS, TASK_CLASSES, TASK_LABELS,
     DatasetSource, SpritesRGBSource, SpritesSource, collate,
 )
 from .feed import resolve_feed
 from .losses import FactorizationObjective, LossWeights, TeacherObjective
-from .models import BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
+from .models import MAX_INFOMAX_STAGES, BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
 from .runs import RUN_FILE, load_teacher, prepare_run_dir, read_json, write_json_atomic
 from .train import Distributed, TrainConfig, accuracy, setup_distributed, train
 
@@ -491,6 +491,24 @@ def complete_teacher(teacher: nn.Module, channels: int, size: int) -> nn.Module:
     return teacher
 
 
+def teacher_stage_dims(teacher: nn.Module, trunk: BackboneConfig, stages: int) -> List[int]:
+    """The widths of the teacher's stages that InfoMax aligns besides its pooled feature, for
+    `stages` in all; refused, naming which, where the teacher or the trunk cannot give them."""
+    if not 1 <= stages <= MAX_INFOMAX_STAGES + 1:
+        raise KfError(f"--infomax-stages must be 1 to {MAX_INFOMAX_STAGES + 1}, not {stages}")
+    if stages == 1:
+        return []
+    stage_dims = getattr(teacher, "stage_dims", None)
+    dims = stage_dims(stages) if callable(stage_dims) and callable(getattr(teacher, "forward_stages", None)) else None
+    if dims is None:
+        raise KfError(f"--infomax-stages {stages} needs a teacher that gives its stages (a timm architecture trained by "
+                      f"`kfdeploy teacher`, or stage_dims and forward_stages on your own); this one does not: use 1")
+    if trunk.arch == SIMPLECONV or stage_widths(build_backbone(trunk)[0], stages) is None:
+        raise KfError(f"--infomax-stages {stages} needs a trunk that gives its stages (a timm architecture such as resnet18); "
+                      f"{trunk.arch} does not: choose --trunk-arch, or use 1")
+    return dims
+
+
 def factorize(
     teacher: nn.Module | str | Path,
     out: Path,
@@ -511,6 +529,7 @@ def factorize(
     image_size: Optional[int] = None,
     channels: Optional[int] = None,
     teacher_source: Optional[dict] = None,
+    infomax_stages: int = 1,
 ) -> Path:
     """Factorize `teacher` (a teacher run folder, or your own module) into run folder `out`.
 
@@ -527,7 +546,9 @@ def factorize(
     `trunk_arch` and `task_arch` name the trunk's and the task networks' architectures
     (`simpleconv` or timm names; the trunk defaults to the teacher's, which warm-starts it
     from the teacher). `pretrained` is a local weights file for the trunk; the trunk then
-    starts from it instead of the teacher.
+    starts from it instead of the teacher. `infomax_stages` > 1 aligns the trunk with the
+    teacher at that many stages (the last its pooled feature), as the reference does with 3;
+    both must be timm networks that give their stages.
     """
     out = Path(out)
     prepare_run_dir(out, resume)  # a folder that cannot take the run is refused before any data is read
@@ -599,6 +620,7 @@ def factorize(
         task_width=task_width,
         teacher_feature_dim=teacher.feature_dim,
         task_arch=task_arch,
+        teacher_stage_dims=teacher_stage_dims(teacher, trunk, infomax_stages),
     ))
     notes = load_pretrained(student.trunk, pretrained, student.config.trunk) if pretrained else {}
     info = {
