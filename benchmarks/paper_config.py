@@ -186,6 +186,57 @@ def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: f
             "goal_met": all(r["teacher_over_assembly"] >= GOAL_SPEEDUP for r in rows)}
 
 
+def training_throughput(teacher_run: Path, kf: Path, batch_size: int, seconds: float, device: str) -> dict:
+    """Training samples/s on this device of the teacher's step and of the factorize step with the
+    task networks fused and one by one, the three taking turns on one batch of the run's data.
+
+    The steps are the CLI's own objectives and optimizer (kfdeploy.training.losses, AdamW) on
+    the runs' networks; the data feed is left out (it is ~1% of a CPU step, and a GPU feed renders
+    on the device). DESIGN's bar: factorizing at least 0.8x the teacher's training samples/s.
+    """
+    import copy
+
+    from kfdeploy.training.losses import FactorizationObjective, LossWeights, TeacherObjective
+    from kfdeploy.training.pipeline import normalized
+
+    teacher, teacher_info = load_teacher(teacher_run)
+    model, info = load_factor_run(kf)
+    cuda = device.startswith("cuda")
+    target = torch.device("cuda" if cuda else "cpu")
+    source = normalized(open_run_data(info).source, info["input"])
+    images, labels = source.batch(0, batch_size)
+    images, labels = images.to(target), {t: v.to(target) for t, v in labels.items()}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def stepper(objective):
+        objective.to(target).train()
+        optimizer = torch.optim.AdamW([p for p in objective.model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            with autocast:
+                loss, _ = objective(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sync()
+        return step
+
+    unfused = copy.deepcopy(model)
+    unfused.fuse_tasks = False
+    steps = {"teacher": stepper(TeacherObjective(copy.deepcopy(teacher))),
+             "factorize fused": stepper(FactorizationObjective(model, teacher, LossWeights(**info["loss_weights"]))),
+             "factorize unfused": stepper(FactorizationObjective(unfused, teacher, LossWeights(**info["loss_weights"])))}
+    print(f"timing training steps at batch {batch_size}, in turns for ~{3 * seconds:.0f} s: " + model.describe_task_networks(), flush=True)
+    # Turns of a few steps each: a CPU step takes about a second at batch 64.
+    median = time_in_turns(steps, seconds, turn_seconds=max(seconds / 8, 1e-3), settle_seconds=0.0)
+    rates = {name: batch_size / s for name, s in median.items()}
+    ratios = {name: rates[name] / rates["teacher"] for name in rates if name != "teacher"}
+    return {"batch_size": batch_size, "seconds_per_step": median, "samples_per_s": rates, "over_teacher": ratios,
+            "goal": "factorize fused >= 0.8x the teacher's training samples/s",
+            "goal_met": ratios["factorize fused"] >= 0.8}
+
+
 def device_label(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
@@ -217,6 +268,11 @@ def print_report(result: dict) -> None:
               f"trunk alone {ms['trunk alone']:.2f}  "
               f"-> teacher/assembly {row['teacher_over_assembly']:.2f}x, assembly/fused {row['assembly_over_fused']:.2f}x")
     print(f"goal {'met' if result['composition']['goal_met'] else 'NOT met'}: {result['composition']['goal']}")
+    t = result["training_throughput"]
+    print(f"\ntraining samples/s at batch {t['batch_size']} (timed in turns): "
+          + ", ".join(f"{name} {rate:,.0f}" for name, rate in t["samples_per_s"].items())
+          + "; over the teacher: " + ", ".join(f"{name} {r:.2f}x" for name, r in t["over_teacher"].items()))
+    print(f"goal {'met' if t['goal_met'] else 'NOT met'}: {t['goal']}")
     print("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) + f"; {result['load']}")
 
 
@@ -241,6 +297,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
     parser.add_argument("--eval-images", type=int, default=4096, help="held-out images for the accuracies (default 4096)")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window per composition measurement")
+    parser.add_argument("--throughput-seconds", type=float, default=30.0,
+                        help="timing window per training step variant (teacher, factorize fused and unfused; default 30)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -283,10 +341,13 @@ def main() -> None:
     started = time.perf_counter()
     timing = composition(bundle, teacher, teacher_info, work, args.seconds)
     seconds["composition"] = time.perf_counter() - started
+    started = time.perf_counter()
+    train_device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
+    throughput = training_throughput(teacher_run, kf, args.batch_size, args.throughput_seconds, train_device)
+    seconds["throughput"] = time.perf_counter() - started
     finished = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
                 for name, run in (("teacher", teacher_run), ("factorize", kf))}
     trained = {name: record["step"] for name, record in finished.items()}
-    train_device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
     result = {
         "config": f"teacher {teacher_info['model']['backbone']['arch']} vs trunk {model.config.trunk_arch} + "
                   f"{len(model.tasks)} x {model.config.task_arch}, sprites-rgb at {channels}x{size}x{size}",
@@ -302,6 +363,7 @@ def main() -> None:
         "parity": {"export": export_parity, "export_images": "the run's held-out images (export's parity check)",
                    "heldout": heldout_parity(kf, bundle)},
         "composition": timing,
+        "training_throughput": throughput,
         "seconds": seconds,
         "load": f"load average {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min) on {os.cpu_count()} cores at the end",
         "work": str(work),
