@@ -141,6 +141,27 @@ def test_a_task_from_a_labelled_folder_joins_the_bundle(bundle, tmp_path):
     assert main(["verify", str(copy)]) == 0
 
 
+def test_a_held_out_evaluation_during_training_leaves_the_trunk_as_shipped(bundle, tmp_path):
+    # The held-out evaluation between steps hands the model back with model.train(was_training);
+    # when that woke the trunk, BatchNorm's statistics moved from the next step on and add-task
+    # refused its own result after the last step. The other add-task tests stop before the first.
+    from kfdeploy.bundling.add_task import add_task
+    from kfdeploy.training.train import TrainConfig
+
+    copy, run, folder = tmp_path / "b", tmp_path / "run", make_folder(tmp_path / "photos", count=240, columns=("colour",))
+    shutil.copytree(bundle, copy)
+    trunk = _manifest(copy)["trunk"]
+    files = {file: _digest(copy / file) for file in (trunk["file"], trunk["weights"]["file"])}
+    config = TrainConfig(steps=12, batch_size=32, eval_every=4, checkpoint_every=1000)
+    record = add_task(copy, "colour", folder, config=config, run=run, progress=lambda line: None)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "heldout_accuracy" in m and "event" not in m] == [4, 8]
+    assert record["trunk_fingerprint"] == trunk["fingerprint"]
+    assert _manifest(copy)["trunk"] == trunk
+    assert {file: _digest(copy / file) for file in files} == files
+    assert "colour" in Bundle.open(copy).tasks
+
+
 def test_a_label_budget_trains_on_that_many_images(bundle, tmp_path):
     from kfdeploy.bundling.add_task import LabelledPool, open_new_task_data
 

@@ -43,3 +43,24 @@ def test_task_modules_are_much_smaller_than_the_trunk():
     trunk = count_parameters(student.trunk)
     for module in student.tasks.values():
         assert count_parameters(module.tsn) < trunk / 2
+
+
+def test_a_frozen_trunk_stays_frozen_whatever_its_holder_is_told():
+    import copy
+    import pickle
+
+    from kfdeploy.training.models import freeze
+    from kfdeploy.training.train import accuracy
+
+    student = FactorNet(FactorConfig({"shape": 3}))
+    keys = list(student.state_dict())
+    freeze(student.trunk)
+    images, labels = SpritesSource(tasks=["shape"]).heldout(8)
+    for net in (student, copy.deepcopy(student), pickle.loads(pickle.dumps(student))):
+        net.requires_grad_(True)
+        net.train()
+        accuracy(net, images, labels)  # hands the model back with train(was_training)
+        assert net.training and net.tasks.training
+        assert not any(m.training for m in net.trunk.modules())
+        assert not any(p.requires_grad for p in net.trunk.parameters())
+        assert list(net.state_dict()) == keys, "bundles fingerprint the trunk by these keys"

@@ -29,6 +29,19 @@ is ready. A control endpoint (HTTP, 127.0.0.1 unless `--control-host`) does that
 /tasks`, `PUT /tasks/NAME`, `DELETE /tasks/NAME`, and `GET /stats` (Triton's statistics of
 the model, since it was last loaded).
 
+When the model's process dies (Triton's Python backend stub, killed by the kernel's OOM killer,
+say), Triton 2.51 goes on saying ready while every request fails with "Stub process ... is not
+healthy": the stub restart older Python backends had went in python_backend#360 (server#8604),
+and model readiness that follows the stub came later (server#8552, 2025). So kfdeploy serve
+watches each stub with a pidfd and, the moment none is left alive, kills that Triton and starts
+another on the same ports and repository (the served tasks included), logging one line;
+meanwhile the ports refuse connections, so readiness probes and requests fail at once instead
+of hanging. Loading the model again through the repository API was measured and is no cure:
+once a request has reached the dead stub, the dead model never finishes unloading (UNLOADING
+for good, its stub a zombie, its shared memory kept), so every later stop waits out the drain
+timeout and exits 1. A Triton that cannot start again, or whose model dies at once, makes
+kfdeploy serve exit 1 for a supervisor to restart it.
+
 What the binary needs, measured here (Triton 2.51 from nvidia-pytriton 0.7): a backend
 folder holding libtriton_python.so beside the stub built for this Python's version; the
 stub embeds the Python it finds on PATH (this interpreter's, so its site-packages), and
@@ -43,6 +56,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -56,7 +70,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..atomic import atomic_write
 from ..errors import KfError
@@ -67,6 +81,9 @@ from .routing import ServedTasks
 from .triton_repo import Enum, to_pbtxt
 
 READY_TIMEOUT_S = 180
+# The Python backend's stub, Triton's child, as /proc/PID/stat names it (the kernel keeps 15
+# characters of triton_python_backend_stub); one per model instance.
+STUB_NAME = "triton_python_b"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # what the stub puts on sys.path to import kfdeploy
 
 
@@ -103,6 +120,43 @@ def backend_folder(triton: Path, out: Path) -> Path:
         raise KfError(f"nvidia-pytriton has no Python backend stub for Python {sys.version_info[0]}.{sys.version_info[1]} ({stub})")
     shutil.copy(stub, python)
     return out
+
+
+def child_processes(parent: int, name: str) -> Dict[int, bool]:
+    """The processes called `name` (as /proc/PID/stat has it: 15 characters at most) whose
+    parent is `parent`: pid -> alive, False for one that has died and is not reaped yet (a
+    zombie: Triton 2.51 never reaps a stub that was killed)."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_bytes().decode(errors="replace")
+        except OSError:  # exited while we looked
+            continue
+        name_end = stat.rindex(")")
+        state, ppid = stat[name_end + 2:].split()[:2]
+        if int(ppid) == parent and stat[stat.index("(") + 1:name_end] == name:
+            found[int(entry.name)] = state != "Z"
+    return found
+
+
+def stub_memory(triton_pid: int) -> Set[str]:
+    """The shared memory Triton holds for its Python stubs (not a client's, which Triton may
+    map too), as /dev/shm paths: what a killed Triton leaves behind."""
+    try:
+        maps = Path(f"/proc/{triton_pid}/maps").read_text().splitlines()
+    except OSError:  # gone already
+        return set()
+    return {line.split()[-1] for line in maps if "/dev/shm/triton_python_backend_shm_region_" in line}
+
+
+def _pidfd_works() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # a kernel before 5.3
+        return False
+    return True
 
 
 def _die_with_parent() -> None:
@@ -207,6 +261,9 @@ class Server(ServedTasks):
         self.triton_log = Path(triton_log) if triton_log else self.folder.with_name(self.folder.name + "-tritonserver.log")
         self.repository = self.folder / "repository"
         self.triton: Optional[subprocess.Popen] = None
+        self._command: Sequence[str] = ()
+        self._watching = False
+        self._stubs: Dict[int, int] = {}  # pid -> pidfd of each stub watched, readable once it dies
         self.control: Optional[ThreadingHTTPServer] = None
         self._control_thread: Optional[threading.Thread] = None
 
@@ -304,7 +361,7 @@ class Server(ServedTasks):
             "# written by kfdeploy serve: the model is kfdeploy's own (kfdeploy/serving/serve_backend.py)\n"
             "from kfdeploy.serving.serve_backend import TritonPythonModel  # noqa: F401\n")
         self._write_config(self.tasks)
-        command = [
+        self._command = [
             str(self.triton_home / "bin" / "tritonserver"), f"--model-repository={self.repository}",
             f"--backend-directory={backend_folder(self.triton_home, self.folder / 'backends')}",
             "--model-control-mode=explicit", f"--load-model={self.model_name}",
@@ -312,13 +369,85 @@ class Server(ServedTasks):
             f"--http-port={self.port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", f"--exit-timeout-secs={self.drain_timeout_s}", "--log-verbose=0",
         ]
-        with open(self.triton_log, "w") as out:
-            # a session of its own: Ctrl-C reaches kfdeploy serve, which drains Triton once
-            self.triton = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=triton_environment(self.triton_home),
-                                           start_new_session=True, preexec_fn=_die_with_parent)
-        self._wait_ready()
+        self._watching = _pidfd_works()
+        dead = self._launch("w")
+        if self._watching and not (dead or self._stubs):
+            self._watching = False  # a Triton that runs its Python models some other way
+        if not self._watching:
+            self.log("kfdeploy serve: cannot watch the model's process (no pidfd, or no Python backend stub found); "
+                     "should it die, requests will fail until kfdeploy serve is restarted")
         self._control_thread = threading.Thread(target=self.control.serve_forever, name="kfdeploy-control", daemon=True)
         self._control_thread.start()
+
+    def _launch(self, log_mode: str) -> List[int]:
+        """Start Triton (its log opened with `log_mode`), wait for the model, watch its stubs;
+        returns the pids of stubs found dead."""
+        with open(self.triton_log, log_mode) as out:
+            # a session of its own: Ctrl-C reaches kfdeploy serve, which drains Triton once
+            self.triton = subprocess.Popen(self._command, stdout=out, stderr=subprocess.STDOUT, env=triton_environment(self.triton_home),
+                                           start_new_session=True, preexec_fn=_die_with_parent)
+        self._wait_ready()
+        return self._watch_stubs() if self._watching else []
+
+    def _watch_stubs(self) -> List[int]:
+        """A pidfd on each of Triton's live stubs (readable once it dies); returns the dead ones' pids."""
+        self._unwatch()
+        dead = []
+        for pid, alive in child_processes(self.triton.pid, STUB_NAME).items():
+            fd = None
+            if alive:
+                with contextlib.suppress(ProcessLookupError):  # gone since it was listed
+                    fd = os.pidfd_open(pid)
+            if fd is None:
+                dead.append(pid)
+            else:
+                self._stubs[pid] = fd
+        return dead
+
+    def _unwatch(self) -> None:
+        for fd in self._stubs.values():
+            os.close(fd)
+        self._stubs = {}
+
+    def model_down(self, timeout: float) -> Optional[str]:
+        """Wait up to `timeout` s for the model's process to die; why the model is down, or None.
+        A task switch replaces the stub too: the model is down when no stub is left alive."""
+        if not self._watching:
+            time.sleep(timeout)
+            return None
+        died = select.select(list(self._stubs.values()), [], [], timeout)[0] if self._stubs else []
+        if self._stubs and not died:
+            return None
+        dead = {pid for pid, fd in self._stubs.items() if fd in died}
+        dead.update(self._watch_stubs())
+        if self._stubs:
+            return None
+        pids = f", pid {', '.join(map(str, sorted(dead)))}" if dead else ""
+        return f"the model's process died (Triton's Python backend stub{pids})"
+
+    def restart(self, why: str) -> None:
+        """Bring the model back after its process died: kill this Triton, whose dead model would
+        never unload (see the module's docstring), and start another. Raises KfError when it
+        cannot start, or its model dies before it is watched (a model that cannot live)."""
+        with self._mutation:  # no task switch meanwhile: the new Triton loads the current config
+            started = time.perf_counter()
+            self._kill()
+            try:
+                self._launch("a")
+                if not self._stubs:  # the last Triton's was watched, so this one's died already
+                    raise KfError("the new model process died as soon as it was ready")
+            except (KfError, OSError):
+                self._kill()
+                raise
+        self.log(f"kfdeploy serve: {why}; started Triton again, the model answers again after "
+                 f"{time.perf_counter() - started:.1f} s, serving {', '.join(self.tasks) or 'no task'}")
+
+    def _kill(self) -> None:
+        memory = stub_memory(self.triton.pid)
+        self.triton.kill()
+        self.triton.wait()
+        for path in memory:
+            Path(path).unlink(missing_ok=True)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -362,6 +491,7 @@ class Server(ServedTasks):
             if self._control_thread is not None:  # shutdown() waits for serve_forever: forever, had it not begun
                 self.control.shutdown()
             self.control.server_close()
+        self._unwatch()
         code = 0
         if self.triton is not None:
             if self.triton.poll() is None:
@@ -387,12 +517,10 @@ def _port_refused(what: str, host: str, port: int, flag: str):
 def run(server: Server, ready=None) -> int:
     """Start `server`, serve until SIGTERM/SIGINT (or until Triton dies), drain, stop.
     Returns the exit code: 0 when Triton answered what was in flight and exited cleanly."""
-    stop = threading.Event()
     received = []
 
     def on_signal(signum, _frame):
         received.append(signal.Signals(signum).name)
-        stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -404,11 +532,18 @@ def run(server: Server, ready=None) -> int:
         server.log(server.describe())
         if ready is not None:
             ready()
-        while not stop.wait(0.5) and server.triton.poll() is None:
-            pass
+        failed = None
+        while not received and server.triton.poll() is None:
+            why = server.model_down(timeout=0.5)  # also how often a signal is looked for
+            if why is not None:
+                try:
+                    server.restart(why)
+                except (KfError, OSError) as exc:  # OSError: no tritonserver to start any more
+                    failed = f"kfdeploy serve: {why}, and it could not be brought back ({exc}); exiting for a supervisor to restart"
+                    break
         died = not received
-        server.log("kfdeploy serve: Triton stopped on its own; shutting down" if died
-                   else f"kfdeploy serve: {received[0]}: draining in-flight requests, then stopping")
+        server.log(failed or ("kfdeploy serve: Triton stopped on its own; shutting down" if died
+                              else f"kfdeploy serve: {received[0]}: draining in-flight requests, then stopping"))
         started = time.perf_counter()
         code = server.stop()
         server.log(f"kfdeploy serve: Triton exited with code {code} after {time.perf_counter() - started:.1f} s; "

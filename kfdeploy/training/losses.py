@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import Code, FactorNet
+from .models import Code, FactorNet, freeze
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -143,13 +143,9 @@ class FrozenTrunkObjective(nn.Module):
     def __init__(self, student: FactorNet, task: str, weights: LossWeights):
         super().__init__()
         self.model = student.requires_grad_(False)
+        freeze(student.trunk)  # held by the trunk itself: an evaluation between steps resets modes
         student.tasks[task].requires_grad_(True)
         self.task, self.weights = task, weights
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.trunk.eval()
-        return self
 
     def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
         with torch.no_grad():

@@ -11,6 +11,7 @@ Any teacher works if it follows `TeacherProtocol`; `SpritesTeacher` is ours.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, get_type_hints
 
 import torch
@@ -21,7 +22,7 @@ from .fusion import fuse, grouped_linear, same_architecture
 
 __all__ = [
     "BackboneConfig", "ConvBackbone", "TeacherProtocol", "TeacherConfig", "SpritesTeacher",
-    "FactorConfig", "TaskModule", "FusedTaskModules", "FactorNet", "count_parameters",
+    "FactorConfig", "TaskModule", "FusedTaskModules", "FactorNet", "count_parameters", "freeze",
 ]
 
 MAX_INFOMAX_STAGES = 4  # stages aligned besides the pooled feature; a ResNet has 4 after its stem
@@ -375,3 +376,23 @@ class FactorNet(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Make `module` a fixed function for the rest of its life: no parameter of it requires a
+    gradient and it stays in eval mode, whatever train() it or a module holding it is given,
+    so BatchNorm's running statistics never move. Callers that hand a model back its mode
+    (`model.train(was_training)` after an evaluation) need not know a part of it is frozen.
+    The class and state-dict keys stay as they were: bundles fingerprint those weights."""
+    module.requires_grad_(False)
+    # nn.Module.train() reaches each child through the child's own train(), so an instance
+    # attribute here holds for every holder; a partial (not a bound method) pickles and copies.
+    module.train = partial(_stay_in_eval, module)
+    return module.eval()
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    # A holder's requires_grad_(True) reaches these parameters directly, never through this
+    # module; training loops call train() before they collect what to optimise, so undo it here.
+    module.requires_grad_(False)
+    return nn.Module.train(module, False)
