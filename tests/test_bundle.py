@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import external_data_helper
 
-from conftest import run_cli
+from conftest import cli_fails, run_cli
 from kfdeploy.bundling import bundle as bundle_module
 from kfdeploy.bundling.bundle import Bundle, extract_archive, is_task_name, sha256_file
 from kfdeploy.cli import main
@@ -151,7 +151,10 @@ def test_a_key_given_twice_is_refused_naming_the_key(bundle_copy, opening, doubl
     (lambda r: r.update(sha256="abc"), "trunk.weights.sha256 must be 64 lowercase hex digits (a SHA-256), got the string 'abc'"),
     (lambda r: r.update(bytes=-1), "trunk.weights.bytes must be at least 0, got the integer -1"),
     (lambda r: r.update(bytes=1.5), "trunk.weights.bytes must be an integer, got the number 1.5"),
-], ids=["file-int", "file-escapes", "sha-upper", "sha-short", "bytes-negative", "bytes-float"])
+    (lambda r: r.update(file="w/" * 17 + "t"), "trunk.weights.file must be a relative path inside the bundle, got the string "
+                                               "'w/w/w/w/w/w/w/w/w/w/w/w/w/w/w/w/w/t' (it is more than 16 folders deep)"),
+    (lambda r: r.update(file="w" * 256), "(it is longer than 255 characters)"),
+], ids=["file-int", "file-escapes", "sha-upper", "sha-short", "bytes-negative", "bytes-float", "file-deep", "file-long"])
 def test_a_malformed_file_record_is_refused_naming_the_field(bundle_copy, change, message):
     _tamper(bundle_copy, lambda m: change(m["trunk"]["weights"]))
     _refused(bundle_copy, message)
@@ -234,6 +237,21 @@ def test_unknown_fields_and_absent_optional_fields_are_accepted(bundle_copy):
     opened = Bundle.open(bundle_copy)
     assert opened.manifest["added_by_a_newer_writer"] == {"anything": [1, 2]}  # the plain dict, as parsed
     assert opened.tasks and opened.input_shapes("shape")["image"][0][1:] == tuple(opened.manifest["input"]["shape"][1:])
+
+
+def test_untrusted_text_quoted_in_a_message_is_cut_short_and_escaped(bundle_copy):
+    key = "\x1b[2J\x1b]0;owned\x07" * 100_000  # clears the screen and retitles the terminal, 1.8 MB of it
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text.replace("{", "{" + json.dumps(key) + ": 1, " + json.dumps(key) + ": 2, ", 1))
+    message = _refused(bundle_copy, "manifest.json gives the key '\\x1b[2J\\x1b]0;owned\\x07")
+    assert len(message.replace(str(bundle_copy), "")) < 200 and "\x1b" not in message, message
+
+
+def test_a_bundle_of_thousands_of_tasks_lists_a_few_when_one_is_unknown(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    many = Bundle(bundle, {**manifest, "tasks": {f"task_{i}": {} for i in range(5000)}})
+    with pytest.raises(KfError, match=r"unknown task 'colour' in bundle .*; available: task_0, task_1, .* and 49\d\d more$"):
+        many.task("colour")
 
 
 def test_inspect_on_a_malformed_manifest_prints_one_line_and_exits_2(bundle_copy):
@@ -422,6 +440,18 @@ def test_an_archive_holding_the_same_file_twice_is_refused(tmp_path):
     twice = _archive(tmp_path / "twice.tar.gz", [("manifest.json", b"{}"), ("./manifest.json", b"{}")])
     with pytest.raises(KfError, match="has the file './manifest.json' twice"):
         extract_archive(twice, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("a/" * 2020 + "f", "it is longer than 255 characters"),  # made folder by folder, pathlib's mkdir recursed past the limit
+    ("d/" * 17 + "f", "it is more than 16 folders deep"),
+    ("x" * 100_000, "it is longer than 255 characters"),
+    ("\x1b]0;owned\x07" * 1000, "it is longer than 255 characters"),
+], ids=["thousands-of-folders", "deep", "long", "escape-sequences"])
+def test_an_archive_member_with_an_absurd_name_is_refused_in_one_short_line(tmp_path, capsys, name, reason):
+    archive = _archive(tmp_path / "absurd.tar.gz", [(name, b"x")])
+    err = cli_fails(["inspect", str(archive)], capsys, f"which is not a path inside a bundle ({reason}); refusing to extract it")
+    assert len(err.replace(str(archive), "")) < 400 and "\x1b" not in err and "\x07" not in err, err
 
 
 def test_archives_open_on_a_python_whose_tarfile_lacks_the_data_filter(bundle, tmp_path, monkeypatch):
