@@ -355,13 +355,71 @@ def test_a_task_graph_taking_its_inputs_in_the_other_order_composes_by_name(bund
 def test_a_graph_onnx_runtime_cannot_run_is_a_one_line_error(bundle_copy):
     import kfdeploy
 
-    def foreign_operator(model):
-        model.graph.node.append(onnx.helper.make_node("Mystery", ["common"], ["mystery_out"], domain="com.example"))
-        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
-    _rewrite_graph(bundle_copy, "tasks/shape.onnx", foreign_operator)
+    def relu_of_two_inputs(model):
+        model.graph.node.append(onnx.helper.make_node("Relu", ["common", "common"], ["relu_out"]))
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", relu_of_two_inputs)
     with pytest.raises(KfError, match=r"^ONNX Runtime [0-9.]+ cannot run this bundle's graphs \(.*\); re-export") as caught:
         kfdeploy.load(bundle_copy, tasks=["shape"], log=lambda line: None)
     assert "\n" not in str(caught.value)
+
+
+def _no_sessions(monkeypatch):
+    import onnxruntime
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was made from a graph the reader should have refused")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+
+
+def _append_node(op: str, domain: str = "", inputs=("common",), **attributes):
+    def change(model):
+        model.graph.node.append(onnx.helper.make_node(op, list(inputs), [f"{op}_out"], name=f"{op}_node", domain=domain, **attributes))
+    return change
+
+
+@pytest.mark.parametrize("relative, change, op", [
+    ("tasks/shape.onnx", _append_node("Loop", inputs=("", "")), "Loop"),
+    ("trunk.onnx", _append_node("If", inputs=("image",)), "If"),
+    ("tasks/shape.onnx", _append_node("ConstantOfShape"), "ConstantOfShape"),
+    ("tasks/shape.onnx", _append_node("Mystery", domain="com.example"), "com.example.Mystery"),
+], ids=["loop", "if", "constant-of-shape", "other-domain"])
+def test_an_operator_no_export_emits_is_refused_when_the_graph_is_read(bundle_copy, monkeypatch, capsys, relative, change, op):
+    # Loops and allocations sized by data are what a graph built to hang or exhaust memory uses
+    _rewrite_graph(bundle_copy, relative, change)
+    _no_sessions(monkeypatch)
+    which = "the trunk" if relative == "trunk.onnx" else "task shape"
+    expected = (f"{relative} in bundle {bundle_copy} ({which}) uses the operator {op!r} (node '{op.split('.')[-1]}_node'), "
+                "which this kfdeploy never exports; refusing it before any session — re-export the bundle with kfdeploy")
+    _refused(bundle_copy, expected)
+    for command in (["run", str(bundle_copy), str(bundle_copy / "examples" / "0.png")], ["verify", str(bundle_copy)]):
+        cli_fails(command, capsys, expected)
+
+
+def _constant(model, name: str, values, dtype=onnx.TensorProto.INT64):
+    model.graph.initializer.append(onnx.helper.make_tensor(name, dtype, [len(values)] if len(values) > 1 else [], values))
+
+
+@pytest.mark.parametrize("case", ["expand", "range", "padding"])
+def test_a_constant_that_sizes_an_output_absurdly_is_refused(bundle_copy, monkeypatch, case):
+    def expand(model):
+        _constant(model, "huge_shape", [1 << 20, 1 << 20])
+        _append_node("Expand", inputs=("common", "huge_shape"))(model)
+
+    def range_(model):
+        for name, value in (("start", 0), ("limit", 10 ** 12), ("delta", 1)):
+            _constant(model, name, [value])
+        _append_node("Range", inputs=("start", "limit", "delta"))(model)
+
+    def padding(model):
+        conv = next(node for node in model.graph.node if node.op_type == "Conv")
+        next(a for a in conv.attribute if a.name == "pads").ints[:] = [100_000] * 4
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", {"expand": expand, "range": range_, "padding": padding}[case])
+    _no_sessions(monkeypatch)
+    _refused(bundle_copy, {
+        "expand": "(task shape) has a node 'Expand_node' whose constants make Expand give 1.1e+12 elements, more than 268435456",
+        "range": "(task shape) has a node 'Range_node' whose constants make Range give 1e+12 elements, more than 268435456",
+        "padding": "padded by '[100000, 100000, 100000, 100000]' around a kernel of '[4, 4]': exports pad less than the kernel",
+    }[case])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -225,6 +225,11 @@ class Bundle:
         if external is not None:
             raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {quote(external)} in an external file, which "
                           "bundles do not allow (it would be read outside the checksums); re-export the bundle")
+        problem = operator_problem(model)
+        if problem:
+            which = "the trunk" if module == "trunk" else f"task {module}"
+            raise KfError(f"{record['file']} in bundle {self.root} ({which}) {problem}; refusing it before any "
+                          "session — re-export the bundle with kfdeploy")
         problem = self._interface_problem(module, model.graph)
         if problem:
             raise KfError(f"{record['file']} in bundle {self.root} {problem}; re-export the bundle")
@@ -342,6 +347,66 @@ def _node_tensors(nodes) -> Iterator:
             yield from attribute.tensors
             for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
                 yield from _graph_tensors(subgraph)
+
+
+# -- what a graph may hold --------------------------------------------------------------
+#
+# The operator types (default ONNX domain) that kfdeploy's exports and `kfdeploy quantize`
+# emit, collected from the graphs themselves: SimpleConv, resnet18, resnet50,
+# mobilenetv2_050, efficientnet_b0, convnext_atto and vit_tiny_patch16_224 modules, exported
+# at opsets 17, 18 and 20 (the profiles'), each also as int8 (QDQ) and fp16 variants.
+# BatchNormalization is the one addition: export leaves it where no Conv precedes it
+# (pre-activation nets, see export.fold_batch_norm). Anything else, control flow (If, Loop,
+# Scan) and other domains included, a reader refuses before ONNX Runtime sees it: a graph
+# can only do what these operators do. The composition adds Softmax (fuse.py).
+OPERATORS = frozenset({
+    "Add", "BatchNormalization", "Cast", "Clip", "Concat", "Conv", "DequantizeLinear", "Div", "Erf", "Expand",
+    "Gather", "Gelu", "Gemm", "LayerNormalization", "MatMul", "MaxPool", "Mul", "QuantizeLinear", "Range",
+    "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Squeeze", "Sub", "Transpose",
+    "Unsqueeze",
+})
+# Of those, Expand and Range take the size of their output from a tensor's values; where
+# those values are constants of the graph, a count beyond this is refused (1 GiB of
+# float32; an export's are the size of a feature map). Computed sizes are ONNX Runtime's
+# to refuse at run time, which the runtime reports as a KfError.
+MAX_CONSTANT_ELEMENTS = 1 << 28
+
+
+def operator_problem(model) -> Optional[str]:
+    """Why a module graph holds what no kfdeploy export does (an operator outside OPERATORS,
+    an output sized absurdly by its constants, padding wider than a kernel), or None."""
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+
+    def values(names) -> Optional[list]:
+        """The constants' values, flattened, or None where one is computed (or malformed: a
+        session refuses that)."""
+        try:
+            return [numpy_helper.to_array(constants[name]).reshape(-1).tolist() for name in names]
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    for node in model.graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        if op not in OPERATORS:
+            return f"uses the operator {quote(op)} (node {quote(node.name)}), which this kfdeploy never exports"
+        count = None
+        if op == "Expand" and len(node.input) == 2 and (shape := values(node.input[1:])):
+            count = math.prod(abs(d) for d in shape[0] if isinstance(d, int))  # int64, or a session refuses it
+        elif op == "Range" and (scalars := values(node.input)) and [len(v) for v in scalars] == [1, 1, 1]:
+            (start,), (limit,), (delta,) = scalars
+            count = (limit - start) / delta if delta else math.inf
+        if count is not None and count > MAX_CONSTANT_ELEMENTS:
+            return (f"has a node {quote(node.name)} whose constants make {op} give {count:.3g} elements, more than "
+                    f"{MAX_CONSTANT_ELEMENTS} (no exported network comes near)")
+        if op in ("Conv", "MaxPool"):
+            attributes = {a.name: list(a.ints) for a in node.attribute}
+            kernel, pads = attributes.get("kernel_shape", []), attributes.get("pads", [])
+            if any(pads) and not (len(pads) == 2 * len(kernel) and all(p < k for p, k in zip(pads, kernel * 2))):
+                return (f"has a {op} node {quote(node.name)} padded by {quote(str(pads))} around a kernel of "
+                        f"{quote(str(kernel))}: exports pad less than the kernel")
+    return None
 
 
 # -- what a manifest must hold ----------------------------------------------------------

@@ -35,7 +35,8 @@ from ..names import TASK_NAME_RULE, is_task_name, printable
 from ..training.models import FactorConfig, FactorNet
 from ..training.runs import apply_weights, check_weights_fit, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
 from ..training.train import weights_digest
-from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, read_manifest, sha256_file, write_archive
+from .bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, operator_problem, read_manifest, sha256_file,
+                     write_archive)
 
 # export/*.toml, installed inside the package as kfdeploy.profiles (setup.cfg): read from
 # there, an installed kfdeploy finds them without the source tree.
@@ -257,13 +258,18 @@ def fold_batch_norm(path: Path) -> int:
 
 
 def check_graph(model, name: str) -> None:
-    """onnx.checker (full) on a parsed graph (an onnx.ModelProto) that `name` names in messages."""
+    """onnx.checker (full) on a parsed graph (an onnx.ModelProto) that `name` names in messages,
+    and the operators a reader takes (bundle.OPERATORS): a graph export writes must read."""
     import onnx
 
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise KfError(f"{name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    problem = operator_problem(model)
+    if problem:
+        raise KfError(f"{name} {problem}: readers take only the operators kfdeploy's exports were seen to emit "
+                      "(OPERATORS in kfdeploy/bundling/bundle.py), so this architecture cannot be exported yet — report it")
 
 
 def ort_session(graph: Path | bytes):
