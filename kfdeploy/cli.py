@@ -478,8 +478,11 @@ def cmd_run(args) -> None:
         if line:
             print(line, file=sys.stderr)
     tasks = args.tasks.split(",") if args.tasks else None
-    model = load(bundle, tasks=tasks, backend=args.backend, precision=args.precision)
+    said = []  # which providers run it: said once there are answers, so that a refusal stays one line
+    model = load(bundle, tasks=tasks, backend=args.backend, precision=args.precision, log=said.append)
     top = model.top(model(images), k=args.top)
+    for line in said:
+        print(line, file=sys.stderr)
     names = [str(p) for p in args.inputs] if len(images) == len(args.inputs) else [f"#{i}" for i in range(len(images))]
     if args.json:
         print(json.dumps([{"input": name, **{t: [{"label": l, "probability": p} for l, p in top[t][i]] for t in top}}

@@ -422,6 +422,73 @@ def test_a_constant_that_sizes_an_output_absurdly_is_refused(bundle_copy, monkey
     }[case])
 
 
+# -- graphs that fail or lie at run time ---------------------------------------------------
+
+def _through(make_nodes):
+    """A change that routes a graph's output through `make_nodes(before, after)` (names of
+    the old output and of the graph's output), and leaves its width unstated."""
+    def change(model):
+        output = model.graph.output[0]
+        producer = next(node for node in model.graph.node if output.name in node.output)
+        producer.output[list(producer.output).index(output.name)] = "before_output"
+        model.graph.node.extend(make_nodes("before_output", output.name))
+        output.type.tensor_type.shape.dim[1].dim_param = "width"
+    return change
+
+
+def _allocating_without_bound(model):
+    """Adds to the output a mean over an Expand sized by the image's shape times constants:
+    operators exports emit, a size known only at run time (10^14 elements for 2 images)."""
+    model.graph.initializer.extend([onnx.helper.make_tensor("by", onnx.TensorProto.INT64, [4], [1000, 1000, 100, 100]),
+                                    onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])])
+    return _through(lambda before, after: [
+        onnx.helper.make_node("Shape", ["image"], ["image_shape"]),
+        onnx.helper.make_node("Mul", ["image_shape", "by"], ["huge_shape"]),
+        onnx.helper.make_node("Expand", ["one", "huge_shape"], ["huge"], name="allocates"),
+        onnx.helper.make_node("ReduceMean", ["huge"], ["mean"], keepdims=0),
+        onnx.helper.make_node("Add", [before, "mean"], [after]),
+    ])(model)
+
+
+def _twice_as_wide(model):
+    _through(lambda before, after: [onnx.helper.make_node("Concat", [before, before], [after], axis=1)])(model)
+
+
+@pytest.fixture(scope="module")
+def png(bundle, tmp_path_factory):
+    path = tmp_path_factory.mktemp("png") / "0.png"
+    shutil.copy(bundle / "examples" / "0.png", path)
+    return path
+
+
+def test_a_graph_that_fails_while_running_is_one_line_naming_its_module(bundle_copy, png, capfd):
+    import kfdeploy
+
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", _allocating_without_bound)
+    model = kfdeploy.load(bundle_copy, tasks=["scale", "shape"], log=lambda line: None)  # composed: one graph
+    images = np.zeros((2, 1, 64, 64), np.float32)
+    with pytest.raises(KfError, match=r"^task module 'shape' failed while running in ONNX Runtime \(.*running Expand node. Name:'shape/allocates' "
+                                      r"Status Message: .*\); if the batch is large, call with fewer images, else the bundle's graphs are "
+                                      r"damaged: check it with `kfdeploy verify`, or re-export it$"):
+        model(images)
+    assert "onnxruntime" not in capfd.readouterr().err  # its own error lines stay off the terminal
+    for command in (["run", str(bundle_copy), str(png)], ["verify", str(bundle_copy)]):
+        cli_fails(command, capfd, "task module 'shape' failed while running in ONNX Runtime")
+
+
+def test_a_graph_whose_output_is_wider_than_its_manifest_says_is_refused_at_each_call(bundle_copy, png, capfd):
+    import kfdeploy
+
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", _twice_as_wide)
+    model = kfdeploy.load(bundle_copy, tasks=["shape"], log=lambda line: None)
+    with pytest.raises(KfError, match=r"^task module 'shape' gave scores of shape \(2, 6\) for 2 image\(s\), where the manifest "
+                                      r"says 3 classes: its graph does not compute what bundle .* declares; re-export the bundle$"):
+        model(np.zeros((2, 1, 64, 64), np.float32))
+    cli_fails(["run", str(bundle_copy), str(png)], capfd, "task module 'shape' gave scores of shape (1, 6) for 1 image(s)")
+    cli_fails(["verify", str(bundle_copy)], capfd, "task module 'shape' gave an output of shape (256, 6) for 256 image(s) "
+                                                   "where the manifest says (256, 3)")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda t: t.update(image_size="64"), "model.trunk.image_size must be int, got str '64'"),
     (lambda t: t.update(arch=5), "model.trunk.arch must be str, got int 5"),

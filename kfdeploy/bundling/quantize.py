@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import KfError
+from ..sessions import quiet_options
 from .bundle import MANIFEST, VARIANT_PRECISIONS, Bundle, operator_problem, read_manifest
 from .fuse import Composer
 
@@ -206,8 +207,7 @@ def _run_composed(composer: Composer, tasks: Sequence[str], images: np.ndarray, 
 
     model = composer.compose(list(tasks))
     onnx.checker.check_model(onnx.load_model_from_string(model), full_check=True)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = quiet_options()
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
