@@ -298,6 +298,20 @@ def test_a_graph_with_tensors_in_an_external_file_is_refused_before_any_session(
         assert expected in err and err.count("\n") == 1, (command, err)
 
 
+def test_a_graph_whose_names_are_not_utf8_is_refused_when_read(bundle_copy, monkeypatch, capfd):
+    # Found by tests/test_fuzz_reader.py: protobuf parsed the graph and handed out a node's input
+    # name as bytes, on which composing failed (UnicodeDecodeError) and ONNX Runtime printed "EP Error"
+    data = bytearray((bundle_copy / "trunk.onnx").read_bytes())
+    data[data.index(b"image")] ^= 0x80  # "image" as b"\xe9mage": a name, and no UTF-8
+    (bundle_copy / "trunk.onnx").write_bytes(bytes(data))
+    _tamper(bundle_copy, lambda m: m["trunk"].update(sha256=sha256_file(bundle_copy / "trunk.onnx")))
+    _no_sessions(monkeypatch)
+    expected = (f"trunk.onnx in bundle {bundle_copy} is not a readable ONNX graph (text in its onnx.NodeProto.input is not "
+                "UTF-8); re-export the bundle")
+    _refused(bundle_copy, expected)
+    cli_fails(["run", str(bundle_copy), str(bundle_copy / "examples" / "0.png")], capfd, expected)
+
+
 # -- graphs take and give what the manifest says --------------------------------------------
 
 def _rewrite_graph(folder, relative: str, change):

@@ -219,8 +219,12 @@ class Bundle:
             raise self._checksum_mismatch(record["file"])
         try:
             model = onnx.load_model_from_string(data)
+            not_utf8 = _not_utf8(model)
         except Exception as exc:  # protobuf raises its own DecodeError, not a common base
             raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph ({exc}); re-export the bundle") from None
+        if not_utf8:
+            raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph (text in its {not_utf8} "
+                          "is not UTF-8); re-export the bundle")
         external = next((t.name for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL), None)
         if external is not None:
             raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {quote(external)} in an external file, which "
@@ -323,6 +327,24 @@ class Bundle:
         if module != "trunk":
             inputs["common"] = (self.manifest["trunk"]["output"]["width"],)
         return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
+
+
+def _not_utf8(message) -> Optional[str]:
+    """The first string field of a protobuf message, or of a message in it, whose bytes are not
+    UTF-8, or None. ONNX's proto2 messages parse such bytes anyway and Python's protobuf hands
+    them out as bytes where a name should be text: the composer and ONNX Runtime then fail
+    on them with UnicodeDecodeError."""
+    from google.protobuf.message import Message
+
+    for field, value in message.ListFields():
+        items = (value,) if isinstance(value, (Message, str, bytes)) else value  # else a repeated field
+        if field.type == field.TYPE_MESSAGE:
+            found = next(filter(None, map(_not_utf8, items)), None)
+            if found:
+                return found
+        elif field.type == field.TYPE_STRING and any(isinstance(item, bytes) for item in items):
+            return field.full_name
+    return None
 
 
 def _model_tensors(model) -> Iterator:
