@@ -11,6 +11,7 @@ are the same on every run; KFDEPLOY_FUZZ_EXAMPLES=5000 searches longer with fres
 ones. Each crash found became a named regression test in test_bundle.py.
 """
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import kfdeploy
+from kfdeploy.bundling import bundle as bundle_module
 from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.errors import KfError
@@ -36,6 +38,9 @@ MODULE_FILES = ("trunk.onnx", "tasks/shape.onnx", "tasks/scale.onnx")
 numbers = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.sampled_from([0, -1, 10 ** 400, -(10 ** 400)]),
                     st.floats(allow_nan=True, allow_infinity=True))
 leaves = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=12), st.sampled_from(["", "..", "/etc/passwd", "a" * 300]))
+# Keys a mutation may add: the schema's own field names (engines, variants, examples, ...) or any text
+keys = st.sampled_from(sorted({f.name for item in vars(bundle_module).values() if dataclasses.is_dataclass(item)
+                               for f in dataclasses.fields(item)} | {"int8", "fp16", "shape"})) | st.text(max_size=8)
 values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                       max_leaves=6)
 
@@ -54,8 +59,13 @@ def _mutate_value(manifest: dict, data) -> None:
     parent = manifest
     for key in parents:
         parent = parent[key]
-    how = data.draw(st.sampled_from(["replace", "delete", "retype"]))
-    if how == "delete":
+    how = data.draw(st.sampled_from(["replace", "delete", "retype", "add"]))
+    if how == "add":  # beside the place: a key into its object, an item into its array
+        if isinstance(parent, dict):
+            parent[data.draw(keys)] = data.draw(values)
+        else:
+            parent.append(data.draw(values))
+    elif how == "delete":
         del parent[last]
     elif how == "replace":
         parent[last] = data.draw(values)
