@@ -462,7 +462,7 @@ def read_npy(path: Path):
             if version not in readers:  # 3.0 exists for structured arrays with non-Latin-1 field names only
                 raise KfError(f"{path} is a .npy of format {version[0]}.{version[1]}, which holds structured arrays, "
                               "not a batch of numbers: save a uint8 or float array with numpy.save")
-            shape, fortran_order, dtype = readers[version](f)
+            shape, _, dtype = readers[version](f)  # the order of its values needs no check
             if dtype.kind not in "biuf":
                 raise KfError(f"{path} holds {dtype} values, not numbers: save a uint8 or float array with numpy.save")
             values, held = math.prod(shape), path.stat().st_size - f.tell()

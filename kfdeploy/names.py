@@ -31,6 +31,11 @@ def printable(text: str) -> str:
     return ascii(text)[1:-1] if unprintable(text) else text
 
 
+def module_title(module: str) -> str:
+    """How messages name a module of a bundle: "the trunk", or "task module 'shape'"."""
+    return "the trunk" if module == "trunk" else f"task module {quote(module)}"
+
+
 def quote(text: str, limit: int = 40) -> str:
     """Untrusted `text` (from a bundle, an archive, a graph) as a message quotes it: repr's
     escapes, so nothing reaches a terminal as a control sequence, and about `limit`

@@ -29,8 +29,8 @@ from .bundling.bundle import Bundle, read_manifest
 from .bundling.fuse import Composer, probs_output
 from .errors import KfError
 from .extras import require
-from .names import quote
-from .sessions import quiet_options, reason, run_failure, run_failures
+from .names import module_title
+from .sessions import ort_message, quiet_options, run_failure, run_failures
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 _PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -161,7 +161,7 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
         options.use_per_session_threads = False
         return ort.InferenceSession(model, options, providers=list(providers))
     except refused as exc:
-        raise KfError(f"ONNX Runtime {ort.__version__} cannot run this bundle's graphs ({reason(exc)}); "
+        raise KfError(f"ONNX Runtime {ort.__version__} cannot run this bundle's graphs ({ort_message(exc)}); "
                       "re-export the bundle with this kfdeploy, or install the ONNX Runtime it was made for") from None
 
 
@@ -692,7 +692,7 @@ class Assembly(TaskSelection):
         return out
 
     def _refuse_output(self, task: str, shape: tuple, images: int) -> None:
-        raise KfError(f"task module {quote(task)} gave scores of shape {shape} for {images} image(s), where the manifest "
+        raise KfError(f"{module_title(task)} gave scores of shape {shape} for {images} image(s), where the manifest "
                       f"says {self.manifest['tasks'][task]['classes']} classes: its graph does not compute what bundle "
                       f"{self.bundle.root} declares; re-export the bundle")
 

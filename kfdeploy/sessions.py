@@ -13,7 +13,7 @@ import re
 from typing import Iterable
 
 from .errors import KfError
-from .names import quote
+from .names import module_title, quote
 
 # FATAL only: ONNX Runtime logs every failed run as an error line on stderr, besides raising
 # it (a session's level governs its runs: RunOptions default to it).
@@ -41,7 +41,7 @@ def run_failures() -> tuple:
             state.EPFail, state.EngineError, RuntimeError, MemoryError)
 
 
-def reason(exc: BaseException) -> str:
+def ort_message(exc: BaseException) -> str:
     """ONNX Runtime's message, short: its first line without the error-code prefix or the C++
     source location, quoted (it holds node names, which come from the bundle)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -55,7 +55,6 @@ def run_failure(exc: BaseException, modules: Iterable[str]) -> KfError:
     modules = list(modules)
     node = _NODE.search(str(exc))
     module = modules[0] if len(modules) == 1 else node.group(1) if node and node.group(1) in modules else None
-    which = ("the trunk" if module == "trunk" else f"task module {module!r}" if module
-             else f"the graph of {', '.join(modules)}")
-    return KfError(f"{which} failed while running in ONNX Runtime ({reason(exc)}); if the batch is large, call with "
+    which = module_title(module) if module else f"the graph of {', '.join(modules)}"
+    return KfError(f"{which} failed while running in ONNX Runtime ({ort_message(exc)}); if the batch is large, call with "
                    "fewer images, else the bundle's graphs are damaged: check it with `kfdeploy verify`, or re-export it")

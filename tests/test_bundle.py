@@ -401,7 +401,7 @@ def test_an_operator_no_export_emits_is_refused_when_the_graph_is_read(bundle_co
     # Loops and allocations sized by data are what a graph built to hang or exhaust memory uses
     _rewrite_graph(bundle_copy, relative, change)
     _no_sessions(monkeypatch)
-    which = "the trunk" if relative == "trunk.onnx" else "task shape"
+    which = "the trunk" if relative == "trunk.onnx" else "task module 'shape'"
     expected = (f"{relative} in bundle {bundle_copy} ({which}) uses the operator {op!r} (node '{op.split('.')[-1]}_node'), "
                 "which this kfdeploy never exports; refusing it before any session — re-export the bundle with kfdeploy")
     _refused(bundle_copy, expected)
@@ -430,8 +430,8 @@ def test_a_constant_that_sizes_an_output_absurdly_is_refused(bundle_copy, monkey
     _rewrite_graph(bundle_copy, "tasks/shape.onnx", {"expand": expand, "range": range_, "padding": padding}[case])
     _no_sessions(monkeypatch)
     _refused(bundle_copy, {
-        "expand": "(task shape) has a node 'Expand_node' whose constants make Expand give 1.1e+12 elements, more than 268435456",
-        "range": "(task shape) has a node 'Range_node' whose constants make Range give 1e+12 elements, more than 268435456",
+        "expand": "(task module 'shape') has a node 'Expand_node' whose constants make Expand give 1.1e+12 elements, more than 268435456",
+        "range": "(task module 'shape') has a node 'Range_node' whose constants make Range give 1e+12 elements, more than 268435456",
         "padding": "padded by '[100000, 100000, 100000, 100000]' around a kernel of '[4, 4]': exports pad less than the kernel",
     }[case])
 

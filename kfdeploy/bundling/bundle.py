@@ -26,7 +26,7 @@ from typing import (Annotated, Any, Callable, Dict, Iterator, List, Literal, Opt
 
 from ..atomic import atomic_write
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name, listing, quote, unprintable
+from ..names import TASK_NAME_RULE, is_task_name, listing, module_title, quote, unprintable
 
 FORMAT = "kfdeploy-bundle"
 # 2: the input spec says how pixels are normalized (inside the graphs) and which pixel types
@@ -231,8 +231,7 @@ class Bundle:
                           "bundles do not allow (it would be read outside the checksums); re-export the bundle")
         problem = operator_problem(model)
         if problem:
-            which = "the trunk" if module == "trunk" else f"task {module}"
-            raise KfError(f"{record['file']} in bundle {self.root} ({which}) {problem}; refusing it before any "
+            raise KfError(f"{record['file']} in bundle {self.root} ({module_title(module)}) {problem}; refusing it before any "
                           "session — re-export the bundle with kfdeploy")
         problem = self._interface_problem(module, model.graph)
         if problem:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name, printable
+from ..names import TASK_NAME_RULE, is_task_name, module_title, printable
 from ..sessions import quiet_options, run_failure, run_failures
 from ..training.models import FactorConfig, FactorNet
 from ..training.runs import apply_weights, check_weights_fit, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
@@ -289,8 +289,7 @@ def run_module(session, feeds: Dict[str, np.ndarray], module: str, rows: int, wi
     except run_failures() as exc:
         raise run_failure(exc, [module]) from None
     if out.shape != (rows, width):
-        which = "the trunk" if module == "trunk" else f"task module {module!r}"
-        raise KfError(f"{which} gave an output of shape {out.shape} for {rows} image(s) where the manifest says "
+        raise KfError(f"{module_title(module)} gave an output of shape {out.shape} for {rows} image(s) where the manifest says "
                       f"{(rows, width)}: its graph does not compute what the bundle declares; re-export the bundle")
     return out
 
