@@ -31,6 +31,14 @@ def _tamper(folder, change):
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _no_sessions(monkeypatch):
+    import onnxruntime
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was made from a graph the reader should have refused")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+
+
 def _refused(path, expected: str) -> str:
     with pytest.raises(KfError) as caught:
         Bundle.open(path)
@@ -283,15 +291,10 @@ def _move_weight_outside(folder, location: str):
 
 @pytest.mark.parametrize("location", ["trunk.data", "../outside.data"], ids=["inside", "outside"])
 def test_a_graph_with_tensors_in_an_external_file_is_refused_before_any_session(bundle_copy, location, monkeypatch, capsys):
-    import onnxruntime
-
     tensor = _move_weight_outside(bundle_copy, location)
     expected = f"trunk.onnx in bundle {bundle_copy} keeps tensor {tensor!r} in an external file"
     _refused(bundle_copy, expected)
-
-    def no_session(*args, **kwargs):
-        raise AssertionError("a session was made from a graph with external data")
-    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    _no_sessions(monkeypatch)
     for command in ("verify", "check-trt", "inspect"):
         assert main([command, str(bundle_copy)]) == 2
         err = capsys.readouterr().err
@@ -375,14 +378,6 @@ def test_a_graph_onnx_runtime_cannot_run_is_a_one_line_error(bundle_copy):
     with pytest.raises(KfError, match=r"^ONNX Runtime [0-9.]+ cannot run this bundle's graphs \(.*\); re-export") as caught:
         kfdeploy.load(bundle_copy, tasks=["shape"], log=lambda line: None)
     assert "\n" not in str(caught.value)
-
-
-def _no_sessions(monkeypatch):
-    import onnxruntime
-
-    def no_session(*args, **kwargs):
-        raise AssertionError("a session was made from a graph the reader should have refused")
-    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
 
 
 def _append_node(op: str, domain: str = "", inputs=("common",), **attributes):
