@@ -404,7 +404,7 @@ def _npy(path, shape, descr="<f4", payload=b""):
     return path
 
 
-@pytest.mark.parametrize("case", ["billions", "truncated", "objects", "strings"])
+@pytest.mark.parametrize("case", ["billions", "truncated", "objects", "strings", "format-3"])
 def test_an_npy_that_claims_more_than_it_holds_or_is_not_numbers_is_refused_before_allocating(tmp_path, capsys, monkeypatch, case):
     path = tmp_path / "batch.npy"
     expected = {
@@ -414,6 +414,7 @@ def test_an_npy_that_claims_more_than_it_holds_or_is_not_numbers_is_refused_befo
                       "truncated or not what it says"),
         "objects": "holds object values, not numbers: save a uint8 or float array with numpy.save",
         "strings": "holds <U8 values, not numbers",
+        "format-3": "is a .npy of format 3.0, which holds structured arrays, not a batch of numbers",
     }[case]
     if case == "billions":
         _npy(path, (10 ** 6, 3, 1000, 1000))
@@ -421,8 +422,11 @@ def test_an_npy_that_claims_more_than_it_holds_or_is_not_numbers_is_refused_befo
         _npy(path, (100, 1, 64, 64), payload=bytes(100))
     elif case == "objects":
         np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    else:
+    elif case == "strings":
         np.save(path, np.array(["pictures"]))
+    else:
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.zeros((1, 1, 4, 4), np.float32), version=(3, 0))
 
     def no_allocation(*args, **kwargs):
         raise AssertionError("the array was read before its header was checked")
