@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from .errors import KfError
 from .extras import check
+from .names import quote
 from .serving import REPOSITORY_QUEUE_DELAY_US, SERVE_DRAIN_TIMEOUT_S, SERVE_QUEUE_DELAY_US
 from .training.data import NEW_TASK_STEPS, NEW_TASKS
 
@@ -35,6 +36,9 @@ EXAMPLES = {
 # Sized so teacher + factorization + evaluation take about 15 minutes on 2 CPU cores.
 QUICKSTART_TEACHER_STEPS = 5000
 QUICKSTART_FACTORIZE_STEPS = 2000
+# The most values a .npy batch given to `kfdeploy run` may hold: 512 MiB as float32, some 2,700
+# RGB images at 224x224. Its header says how many it holds, and is believed only up to this.
+MAX_NPY_VALUES = 1 << 27
 
 
 def _add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
@@ -444,11 +448,40 @@ def read_images(paths: List[Path]):
     from .images import read_image
 
     if len(paths) == 1 and paths[0].suffix == ".npy":
-        try:
-            return np.load(paths[0], allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise KfError(f"cannot read {paths[0]} as a numpy batch ({exc})") from None
+        return read_npy(paths[0])
     return [read_image(path) for path in paths]
+
+
+def read_npy(path: Path):
+    """A numeric .npy array, its header checked before anything is allocated: the numbers it
+    declares (shape, dtype) must be a batch of at most MAX_NPY_VALUES numbers that the file
+    really holds. Never unpickles."""
+    import math
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version not in readers:  # 3.0 exists for structured arrays with non-Latin-1 field names only
+                raise KfError(f"{path} is a .npy of format {version[0]}.{version[1]}, which holds structured arrays, "
+                              "not a batch of numbers: save a uint8 or float array with numpy.save")
+            shape, _, dtype = readers[version](f)  # the order of its values needs no check
+            if dtype.kind not in "biuf":
+                raise KfError(f"{path} holds {dtype} values, not numbers: save a uint8 or float array with numpy.save")
+            values, held = math.prod(shape), path.stat().st_size - f.tell()
+            if values > MAX_NPY_VALUES:
+                raise KfError(f"{path} declares a {'x'.join(map(str, shape))} array, {values} values, more than the "
+                              f"{MAX_NPY_VALUES} a batch may hold here: split it into smaller .npy files")
+            if values * dtype.itemsize > held:
+                raise KfError(f"{path} declares a {'x'.join(map(str, shape))} array of {dtype} ({values * dtype.itemsize} "
+                              f"bytes) but holds {held} bytes after its header: it is truncated or not what it says")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # unreadable, not .npy, a header numpy refuses
+        raise KfError(f"cannot read {path} as a numpy batch ({quote(str(exc), 200)})") from None
 
 
 def fit_images(images: list, bundle) -> tuple:
@@ -484,8 +517,11 @@ def cmd_run(args) -> None:
         if line:
             print(line, file=sys.stderr)
     tasks = args.tasks.split(",") if args.tasks else None
-    model = load(bundle, tasks=tasks, backend=args.backend, precision=args.precision)
+    said = []  # which providers run it: said once there are answers, so that a refusal stays one line
+    model = load(bundle, tasks=tasks, backend=args.backend, precision=args.precision, log=said.append)
     top = model.top(model(images), k=args.top)
+    for line in said:
+        print(line, file=sys.stderr)
     names = [str(p) for p in args.inputs] if len(images) == len(args.inputs) else [f"#{i}" for i in range(len(images))]
     if args.json:
         print(json.dumps([{"input": name, **{t: [{"label": l, "probability": p} for l, p in top[t][i]] for t in top}}

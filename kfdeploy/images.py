@@ -4,6 +4,10 @@
   Pillow itself calls a decompression bomb: a small file must not expand into gigabytes.
 - A file Pillow cannot read (not an image, truncated, missing) is a KfError naming it.
 - Grey images stay one channel; anything else becomes RGB, so callers see two layouts only.
+- Pixels come out as an image viewer shows them: turned as the EXIF orientation says (a
+  phone stores a portrait photo sideways, with a tag saying so), and 16-bit grey scaled to
+  8 bits by its high byte, as Pillow reads 16-bit colour (its own conversion to 8-bit grey
+  clips: everything above 255 of 65535 would turn white).
 - `fit_image` brings a decoded image to a bundle's channel count and size, one way for
   every consumer: channels first (Pillow's grey <-> RGB conversion), then a bilinear
   resize (antialiased when shrinking, as the training data is resized).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 from pathlib import Path
 from typing import List, Tuple
 
@@ -24,7 +29,8 @@ from .extras import require
 
 MAX_SIDE = 4096
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # 16.8 megapixels: far above what a 64x64 model needs
-_GREY_MODES = ("1", "L", "I", "I;16", "F")
+_WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit files; "I" also holds 32-bit ones
+_GREY_MODES = ("1", "L", "F", *_WIDE_GREY_MODES)
 
 
 def _pillow():
@@ -50,16 +56,29 @@ def _opened(path, name: str | None = None):
         raise KfError(f"{name} is not an image that can be read (PNG, JPEG, ...): {exc}") from None
 
 
+def _as_shown(image) -> np.ndarray:
+    """An opened image's pixels as a viewer shows them, uint8: (H, W) grey or (H, W, 3) RGB."""
+    ImageOps = require("PIL.ImageOps", None)
+    image.load()  # a damaged file fails here, as one that cannot be read
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except (OSError, ValueError, SyntaxError, struct.error):  # EXIF a viewer cannot read either: shown as stored
+        pass
+    if image.mode in _WIDE_GREY_MODES:
+        return (np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+    return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+
+
 def read_image(path: Path | str) -> np.ndarray:
     """Decode an image file into uint8: (H, W) for grey images, (H, W, 3) RGB for the rest."""
     with _opened(Path(path)) as image:
-        return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+        return _as_shown(image)
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """As read_image, for bytes the caller has read (and checked); `name` names them in messages."""
     with _opened(io.BytesIO(data), Path(name).name) as image:
-        return np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+        return _as_shown(image)
 
 
 def is_colour(path: Path | str) -> bool:

@@ -29,3 +29,36 @@ def printable(text: str) -> str:
     """`text` as a bundle may carry it: itself, or escaped where it is `unprintable` (a path
     on disk may hold a tab, or bytes that are not UTF-8)."""
     return ascii(text)[1:-1] if unprintable(text) else text
+
+
+def module_title(module: str) -> str:
+    """How messages name a module of a bundle: "the trunk", or "task module 'shape'"."""
+    return "the trunk" if module == "trunk" else f"task module {quote(module)}"
+
+
+def quote(text: str, limit: int = 40) -> str:
+    """Untrusted `text` (from a bundle, an archive, a graph) as a message quotes it: repr's
+    escapes, so nothing reaches a terminal as a control sequence, and about `limit`
+    characters of it at most, '...' marking a cut: a name may be megabytes long."""
+    shown = repr(text)
+    if len(shown) <= limit + 2:
+        return shown
+    head = text[:limit]
+    while len(repr(head)) > limit + 2:  # an escape takes up to 10 characters
+        head = head[:len(head) // 2]
+    return repr(head) + "..."
+
+
+def listing(names, limit: int = 200) -> str:
+    """Names as a message lists them ("shape, scale"): escaped where `unprintable`, and cut
+    after about `limit` characters ("a, b and 9998 more"), since a bundle may hold thousands."""
+    names = list(names)
+    shown, length = [], 0
+    for name in names:
+        item = printable(name)
+        item = item if len(item) <= 64 else item[:64] + "..."
+        if shown and length + len(item) > limit:
+            return f"{', '.join(shown)} and {len(names) - len(shown)} more"
+        shown.append(item)
+        length += len(item) + 2
+    return ", ".join(shown) or "none"

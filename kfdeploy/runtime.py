@@ -29,6 +29,8 @@ from .bundling.bundle import Bundle, read_manifest
 from .bundling.fuse import Composer, probs_output
 from .errors import KfError
 from .extras import require
+from .names import module_title
+from .sessions import ort_message, quiet_options, run_failure, run_failures
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 _PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -130,8 +132,7 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
     """An ONNX Runtime session over a serialized graph, configured the one way kfdeploy runs graphs."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = quiet_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The arena keeps the peak of every batch size a session has served (trunk + 5 tasks
     # grew to ~140 MB after batches of 1 and 64, against ~50 MB without it); batch 64 was
@@ -160,8 +161,7 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
         options.use_per_session_threads = False
         return ort.InferenceSession(model, options, providers=list(providers))
     except refused as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KfError(f"ONNX Runtime {ort.__version__} cannot run this bundle's graphs ({reason}); "
+        raise KfError(f"ONNX Runtime {ort.__version__} cannot run this bundle's graphs ({ort_message(exc)}); "
                       "re-export the bundle with this kfdeploy, or install the ONNX Runtime it was made for") from None
 
 
@@ -179,6 +179,7 @@ class Composition:
         self.session = session
         self.io_device = io_device
         self._output_names: Dict[tuple, List[str]] = {}  # per (tasks, logits): a batch-1 call is ~0.2 ms
+        self._failures = run_failures()
 
     def run(self, x: np.ndarray, tasks: Tuple[str, ...], logits: bool) -> Dict[str, np.ndarray]:
         names = self._output_names.get((tasks, logits))
@@ -186,15 +187,18 @@ class Composition:
             names = [task if logits else probs_output(task) for task in tasks]
             if len(self._output_names) < 64:  # orders of subsets are many; the common calls come first
                 self._output_names[tasks, logits] = names
-        if self.io_device is None:
-            values = self.session.run(names, {"image": x})
-        else:
-            binding = self.session.io_binding()  # one per call: bindings are not shared between threads
-            binding.bind_cpu_input("image", x)
-            for name in names:
-                binding.bind_output(name, "cpu")
-            self.session.run_with_iobinding(binding)
-            values = binding.copy_outputs_to_cpu()
+        try:
+            if self.io_device is None:
+                values = self.session.run(names, {"image": x})
+            else:
+                binding = self.session.io_binding()  # one per call: bindings are not shared between threads
+                binding.bind_cpu_input("image", x)
+                for name in names:
+                    binding.bind_output(name, "cpu")
+                self.session.run_with_iobinding(binding)
+                values = binding.copy_outputs_to_cpu()
+        except self._failures as exc:  # the graphs are the bundle's, untrusted: one line, naming the module
+            raise run_failure(exc, ["trunk", *sorted(self.tasks)]) from None
         return dict(zip(tasks, values))
 
 
@@ -681,7 +685,16 @@ class Assembly(TaskSelection):
             split = Timings()
             out = runner.run(x, wanted, logits, split)
         self._local.last_call = (time.perf_counter() - started, split)
+        records = self.manifest["tasks"]
+        for task in wanted:  # a graph may give another width than its manifest says: apps would index past it
+            if out[task].shape != (len(x), records[task]["classes"]):
+                self._refuse_output(task, out[task].shape, len(x))
         return out
+
+    def _refuse_output(self, task: str, shape: tuple, images: int) -> None:
+        raise KfError(f"{module_title(task)} gave scores of shape {shape} for {images} image(s), where the manifest "
+                      f"says {self.manifest['tasks'][task]['classes']} classes: its graph does not compute what bundle "
+                      f"{self.bundle.root} declares; re-export the bundle")
 
     __call__ = run
 

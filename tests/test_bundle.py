@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import external_data_helper
 
-from conftest import run_cli
+from conftest import cli_fails, run_cli
 from kfdeploy.bundling import bundle as bundle_module
 from kfdeploy.bundling.bundle import Bundle, extract_archive, is_task_name, sha256_file
 from kfdeploy.cli import main
@@ -29,6 +29,14 @@ def _tamper(folder, change):
     manifest = json.loads((folder / "manifest.json").read_text())
     change(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _no_sessions(monkeypatch):
+    import onnxruntime
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was made from a graph the reader should have refused")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
 
 
 def _refused(path, expected: str) -> str:
@@ -77,9 +85,8 @@ def test_an_integer_too_long_to_convert_is_refused_as_invalid_json(bundle_copy):
     (lambda t: t["parity"].update(argmax_agreement=None), 'tasks["shape"].parity.argmax_agreement must be a number, got null'),
     (lambda t: t.update(weights=[]), 'tasks["shape"].weights must be an object, got []'),
     (lambda t: t.update(heldout_accuracy=5.0), 'tasks["shape"].heldout_accuracy must be a number from 0 to 1, got the number 5.0'),
-    (lambda t: t["parity"].update(argmax_agreement=float("nan")), 'tasks["shape"].parity.argmax_agreement must be a number from 0 to 1, got the number nan'),
 ], ids=["classes-str", "classes-0", "labels-int", "labels-str", "labels-count", "accuracy-str", "accuracy-missing",
-        "parity-null", "weights-list", "accuracy-above-1", "agreement-nan"])
+        "parity-null", "weights-list", "accuracy-above-1"])
 def test_wrong_types_in_a_task_are_refused_naming_the_field(bundle_copy, change, message):
     _tamper(bundle_copy, lambda m: change(m["tasks"]["shape"]))
     _refused(bundle_copy, message)
@@ -94,7 +101,7 @@ def test_tasks_that_are_not_an_object_are_refused(bundle_copy):
     (lambda i: i.update(shape=["batch", 1, 64]), 'input.shape must be ["batch", C, H, W] with C, H and W positive integers, got ["batch", 1, 64]'),
     (lambda i: i.update(shape=["batch", 1, "64", 64]), "input.shape must be"),
     (lambda i: i.update(range="0..1"), "input.range must be an array, got the string '0..1'"),
-    (lambda i: i.update(range=[1.0, 0.0]), "input.range must be [low, high] with finite low < high, got [1.0, 0.0]"),
+    (lambda i: i.update(range=[1.0, 0.0]), "input.range must be [low, high] with low < high, got [1.0, 0.0]"),
     (lambda i: i.update(range=[0, True]), "input.range[1] must be a number, got the boolean true"),
     (lambda i: i["batch"].update(max=0), "input.batch.max must be at least 1, got the integer 0"),
     (lambda i: i["batch"].update(min=64, opt=8), "input.batch must have min <= opt <= max, got 64, 8, 256"),
@@ -106,11 +113,43 @@ def test_a_malformed_input_spec_is_refused_naming_the_field(bundle_copy, change,
     _refused(bundle_copy, message)
 
 
-def test_range_with_nan_is_refused(bundle_copy):
-    _tamper(bundle_copy, lambda m: m["input"].update(range=[0.0, 1.0]))
+def _write_raw(folder, change, token: str):
+    """The manifest with `change` putting a placeholder where `token` (JSON text Python's json
+    would not write, e.g. NaN or 1e999) then goes."""
+    _tamper(folder, lambda m: change(m, "@TOKEN@"))
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text.replace('"@TOKEN@"', token))
+
+
+@pytest.mark.parametrize("token, shown", [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf"), ("1e999", "inf")])
+@pytest.mark.parametrize("where, change", [
+    ("trunk.parity.max_abs_err", lambda m, x: m["trunk"]["parity"].update(max_abs_err=x)),
+    ('tasks["shape"].parity.argmax_agreement', lambda m, x: m["tasks"]["shape"]["parity"].update(argmax_agreement=x)),
+    ('tasks["scale"].heldout_accuracy', lambda m, x: m["tasks"]["scale"].update(heldout_accuracy=x)),
+    ("parity_tolerance.max_rel_err", lambda m, x: m["parity_tolerance"].update(max_rel_err=x)),
+    ("input.normalization.std[0]", lambda m, x: m["input"]["normalization"]["std"].__setitem__(0, x)),
+    ("input.range[1]", lambda m, x: m["input"]["range"].__setitem__(1, x)),
+    ("model.trunk.width", lambda m, x: m["model"]["trunk"].update(width=x)),  # read by the torch backend
+    ("trunk.notes[0]", lambda m, x: m["trunk"].update(notes=[x])),  # a field readers ignore; inspect --json prints it
+], ids=["parity", "agreement", "accuracy", "tolerance", "normalization", "range", "model", "unknown-field"])
+def test_nan_and_infinity_are_refused_in_every_numeric_field(bundle_copy, where, change, token, shown):
+    _write_raw(bundle_copy, change, token)
+    _refused(bundle_copy, f"{where} must be a finite number (JSON has no NaN or Infinity), got the number {shown}")
+
+
+@pytest.mark.parametrize("opening, doubled, key", [
+    ("{", '{"format": "x", ', "format"),
+    ('"tasks": {"shape": {', '"tasks": {"shape": {"classes": 99, ', "classes"),
+    ('"tasks": {', '"tasks": {"shape": {}, ', "shape"),
+], ids=["top-level", "in-a-task", "a-task"])
+def test_a_key_given_twice_is_refused_naming_the_key(bundle_copy, opening, doubled, key):
+    # Python keeps the last value, other readers the first (or refuse): the same bundle must
+    # not mean two things to two readers.
+    _tamper(bundle_copy, lambda m: None)  # written compactly, as `opening` expects
     text = (bundle_copy / "manifest.json").read_text()
-    (bundle_copy / "manifest.json").write_text(text.replace('"range": [0.0, 1.0]', '"range": [NaN, 1.0]'))
-    _refused(bundle_copy, "input.range must be [low, high] with finite low < high, got [NaN, 1.0]")
+    assert opening in text
+    (bundle_copy / "manifest.json").write_text(text.replace(opening, doubled, 1))
+    _refused(bundle_copy, f"manifest.json gives the key {key!r} twice in one object (JSON readers disagree on which one counts)")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -120,7 +159,10 @@ def test_range_with_nan_is_refused(bundle_copy):
     (lambda r: r.update(sha256="abc"), "trunk.weights.sha256 must be 64 lowercase hex digits (a SHA-256), got the string 'abc'"),
     (lambda r: r.update(bytes=-1), "trunk.weights.bytes must be at least 0, got the integer -1"),
     (lambda r: r.update(bytes=1.5), "trunk.weights.bytes must be an integer, got the number 1.5"),
-], ids=["file-int", "file-escapes", "sha-upper", "sha-short", "bytes-negative", "bytes-float"])
+    (lambda r: r.update(file="w/" * 17 + "t"), "trunk.weights.file must be a relative path inside the bundle, got the string "
+                                               "'w/w/w/w/w/w/w/w/w/w/w/w/w/w/w/w/w/t' (it is more than 16 folders deep)"),
+    (lambda r: r.update(file="w" * 256), "(it is longer than 255 characters)"),
+], ids=["file-int", "file-escapes", "sha-upper", "sha-short", "bytes-negative", "bytes-float", "file-deep", "file-long"])
 def test_a_malformed_file_record_is_refused_naming_the_field(bundle_copy, change, message):
     _tamper(bundle_copy, lambda m: change(m["trunk"]["weights"]))
     _refused(bundle_copy, message)
@@ -205,6 +247,21 @@ def test_unknown_fields_and_absent_optional_fields_are_accepted(bundle_copy):
     assert opened.tasks and opened.input_shapes("shape")["image"][0][1:] == tuple(opened.manifest["input"]["shape"][1:])
 
 
+def test_untrusted_text_quoted_in_a_message_is_cut_short_and_escaped(bundle_copy):
+    key = "\x1b[2J\x1b]0;owned\x07" * 100_000  # clears the screen and retitles the terminal, 1.8 MB of it
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text.replace("{", "{" + json.dumps(key) + ": 1, " + json.dumps(key) + ": 2, ", 1))
+    message = _refused(bundle_copy, "manifest.json gives the key '\\x1b[2J\\x1b]0;owned\\x07")
+    assert len(message.replace(str(bundle_copy), "")) < 200 and "\x1b" not in message, message
+
+
+def test_a_bundle_of_thousands_of_tasks_lists_a_few_when_one_is_unknown(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    many = Bundle(bundle, {**manifest, "tasks": {f"task_{i}": {} for i in range(5000)}})
+    with pytest.raises(KfError, match=r"unknown task 'colour' in bundle .*; available: task_0, task_1, .* and 49\d\d more$"):
+        many.task("colour")
+
+
 def test_inspect_on_a_malformed_manifest_prints_one_line_and_exits_2(bundle_copy):
     _tamper(bundle_copy, lambda m: m.update(trunk="t"))
     result = run_cli("inspect", str(bundle_copy))
@@ -234,19 +291,28 @@ def _move_weight_outside(folder, location: str):
 
 @pytest.mark.parametrize("location", ["trunk.data", "../outside.data"], ids=["inside", "outside"])
 def test_a_graph_with_tensors_in_an_external_file_is_refused_before_any_session(bundle_copy, location, monkeypatch, capsys):
-    import onnxruntime
-
     tensor = _move_weight_outside(bundle_copy, location)
     expected = f"trunk.onnx in bundle {bundle_copy} keeps tensor {tensor!r} in an external file"
     _refused(bundle_copy, expected)
-
-    def no_session(*args, **kwargs):
-        raise AssertionError("a session was made from a graph with external data")
-    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    _no_sessions(monkeypatch)
     for command in ("verify", "check-trt", "inspect"):
         assert main([command, str(bundle_copy)]) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, (command, err)
+
+
+def test_a_graph_whose_names_are_not_utf8_is_refused_when_read(bundle_copy, monkeypatch, capfd):
+    # Found by tests/test_fuzz_reader.py: protobuf parsed the graph and handed out a node's input
+    # name as bytes, on which composing failed (UnicodeDecodeError) and ONNX Runtime printed "EP Error"
+    data = bytearray((bundle_copy / "trunk.onnx").read_bytes())
+    data[data.index(b"image")] ^= 0x80  # "image" as b"\xe9mage": a name, and no UTF-8
+    (bundle_copy / "trunk.onnx").write_bytes(bytes(data))
+    _tamper(bundle_copy, lambda m: m["trunk"].update(sha256=sha256_file(bundle_copy / "trunk.onnx")))
+    _no_sessions(monkeypatch)
+    expected = (f"trunk.onnx in bundle {bundle_copy} is not a readable ONNX graph (text in its onnx.NodeProto.input is not "
+                "UTF-8); re-export the bundle")
+    _refused(bundle_copy, expected)
+    cli_fails(["run", str(bundle_copy), str(bundle_copy / "examples" / "0.png")], capfd, expected)
 
 
 # -- graphs take and give what the manifest says --------------------------------------------
@@ -306,13 +372,130 @@ def test_a_task_graph_taking_its_inputs_in_the_other_order_composes_by_name(bund
 def test_a_graph_onnx_runtime_cannot_run_is_a_one_line_error(bundle_copy):
     import kfdeploy
 
-    def foreign_operator(model):
-        model.graph.node.append(onnx.helper.make_node("Mystery", ["common"], ["mystery_out"], domain="com.example"))
-        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
-    _rewrite_graph(bundle_copy, "tasks/shape.onnx", foreign_operator)
+    def relu_of_two_inputs(model):
+        model.graph.node.append(onnx.helper.make_node("Relu", ["common", "common"], ["relu_out"]))
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", relu_of_two_inputs)
     with pytest.raises(KfError, match=r"^ONNX Runtime [0-9.]+ cannot run this bundle's graphs \(.*\); re-export") as caught:
         kfdeploy.load(bundle_copy, tasks=["shape"], log=lambda line: None)
     assert "\n" not in str(caught.value)
+
+
+def _append_node(op: str, domain: str = "", inputs=("common",), **attributes):
+    def change(model):
+        model.graph.node.append(onnx.helper.make_node(op, list(inputs), [f"{op}_out"], name=f"{op}_node", domain=domain, **attributes))
+    return change
+
+
+@pytest.mark.parametrize("relative, change, op", [
+    ("tasks/shape.onnx", _append_node("Loop", inputs=("", "")), "Loop"),
+    ("trunk.onnx", _append_node("If", inputs=("image",)), "If"),
+    ("tasks/shape.onnx", _append_node("ConstantOfShape"), "ConstantOfShape"),
+    ("tasks/shape.onnx", _append_node("Mystery", domain="com.example"), "com.example.Mystery"),
+], ids=["loop", "if", "constant-of-shape", "other-domain"])
+def test_an_operator_no_export_emits_is_refused_when_the_graph_is_read(bundle_copy, monkeypatch, capsys, relative, change, op):
+    # Loops and allocations sized by data are what a graph built to hang or exhaust memory uses
+    _rewrite_graph(bundle_copy, relative, change)
+    _no_sessions(monkeypatch)
+    which = "the trunk" if relative == "trunk.onnx" else "task module 'shape'"
+    expected = (f"{relative} in bundle {bundle_copy} ({which}) uses the operator {op!r} (node '{op.split('.')[-1]}_node'), "
+                "which this kfdeploy never exports; refusing it before any session — re-export the bundle with kfdeploy")
+    _refused(bundle_copy, expected)
+    for command in (["run", str(bundle_copy), str(bundle_copy / "examples" / "0.png")], ["verify", str(bundle_copy)]):
+        cli_fails(command, capsys, expected)
+
+
+def _constant(model, name: str, values, dtype=onnx.TensorProto.INT64):
+    model.graph.initializer.append(onnx.helper.make_tensor(name, dtype, [len(values)] if len(values) > 1 else [], values))
+
+
+@pytest.mark.parametrize("case", ["expand", "range", "padding"])
+def test_a_constant_that_sizes_an_output_absurdly_is_refused(bundle_copy, monkeypatch, case):
+    def expand(model):
+        _constant(model, "huge_shape", [1 << 20, 1 << 20])
+        _append_node("Expand", inputs=("common", "huge_shape"))(model)
+
+    def range_(model):
+        for name, value in (("start", 0), ("limit", 10 ** 12), ("delta", 1)):
+            _constant(model, name, [value])
+        _append_node("Range", inputs=("start", "limit", "delta"))(model)
+
+    def padding(model):
+        conv = next(node for node in model.graph.node if node.op_type == "Conv")
+        next(a for a in conv.attribute if a.name == "pads").ints[:] = [100_000] * 4
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", {"expand": expand, "range": range_, "padding": padding}[case])
+    _no_sessions(monkeypatch)
+    _refused(bundle_copy, {
+        "expand": "(task module 'shape') has a node 'Expand_node' whose constants make Expand give 1.1e+12 elements, more than 268435456",
+        "range": "(task module 'shape') has a node 'Range_node' whose constants make Range give 1e+12 elements, more than 268435456",
+        "padding": "padded by '[100000, 100000, 100000, 100000]' around a kernel of '[4, 4]': exports pad less than the kernel",
+    }[case])
+
+
+# -- graphs that fail or lie at run time ---------------------------------------------------
+
+def _through(make_nodes):
+    """A change that routes a graph's output through `make_nodes(before, after)` (names of
+    the old output and of the graph's output), and leaves its width unstated."""
+    def change(model):
+        output = model.graph.output[0]
+        producer = next(node for node in model.graph.node if output.name in node.output)
+        producer.output[list(producer.output).index(output.name)] = "before_output"
+        model.graph.node.extend(make_nodes("before_output", output.name))
+        output.type.tensor_type.shape.dim[1].dim_param = "width"
+    return change
+
+
+def _allocating_without_bound(model):
+    """Adds to the output a mean over an Expand sized by the image's shape times constants:
+    operators exports emit, a size known only at run time (10^14 elements for 2 images)."""
+    model.graph.initializer.extend([onnx.helper.make_tensor("by", onnx.TensorProto.INT64, [4], [1000, 1000, 100, 100]),
+                                    onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])])
+    return _through(lambda before, after: [
+        onnx.helper.make_node("Shape", ["image"], ["image_shape"]),
+        onnx.helper.make_node("Mul", ["image_shape", "by"], ["huge_shape"]),
+        onnx.helper.make_node("Expand", ["one", "huge_shape"], ["huge"], name="allocates"),
+        onnx.helper.make_node("ReduceMean", ["huge"], ["mean"], keepdims=0),
+        onnx.helper.make_node("Add", [before, "mean"], [after]),
+    ])(model)
+
+
+def _twice_as_wide(model):
+    _through(lambda before, after: [onnx.helper.make_node("Concat", [before, before], [after], axis=1)])(model)
+
+
+@pytest.fixture(scope="module")
+def png(bundle, tmp_path_factory):
+    path = tmp_path_factory.mktemp("png") / "0.png"
+    shutil.copy(bundle / "examples" / "0.png", path)
+    return path
+
+
+def test_a_graph_that_fails_while_running_is_one_line_naming_its_module(bundle_copy, png, capfd):
+    import kfdeploy
+
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", _allocating_without_bound)
+    model = kfdeploy.load(bundle_copy, tasks=["scale", "shape"], log=lambda line: None)  # composed: one graph
+    images = np.zeros((2, 1, 64, 64), np.float32)
+    with pytest.raises(KfError, match=r"^task module 'shape' failed while running in ONNX Runtime \(.*running Expand node. Name:'shape/allocates' "
+                                      r"Status Message: .*\); if the batch is large, call with fewer images, else the bundle's graphs are "
+                                      r"damaged: check it with `kfdeploy verify`, or re-export it$"):
+        model(images)
+    assert "onnxruntime" not in capfd.readouterr().err  # its own error lines stay off the terminal
+    for command in (["run", str(bundle_copy), str(png)], ["verify", str(bundle_copy)]):
+        cli_fails(command, capfd, "task module 'shape' failed while running in ONNX Runtime")
+
+
+def test_a_graph_whose_output_is_wider_than_its_manifest_says_is_refused_at_each_call(bundle_copy, png, capfd):
+    import kfdeploy
+
+    _rewrite_graph(bundle_copy, "tasks/shape.onnx", _twice_as_wide)
+    model = kfdeploy.load(bundle_copy, tasks=["shape"], log=lambda line: None)
+    with pytest.raises(KfError, match=r"^task module 'shape' gave scores of shape \(2, 6\) for 2 image\(s\), where the manifest "
+                                      r"says 3 classes: its graph does not compute what bundle .* declares; re-export the bundle$"):
+        model(np.zeros((2, 1, 64, 64), np.float32))
+    cli_fails(["run", str(bundle_copy), str(png)], capfd, "task module 'shape' gave scores of shape (1, 6) for 1 image(s)")
+    cli_fails(["verify", str(bundle_copy)], capfd, "task module 'shape' gave an output of shape (256, 6) for 256 image(s) "
+                                                   "where the manifest says (256, 3)")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -391,6 +574,18 @@ def test_an_archive_holding_the_same_file_twice_is_refused(tmp_path):
     twice = _archive(tmp_path / "twice.tar.gz", [("manifest.json", b"{}"), ("./manifest.json", b"{}")])
     with pytest.raises(KfError, match="has the file './manifest.json' twice"):
         extract_archive(twice, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("a/" * 2020 + "f", "it is longer than 255 characters"),  # made folder by folder, pathlib's mkdir recursed past the limit
+    ("d/" * 17 + "f", "it is more than 16 folders deep"),
+    ("x" * 100_000, "it is longer than 255 characters"),
+    ("\x1b]0;owned\x07" * 1000, "it is longer than 255 characters"),
+], ids=["thousands-of-folders", "deep", "long", "escape-sequences"])
+def test_an_archive_member_with_an_absurd_name_is_refused_in_one_short_line(tmp_path, capsys, name, reason):
+    archive = _archive(tmp_path / "absurd.tar.gz", [(name, b"x")])
+    err = cli_fails(["inspect", str(archive)], capsys, f"which is not a path inside a bundle ({reason}); refusing to extract it")
+    assert len(err.replace(str(archive), "")) < 400 and "\x1b" not in err and "\x07" not in err, err
 
 
 def test_archives_open_on_a_python_whose_tarfile_lacks_the_data_filter(bundle, tmp_path, monkeypatch):

@@ -53,6 +53,24 @@ def test_every_graph_passes_the_full_onnx_checker(bundle):
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
+@pytest.mark.parametrize("writer", ["export", "quantize"])
+def test_a_graph_readers_would_refuse_is_never_written(bundle, writer):
+    # What export and quantize write must read: the same operator allow-list, at both ends.
+    from kfdeploy.bundling.export import check_graph
+    from kfdeploy.bundling.quantize import _check_interface
+    from kfdeploy.errors import KfError
+
+    model = onnx.load(str(bundle / "trunk.onnx"))
+    model.graph.initializer.append(onnx.helper.make_tensor("repeats", onnx.TensorProto.INT64, [4], [1, 1, 1, 1]))
+    model.graph.node.append(onnx.helper.make_node("Tile", ["image", "repeats"], ["tiled"], name="tile"))
+    expected = "uses the operator 'Tile' (node 'tile'), which this kfdeploy never exports"
+    with pytest.raises(KfError, match=re.escape(expected)):
+        if writer == "export":
+            check_graph(model, "trunk.onnx")
+        else:
+            _check_interface(model, model, "trunk")
+
+
 def test_manifest_describes_input_producer_labels_and_parity(bundle):
     m = _manifest(bundle)
     assert m["format"] == "kfdeploy-bundle" and m["format_version"] == 2

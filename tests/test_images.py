@@ -1,4 +1,5 @@
 """kfdeploy.images: one decoder, one set of rules, for `kfdeploy run` and the demo alike."""
+import json
 import struct
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import cli_fails
+from kfdeploy.cli import main
 from kfdeploy.errors import KfError
 from kfdeploy.images import MAX_PIXELS, read_image
 
@@ -66,3 +68,40 @@ def test_run_refuses_a_bomb_with_one_line_before_loading_the_bundle(tmp_path, ca
 def test_images_module_does_not_import_torch():
     code = "import sys, kfdeploy.images; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+UPRIGHT = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7  # not square, no symmetry: any turn or flip shows
+# EXIF orientation -> how a camera stored the upright picture under that tag
+STORED = {2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud, 5: lambda a: a.T, 6: lambda a: np.rot90(a, 1),
+          7: lambda a: np.rot90(a, 2).T, 8: lambda a: np.rot90(a, -1)}
+
+
+def _with_orientation(path, upright: np.ndarray, orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    Image.fromarray(np.ascontiguousarray(STORED[orientation](upright))).save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_an_exif_orientation_is_applied_as_a_viewer_shows_the_picture(tmp_path, orientation):
+    np.testing.assert_array_equal(read_image(_with_orientation(tmp_path / "photo.png", UPRIGHT, orientation)), UPRIGHT)
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    # Pillow's own conversion to 8-bit grey clips: 1000 of 65535 (a dark grey) became white
+    wide = UPRIGHT.astype(np.uint16) * 256 + 255  # the low byte is precision 8 bits cannot keep
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    np.testing.assert_array_equal(read_image(tmp_path / "wide.png"), UPRIGHT)
+
+
+def test_run_answers_a_turned_photo_and_a_16_bit_one_as_the_upright_8_bit_one(bundle, tmp_path, capsys):
+    upright = read_image(bundle / "examples" / "0.png")
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    _with_orientation(tmp_path / "turned.png", upright, 6)
+    Image.fromarray(upright.astype(np.uint16) * 257).save(tmp_path / "wide.png")
+    files = [str(tmp_path / name) for name in ("upright.png", "turned.png", "wide.png")]
+    assert main(["run", str(bundle), *files, "--json", "--top", "2"]) == 0
+    answers = [{task: scores for task, scores in answer.items() if task != "input"} for answer in json.loads(capsys.readouterr().out)]
+    assert answers[1] == answers[0] and answers[2] == answers[0]

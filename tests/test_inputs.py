@@ -394,6 +394,47 @@ def test_run_refuses_an_unreadable_file_before_opening_the_bundle(tmp_path, caps
     cli_fails(["run", str(tmp_path / "no-bundle"), str(tmp_path / "notes.png")], capsys, "notes.png is not an image that can be read")
 
 
+def _npy(path, shape, descr="<f4", payload=b""):
+    """An .npy file whose header declares `shape` of `descr`, followed by `payload` only."""
+    from numpy.lib import format as npy
+
+    with open(path, "wb") as f:
+        npy.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+        f.write(payload)
+    return path
+
+
+@pytest.mark.parametrize("case", ["billions", "truncated", "objects", "strings", "format-3"])
+def test_an_npy_that_claims_more_than_it_holds_or_is_not_numbers_is_refused_before_allocating(tmp_path, capsys, monkeypatch, case):
+    path = tmp_path / "batch.npy"
+    expected = {
+        "billions": ("declares a 1000000x3x1000x1000 array, 3000000000000 values, more than the 134217728 a batch may hold "
+                     "here: split it into smaller .npy files"),
+        "truncated": ("declares a 100x1x64x64 array of float32 (1638400 bytes) but holds 100 bytes after its header: it is "
+                      "truncated or not what it says"),
+        "objects": "holds object values, not numbers: save a uint8 or float array with numpy.save",
+        "strings": "holds <U8 values, not numbers",
+        "format-3": "is a .npy of format 3.0, which holds structured arrays, not a batch of numbers",
+    }[case]
+    if case == "billions":
+        _npy(path, (10 ** 6, 3, 1000, 1000))
+    elif case == "truncated":
+        _npy(path, (100, 1, 64, 64), payload=bytes(100))
+    elif case == "objects":
+        np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    elif case == "strings":
+        np.save(path, np.array(["pictures"]))
+    else:
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.zeros((1, 1, 4, 4), np.float32), version=(3, 0))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the array was read before its header was checked")
+    monkeypatch.setattr(np, "load", no_allocation)
+    monkeypatch.setattr(np, "fromfile", no_allocation)
+    cli_fails(["run", str(tmp_path / "no-bundle"), str(path)], capsys, f"{path} {expected}")
+
+
 # -- the demo on a bundle that is not sprites -----------------------------------------------
 
 def _free_port() -> int:

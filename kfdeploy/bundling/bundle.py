@@ -26,7 +26,7 @@ from typing import (Annotated, Any, Callable, Dict, Iterator, List, Literal, Opt
 
 from ..atomic import atomic_write
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name, unprintable
+from ..names import TASK_NAME_RULE, is_task_name, listing, module_title, quote, unprintable
 
 FORMAT = "kfdeploy-bundle"
 # 2: the input spec says how pixels are normalized (inside the graphs) and which pixel types
@@ -40,6 +40,12 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 # a real bundle (a few files per module), far below what fills a disk.
 MAX_ARCHIVE_BYTES = 4 << 30
 MAX_ARCHIVE_MEMBERS = 10_000
+# Paths a bundle may hold, in its manifest and its archive: ours reach ~140 characters and 4
+# levels (engines/<task>.<device>.<precision>.plan, variants/int8/tasks/<task>.onnx). Deeper
+# or longer ones are refused before a folder is made: thousands of nested folders would
+# outlast the recursion of the tools that make and remove them (pathlib, shutil.rmtree).
+MAX_PATH_CHARS = 255
+MAX_PATH_DEPTH = 16
 
 
 def sha256_file(path: Path) -> str:
@@ -51,9 +57,12 @@ def sha256_file(path: Path) -> str:
 
 
 def _escape_reason(relative: str) -> Optional[str]:
-    """Why a manifest or archive path would leave the bundle, or None if it stays inside."""
+    """Why a manifest or archive path is not a plain path inside the bundle (it would leave
+    it, or it is absurdly long or deep), or None if it is one."""
     if not isinstance(relative, str) or not relative:
         return "it is not a non-empty string"
+    if len(relative) > MAX_PATH_CHARS:
+        return f"it is longer than {MAX_PATH_CHARS} characters"
     if "\\" in relative or "\x00" in relative:
         return "it contains a backslash or NUL"
     path = PurePosixPath(relative)
@@ -61,6 +70,8 @@ def _escape_reason(relative: str) -> Optional[str]:
         return "it is absolute"
     if ".." in path.parts:
         return "it climbs out with '..'"
+    if len(path.parts) > MAX_PATH_DEPTH:
+        return f"it is more than {MAX_PATH_DEPTH} folders deep"
     return None
 
 
@@ -68,14 +79,16 @@ def resolve_inside(root: Path, relative: str) -> Path:
     """The file `relative` names inside `root`; refuses escapes and symbolic links."""
     reason = _escape_reason(relative)
     if reason:
-        raise KfError(f"bundle at {root} names the path {relative!r}, which escapes the bundle ({reason}); refusing to read it — re-export the bundle")
+        raise KfError(f"bundle at {root} names the path {quote(relative, 200)}, which is not a path inside a bundle ({reason}); "
+                      "refusing to read it — re-export the bundle")
     current = root
     for part in PurePosixPath(relative).parts:
         current = current / part
         if current.is_symlink():
-            raise KfError(f"bundle at {root}: {relative!r} goes through a symbolic link ({current.name}); refusing to follow it — re-export the bundle")
+            raise KfError(f"bundle at {root}: {quote(relative, 200)} goes through a symbolic link ({quote(current.name, 200)}); "
+                          "refusing to follow it — re-export the bundle")
     if not current.is_file():
-        raise KfError(f"bundle at {root} is missing {relative!r}; the bundle is incomplete — re-export it")
+        raise KfError(f"bundle at {root} is missing {quote(relative, 200)}; the bundle is incomplete — re-export it")
     return current
 
 
@@ -206,12 +219,20 @@ class Bundle:
             raise self._checksum_mismatch(record["file"])
         try:
             model = onnx.load_model_from_string(data)
+            not_utf8 = _not_utf8(model)
         except Exception as exc:  # protobuf raises its own DecodeError, not a common base
             raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph ({exc}); re-export the bundle") from None
+        if not_utf8:
+            raise KfError(f"{record['file']} in bundle {self.root} is not a readable ONNX graph (text in its {not_utf8} "
+                          "is not UTF-8); re-export the bundle")
         external = next((t.name for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL), None)
         if external is not None:
-            raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {external!r} in an external file, which "
+            raise KfError(f"{record['file']} in bundle {self.root} keeps tensor {quote(external)} in an external file, which "
                           "bundles do not allow (it would be read outside the checksums); re-export the bundle")
+        problem = operator_problem(model)
+        if problem:
+            raise KfError(f"{record['file']} in bundle {self.root} ({module_title(module)}) {problem}; refusing it before any "
+                          "session — re-export the bundle with kfdeploy")
         problem = self._interface_problem(module, model.graph)
         if problem:
             raise KfError(f"{record['file']} in bundle {self.root} {problem}; re-export the bundle")
@@ -232,20 +253,20 @@ class Bundle:
         inputs = {value.name: value for value in graph.input}
         if sorted(inputs) != sorted(expected) or len(graph.output) != 1:
             return (f"must take the inputs {', '.join(expected)} and give one output (it takes "
-                    f"{', '.join(inputs) or 'none'} and gives {len(graph.output)})")
+                    f"{listing(inputs)} and gives {len(graph.output)})")
         for value, dims in [*((inputs[name], dims) for name, dims in expected.items()), (graph.output[0], ["batch", out])]:
             tensor = value.type.tensor_type
             if tensor.elem_type != 1:  # FLOAT: every variant keeps float32 inputs and outputs
-                return f"must take and give float32 tensors ({value.name!r} is not one)"
+                return f"must take and give float32 tensors ({quote(value.name)} is not one)"
             wanted = f"(batch, {', '.join(map(str, dims[1:]))})"
             if not tensor.HasField("shape"):
-                return f"has {value.name!r} of unknown rank where the manifest says {wanted}"
+                return f"has {quote(value.name)} of unknown rank where the manifest says {wanted}"
             shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
             # The batch must stay free: the manifest promises input.batch's whole range
             if len(shape) != len(dims) or shape[0] is not None or any(
                     got is not None and got != want for got, want in zip(shape[1:], dims[1:])):
                 shown = ", ".join("?" if d is None else str(d) for d in shape)
-                return f"has {value.name!r} of shape ({shown}) where the manifest says {wanted}"
+                return f"has {quote(value.name)} of shape ({shown}) where the manifest says {wanted}"
         return None
 
     @property
@@ -254,7 +275,7 @@ class Bundle:
 
     def task(self, name: str) -> dict:
         if name not in self.manifest["tasks"]:
-            raise KfError(f"unknown task {name!r} in bundle {self.root}; available: {', '.join(self.tasks) or 'none'}")
+            raise KfError(f"unknown task {quote(name)} in bundle {self.root}; available: {listing(self.tasks)}")
         return self.manifest["tasks"][name]
 
     @property
@@ -307,6 +328,24 @@ class Bundle:
         return {name: tuple((batch[k], *dims) for k in ("min", "opt", "max")) for name, dims in inputs.items()}
 
 
+def _not_utf8(message) -> Optional[str]:
+    """The first string field of a protobuf message, or of a message in it, whose bytes are not
+    UTF-8, or None. ONNX's proto2 messages parse such bytes anyway and Python's protobuf hands
+    them out as bytes where a name should be text: the composer and ONNX Runtime then fail
+    on them with UnicodeDecodeError."""
+    from google.protobuf.message import Message
+
+    for field, value in message.ListFields():
+        items = (value,) if isinstance(value, (Message, str, bytes)) else value  # else a repeated field
+        if field.type == field.TYPE_MESSAGE:
+            found = next(filter(None, map(_not_utf8, items)), None)
+            if found:
+                return found
+        elif field.type == field.TYPE_STRING and any(isinstance(item, bytes) for item in items):
+            return field.full_name
+    return None
+
+
 def _model_tensors(model) -> Iterator:
     """Every tensor a model stores: its graph's, and those in the bodies of its local functions."""
     yield from _graph_tensors(model.graph)
@@ -329,6 +368,66 @@ def _node_tensors(nodes) -> Iterator:
             yield from attribute.tensors
             for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
                 yield from _graph_tensors(subgraph)
+
+
+# -- what a graph may hold --------------------------------------------------------------
+#
+# The operator types (default ONNX domain) that kfdeploy's exports and `kfdeploy quantize`
+# emit, collected from the graphs themselves: SimpleConv, resnet18, resnet50,
+# mobilenetv2_050, efficientnet_b0, convnext_atto and vit_tiny_patch16_224 modules, exported
+# at opsets 17, 18 and 20 (the profiles'), each also as int8 (QDQ) and fp16 variants.
+# BatchNormalization is the one addition: export leaves it where no Conv precedes it
+# (pre-activation nets, see export.fold_batch_norm). Anything else, control flow (If, Loop,
+# Scan) and other domains included, a reader refuses before ONNX Runtime sees it: a graph
+# can only do what these operators do. The composition adds Softmax (fuse.py).
+OPERATORS = frozenset({
+    "Add", "BatchNormalization", "Cast", "Clip", "Concat", "Conv", "DequantizeLinear", "Div", "Erf", "Expand",
+    "Gather", "Gelu", "Gemm", "LayerNormalization", "MatMul", "MaxPool", "Mul", "QuantizeLinear", "Range",
+    "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Squeeze", "Sub", "Transpose",
+    "Unsqueeze",
+})
+# Of those, Expand and Range take the size of their output from a tensor's values; where
+# those values are constants of the graph, a count beyond this is refused (1 GiB of
+# float32; an export's are the size of a feature map). Computed sizes are ONNX Runtime's
+# to refuse at run time, which the runtime reports as a KfError.
+MAX_CONSTANT_ELEMENTS = 1 << 28
+
+
+def operator_problem(model) -> Optional[str]:
+    """Why a module graph holds what no kfdeploy export does (an operator outside OPERATORS,
+    an output sized absurdly by its constants, padding wider than a kernel), or None."""
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+
+    def values(names) -> Optional[list]:
+        """The constants' values, flattened, or None where one is computed (or malformed: a
+        session refuses that)."""
+        try:
+            return [numpy_helper.to_array(constants[name]).reshape(-1).tolist() for name in names]
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    for node in model.graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        if op not in OPERATORS:
+            return f"uses the operator {quote(op)} (node {quote(node.name)}), which this kfdeploy never exports"
+        count = None
+        if op == "Expand" and len(node.input) == 2 and (shape := values(node.input[1:])):
+            count = math.prod(abs(d) for d in shape[0] if isinstance(d, int))  # int64, or a session refuses it
+        elif op == "Range" and (scalars := values(node.input)) and [len(v) for v in scalars] == [1, 1, 1]:
+            (start,), (limit,), (delta,) = scalars
+            count = (limit - start) / delta if delta else math.inf
+        if count is not None and count > MAX_CONSTANT_ELEMENTS:
+            return (f"has a node {quote(node.name)} whose constants make {op} give {count:.3g} elements, more than "
+                    f"{MAX_CONSTANT_ELEMENTS} (no exported network comes near)")
+        if op in ("Conv", "MaxPool"):
+            attributes = {a.name: list(a.ints) for a in node.attribute}
+            kernel, pads = attributes.get("kernel_shape", []), attributes.get("pads", [])
+            if any(pads) and not (len(pads) == 2 * len(kernel) and all(p < k for p, k in zip(pads, kernel * 2))):
+                return (f"has a {op} node {quote(node.name)} padded by {quote(str(pads))} around a kernel of "
+                        f"{quote(str(kernel))}: exports pad less than the kernel")
+    return None
 
 
 # -- what a manifest must hold ----------------------------------------------------------
@@ -368,13 +467,11 @@ Positive = Annotated[int, _rule("at least 1", lambda v: v >= 1)]
 Size = Annotated[int, _rule("at least 0", lambda v: v >= 0)]
 Shape = Annotated[list, _rule('["batch", C, H, W] with C, H and W positive integers', lambda v: (
     len(v) == 4 and v[0] == "batch" and all(type(d) is int and d >= 1 for d in v[1:])))]
-Range = Annotated[List[float], _rule("[low, high] with finite low < high", lambda v: (
-    len(v) == 2 and all(math.isfinite(x) for x in v) and v[0] < v[1]))]
+Range = Annotated[List[float], _rule("[low, high] with low < high", lambda v: len(v) == 2 and v[0] < v[1])]
 Precision = Literal["fp32", "fp16"]
 # Reduced-precision variants of a module's graph (kfdeploy/bundling/quantize.py writes them).
 VariantPrecision = Literal["int8", "fp16"]
 VARIANT_PRECISIONS = ("int8", "fp16")
-Finite = Annotated[float, _rule("a finite number", math.isfinite)]
 # Accuracies and agreements: shares of images, which readers print as such (NaN fails too)
 Share = Annotated[float, _rule("a number from 0 to 1", lambda v: 0 <= v <= 1)]
 # What readers (runtime, `kfdeploy run`, demo) take as pixels: uint8 0-255, divided by 255,
@@ -496,8 +593,8 @@ class Engine(FileRecord):
 class Normalization:
     """(pixel - mean) / std per channel, on pixels in input.range, applied inside every graph."""
 
-    mean: List[Finite]
-    std: List[Finite]
+    mean: List[float]
+    std: List[float]
     in_graph: Literal[True]
 
     @staticmethod
@@ -602,9 +699,9 @@ class Manifest:
         for i, example in enumerate(manifest.get("examples", [])):
             for task, label in example.get("labels", {}).items():
                 if task not in manifest["tasks"]:
-                    return f"examples[{i}].labels", f"must name tasks of this bundle, got {_short(task)}"
+                    return f"examples[{i}].labels", f"must name tasks of this bundle, got {quote(task)}"
                 if label not in manifest["tasks"][task]["labels"]:
-                    return f"examples[{i}].labels[{json.dumps(task)}]", f"must be one of the task's labels, got {_short(label)}"
+                    return f"examples[{i}].labels[{json.dumps(task)}]", f"must be one of the task's labels, got {quote(label)}"
         return None
 
 
@@ -631,15 +728,13 @@ def _describe(value: Any) -> str:
         text = repr(value)
         return f"the {'integer' if isinstance(value, int) else 'number'} {text if len(text) <= 24 else text[:20] + '...'}"
     if isinstance(value, str):
-        return f"the string {_short(value)}"
+        return f"the string {quote(value)}"
     if isinstance(value, list):
-        text = json.dumps(value)
-        return text if len(text) <= 40 else f"an array of {len(value)} items"
+        # Arrays of arrays are not shown: one nested as deep as the parser allows would take
+        # json.dumps past Python's recursion limit
+        text = "" if any(isinstance(item, (list, dict)) for item in value) else json.dumps(value)
+        return text if 0 < len(text) <= 40 else f"an array of {len(value)} items"
     return "an object"
-
-
-def _short(text: str) -> str:
-    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
 
 
 def _expected(hint: Any) -> str:
@@ -697,6 +792,8 @@ def _validate(value: Any, hint: Any, where: str) -> None:
         raise _wrong_type(where, hint, value)
     if base is float and isinstance(value, int) and abs(value) > sys.float_info.max:
         raise _Invalid(f"{where} must be a number a float can hold, got {_describe(value)}")
+    if hint in (float, Any, dict):  # a number, or a part the schema does not describe
+        _refuse_non_finite(value, where)
     if base is str and unprintable(value):
         raise _Invalid(f"{where} must be text without control characters or lone surrogates, got {_describe(value)}")
     if origin is list:
@@ -704,8 +801,8 @@ def _validate(value: Any, hint: Any, where: str) -> None:
             _validate(item, args[0], f"{where}[{i}]")
     elif origin is dict:
         for key, item in value.items():
-            _validate(key, args[0], f"the key {_short(key)} of {where}")
-            _validate(item, args[1], f"{where}[{json.dumps(key) if len(key) <= 40 else _short(key)}]")
+            _validate(key, args[0], f"the key {quote(key)} of {where}")
+            _validate(item, args[1], _item_path(where, key))
     elif dataclasses.is_dataclass(base):
         hints = _hints(base)
         for f in dataclasses.fields(base):
@@ -714,12 +811,56 @@ def _validate(value: Any, hint: Any, where: str) -> None:
                 _validate(value[f.name], hints[f.name], path)
             elif f.default is dataclasses.MISSING:
                 raise _Invalid(f"{path} is missing")
+        for key in value.keys() - hints.keys():  # readers ignore them; inspect --json prints them
+            _refuse_non_finite(value[key], _key_path(where, key))
         invariant = getattr(base, "invariant", None)
         problem = invariant(value) if invariant else None
         if problem:
             field_path, text = problem
             path = ".".join(p for p in (where, field_path) if p)
             raise _Invalid(f"{path} {text}")
+
+
+def _item_path(where: str, key: str) -> str:
+    """The path of an entry of the map at `where`, as messages write it: tasks["shape"]."""
+    return f"{where}[{json.dumps(key) if len(key) <= 40 else quote(key)}]"
+
+
+def _key_path(where: str, key: str) -> str:
+    """The path of a field of the object at `where`: model.trunk, or an entry's where the
+    key is no identifier."""
+    if key.isidentifier() and len(key) <= 40:
+        return f"{where}.{key}" if where else key
+    return _item_path(where, key)
+
+
+def _refuse_non_finite(value: Any, where: str) -> None:
+    """Raise _Invalid at a NaN or infinity anywhere in `value`. Python's json reads NaN,
+    Infinity and numbers beyond a float's range (1e999) as such; JSON has none of them, and
+    other readers of the manifest would fail or read something else."""
+    stack = [(value, where)]
+    while stack:  # not recursive: a parsed manifest may nest as deep as the parser allows
+        item, at = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise _Invalid(f"{at} must be a finite number (JSON has no NaN or Infinity), got {_describe(item)}")
+        if isinstance(item, dict):
+            stack.extend((v, _key_path(at, k)) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(item))))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook: an object as a dict, refusing a key given twice, which Python
+    reads as the last value and other parsers as the first."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return found
 
 
 def read_manifest(root: Path) -> dict:
@@ -732,7 +873,10 @@ def read_manifest(root: Path) -> dict:
         raise KfError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; this is not a kfdeploy manifest")
     damaged = "the bundle is damaged — re-export it"
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise KfError(f"{path} gives the key {quote(exc.args[0])} twice in one object (JSON readers disagree on "
+                      f"which one counts); {damaged}") from None
     except ValueError as exc:  # bad JSON or UTF-8, and integers too long to convert
         raise KfError(f"{path} is not valid JSON ({exc}); {damaged}") from None
     except RecursionError:
@@ -783,9 +927,9 @@ def extract_archive(archive: Path, target: Path) -> None:
                 if reason is None and not (member.isfile() or member.isdir()):
                     reason = "it is a link or special file, not a regular file or folder"
                 if reason:
-                    raise refuse(f"has the member {member.name!r}, which could escape the bundle ({reason})")
+                    raise refuse(f"has the member {quote(member.name, 200)}, which is not a path inside a bundle ({reason})")
                 if member.isfile() and PurePosixPath(name) in files:
-                    raise refuse(f"has the file {member.name!r} twice (which one is the bundle's?)")
+                    raise refuse(f"has the file {quote(member.name, 200)} twice (which one is the bundle's?)")
                 if data_filter is not None:
                     data_filter(member, str(target))
                 if member.isdir():

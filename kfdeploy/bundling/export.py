@@ -31,11 +31,13 @@ from torch import nn
 
 from .. import __version__
 from ..errors import KfError
-from ..names import TASK_NAME_RULE, is_task_name, printable
+from ..names import TASK_NAME_RULE, is_task_name, module_title, printable
+from ..sessions import quiet_options, run_failure, run_failures
 from ..training.models import FactorConfig, FactorNet
 from ..training.runs import apply_weights, check_weights_fit, check_writable, load_factor_run, load_weights, save_tensors_atomic, write_json_atomic
 from ..training.train import weights_digest
-from .bundle import FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, read_manifest, sha256_file, write_archive
+from .bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, operator_problem, read_manifest, sha256_file,
+                     write_archive)
 
 # export/*.toml, installed inside the package as kfdeploy.profiles (setup.cfg): read from
 # there, an installed kfdeploy finds them without the source tree.
@@ -257,22 +259,39 @@ def fold_batch_norm(path: Path) -> int:
 
 
 def check_graph(model, name: str) -> None:
-    """onnx.checker (full) on a parsed graph (an onnx.ModelProto) that `name` names in messages."""
+    """onnx.checker (full) on a parsed graph (an onnx.ModelProto) that `name` names in messages,
+    and the operators a reader takes (bundle.OPERATORS): a graph export writes must read."""
     import onnx
 
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise KfError(f"{name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    problem = operator_problem(model)
+    if problem:
+        raise KfError(f"{name} {problem}: readers take only the operators kfdeploy's exports were seen to emit "
+                      "(OPERATORS in kfdeploy/bundling/bundle.py), so this architecture cannot be exported yet — report it")
 
 
 def ort_session(graph: Path | bytes):
     """A CPU session of a graph file, or of a serialized graph (bytes already checked)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), quiet_options(),
+                                providers=["CPUExecutionProvider"])
+
+
+def run_module(session, feeds: Dict[str, np.ndarray], module: str, rows: int, width: int) -> np.ndarray:
+    """The one output of a module's session, which must be `rows` x `width`: what ONNX Runtime
+    raises running a bundle's graph, or an output of another shape, is a KfError naming `module`."""
+    try:
+        out = session.run(None, feeds)[0]
+    except run_failures() as exc:
+        raise run_failure(exc, [module]) from None
+    if out.shape != (rows, width):
+        raise KfError(f"{module_title(module)} gave an output of shape {out.shape} for {rows} image(s) where the manifest says "
+                      f"{(rows, width)}: its graph does not compute what the bundle declares; re-export the bundle")
+    return out
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
@@ -307,14 +326,15 @@ def module_parity(model: FactorNet, trunk: Path | bytes, tasks: Dict[str, Path |
     """
     reference_modules = graph_modules(model, normalization)
     common = reference_modules["trunk"](images)
-    trunk_session = ort_session(trunk)
-    onnx_common = trunk_session.run(None, {"image": images.numpy()})[0]
+    rows = len(images)
+    onnx_common = run_module(ort_session(trunk), {"image": images.numpy()}, "trunk", rows, common.shape[1])
     result = {"trunk": {**compare(common.numpy(), onnx_common), "images": len(images)}}
     for task, graph in tasks.items():
         session = ort_session(graph)
         reference = reference_modules[task](images, common).numpy()
-        isolated = session.run(None, {"image": images.numpy(), "common": common.numpy()})[0]
-        end_to_end = session.run(None, {"image": images.numpy(), "common": onnx_common})[0]
+        width = reference.shape[1]
+        isolated = run_module(session, {"image": images.numpy(), "common": common.numpy()}, task, rows, width)
+        end_to_end = run_module(session, {"image": images.numpy(), "common": onnx_common}, task, rows, width)
         agreement = float((end_to_end.argmax(1) == reference.argmax(1)).mean())
         result[task] = {**compare(reference, isolated), "argmax_agreement": agreement, "images": len(images)}
     return result

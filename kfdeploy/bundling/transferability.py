@@ -221,10 +221,10 @@ def readout_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = FOLD
 def trunk_features(bundle, images: np.ndarray) -> np.ndarray:
     """The trunk's `common` feature (N x D, float64) of 0-1 pixel `images` (N, C, H, W),
     through the bundle's own ONNX graph, in batches the bundle allows."""
-    from .export import ort_session
+    from .export import ort_session, run_module
 
     session = ort_session(bundle.graph("trunk").SerializeToString())
-    batch = bundle.manifest["input"]["batch"]
+    batch, width = bundle.manifest["input"]["batch"], bundle.manifest["trunk"]["output"]["width"]
     images = np.ascontiguousarray(images, dtype=np.float32)
     out: List[np.ndarray] = []
     for start in range(0, len(images), batch["max"]):
@@ -232,7 +232,7 @@ def trunk_features(bundle, images: np.ndarray) -> np.ndarray:
         rows = len(chunk)
         if rows < batch["min"]:  # pad a short last batch with copies of its first image
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch["min"] - rows, axis=0)])
-        out.append(session.run(["common"], {"image": chunk})[0][:rows])
+        out.append(run_module(session, {"image": chunk}, "trunk", len(chunk), width)[:rows])
     return np.concatenate(out).astype(np.float64)
 
 
