@@ -437,7 +437,10 @@ def read_images(paths: List[Path]):
 
     from .images import read_image
 
-    if len(paths) == 1 and paths[0].suffix == ".npy":
+    batches = [path for path in paths if path.suffix == ".npy"]
+    if batches and len(paths) > 1:
+        raise KfError(f"{batches[0]} is a numpy batch, which goes alone: give one .npy batch (N, C, H, W), or image files only")
+    if batches:
         try:
             return np.load(paths[0], allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -471,6 +474,8 @@ def cmd_run(args) -> None:
     from .bundling.bundle import Bundle
     from .runtime import load
 
+    if args.top < 1:
+        raise KfError(f"--top must be 1 or more (classes shown per task), got {args.top}")
     images = read_images(args.inputs)  # before the bundle: a bad file is refused at once
     bundle = Bundle.open(args.bundle)
     if isinstance(images, list):

@@ -2,7 +2,9 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import cli_fails
 from kfdeploy.cli import COMMANDS, main
@@ -88,3 +90,19 @@ def test_an_existing_run_is_not_overwritten_without_resume(teacher_run, capsys):
     before = (teacher_run / "model.safetensors").read_bytes()
     cli_fails(["teacher", "--out", str(teacher_run), "--steps", "2"], capsys, "pass --resume")
     assert (teacher_run / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_run_refuses_a_top_below_one(top, tmp_path, capsys):
+    cli_fails(["run", str(tmp_path / "bundle"), str(tmp_path / "a.png"), "--top", top], capsys,
+              f"--top must be 1 or more (classes shown per task), got {top}")
+
+
+def test_run_refuses_a_numpy_batch_among_image_files_naming_it(tmp_path, capsys):
+    batch = tmp_path / "batch.npy"
+    np.save(batch, np.zeros((1, 1, 64, 64), dtype=np.uint8))
+    picture = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(picture)
+    cli_fails(["run", str(tmp_path / "bundle"), str(picture), str(batch)], capsys,
+              f"{batch} is a numpy batch, which goes alone: give one .npy batch (N, C, H, W), or image files only")
+
