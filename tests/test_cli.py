@@ -106,3 +106,10 @@ def test_run_refuses_a_numpy_batch_among_image_files_naming_it(tmp_path, capsys)
     cli_fails(["run", str(tmp_path / "bundle"), str(picture), str(batch)], capsys,
               f"{batch} is a numpy batch, which goes alone: give one .npy batch (N, C, H, W), or image files only")
 
+
+def test_inspect_on_a_file_says_it_is_a_file_not_a_bundle(tmp_path, capsys):
+    picture = tmp_path / "square.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(picture)
+    cli_fails(["inspect", str(picture)], capsys, f"{picture} is a file, not a bundle: a bundle is a folder made by "
+              "`kfdeploy export RUN --out BUNDLE`, or its .tar.gz archive")
+
