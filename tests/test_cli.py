@@ -1,4 +1,5 @@
 """The command line: help for every job, and a clear one-line error (exit 2) for bad input."""
+import re
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,20 @@ def test_inspect_on_a_file_says_it_is_a_file_not_a_bundle(tmp_path, capsys):
     cli_fails(["inspect", str(picture)], capsys, f"{picture} is a file, not a bundle: a bundle is a folder made by "
               "`kfdeploy export RUN --out BUNDLE`, or its .tar.gz archive")
 
+
+def test_the_quickstart_prints_each_stages_time_and_the_total(tmp_path, monkeypatch, capsys):
+    """The stages themselves are the other tests' (and the README example's); here, what it says."""
+    from kfdeploy import cli
+    from kfdeploy.bundling import export
+    from kfdeploy.training import pipeline
+
+    for module, name in [(pipeline, "train_teacher"), (pipeline, "factorize"), (export, "export_bundle"),
+                         (export, "verify_bundle"), (cli, "run_evaluation"), (cli, "quickstart_answers")]:
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    assert main(["quickstart", "--out", str(tmp_path / "qs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stages = ["teacher", "factorize", "evaluate", "export", "compose"]
+    for number, stage in enumerate(stages, 1):
+        assert re.fullmatch(rf"\[{number}/5 {stage}\] done in \d+\.\d s", lines[2 * number - 1]), lines
+    assert re.fullmatch(r"quickstart finished in \d+\.\d s \(" + ", ".join(rf"{s} \d+\.\d s" for s in stages) + r"\)",
+                        lines[11]), lines
