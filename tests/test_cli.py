@@ -115,6 +115,21 @@ def test_inspect_on_a_file_says_it_is_a_file_not_a_bundle(tmp_path, capsys):
               "`kfdeploy export RUN --out BUNDLE`, or its .tar.gz archive")
 
 
+def test_the_demo_announces_itself_with_the_command_line_flags_not_gradios_launch_advice(bundle, capsys):
+    from kfdeploy.demo import launch
+    from triton_servers import free_ports
+
+    port = free_ports(1)[0]
+    app = launch(bundle, port=port, block=False)
+    try:
+        said = capsys.readouterr()
+    finally:
+        app.close()
+    assert f"kfdeploy demo: {bundle} on http://127.0.0.1:{port}/ (Ctrl-C stops it; --host, --port and --share for more)" \
+        in said.out.splitlines(), said.out
+    assert "share=True" not in said.out + said.err
+
+
 def test_the_quickstart_prints_each_stages_time_and_the_total(tmp_path, monkeypatch, capsys):
     """The stages themselves are the other tests' (and the README example's); here, what it says."""
     from kfdeploy import cli
