@@ -541,7 +541,7 @@ def cmd_quickstart(args) -> None:
         ("export", bundle_dir, lambda: (export_bundle(kf_dir, bundle_dir), verify_bundle(bundle_dir))),
         ("compose", bundle_dir, lambda: quickstart_answers(bundle_dir)),
     ]
-    # Each stage's time as it ends and all of them at the end: the README's figures are for 2
+    # Each stage's time as it ends and all of them at the end: the published figures are for 2
     # idle cores, and a user on a busy or other machine can compare stage by stage.
     times = {}
     started = time.perf_counter()
