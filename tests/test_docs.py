@@ -148,11 +148,12 @@ def in_workspace(page: Page):
 # -- commands -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def apps_that_would_block():
-    """Gradio apps that a command launched and would now serve until Ctrl-C: collected
-    instead of blocking, then checked to answer and closed."""
+def apps_that_would_block(argv: List[str]):
+    """A demo command on a free port (appended to `argv`): the Gradio app it launches and
+    would serve until Ctrl-C is collected instead, then checked to answer and closed."""
     import gradio
 
+    argv += ["--port", str(free_ports(1)[0])]
     launched = []
     with mock.patch.object(gradio.Blocks, "block_thread", lambda app: launched.append(app)):
         yield
@@ -172,9 +173,7 @@ def kfdeploy_command(page: Page, args: List[str]) -> None:
     args = [*args, *SMALL.get(args[0], [])]
     if args[0] == "serve":
         return serve(page, args[1:])
-    if args[0] == "demo":
-        args += ["--port", str(free_ports(1)[0])]
-    with apps_that_would_block() if args[0] == "demo" else contextlib.nullcontext():
+    with apps_that_would_block(args) if args[0] == "demo" else contextlib.nullcontext():
         try:
             code = main(args)
         except SystemExit as exc:  # argparse refusing the documented command
@@ -203,19 +202,19 @@ def script(page: Page, args: List[str]) -> None:
     """`python SCRIPT ARGS`, in this process (it is kfdeploy code either way, and torch is imported once)."""
     path = page.workspace / args[0]
     argv = [str(path), *args[1:]]
-    if args[0] == "demos/app.py":
-        argv += ["--port", str(free_ports(1)[0])]
-    with mock.patch.object(sys, "argv", argv), apps_that_would_block() if args[0] == "demos/app.py" else contextlib.nullcontext():
+    with apps_that_would_block(argv) if args[0] == "demos/app.py" else contextlib.nullcontext(), mock.patch.object(sys, "argv", argv):
         try:
             runpy.run_path(str(path), run_name="__main__")
         except SystemExit as exc:
             assert exc.code in (0, None), f"`python {shlex.join(args)}` exited with {exc.code}"
 
 
-def process(page: Page, argv: List[str]) -> None:
-    done = subprocess.run(argv, cwd=page.workspace, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
-    assert done.returncode == 0, f"`{shlex.join(argv)}` exited with {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+def curl(page: Page, args: List[str]) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    argv = ["curl", "--fail", "--silent", "--show-error", *args]  # an HTTP error fails the example
+    done = subprocess.run(argv, cwd=page.workspace, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"`{shlex.join(argv)}` exited with {done.returncode}: {done.stderr[-2000:]}"
     print(done.stdout)
 
 
@@ -261,12 +260,8 @@ def run_command(page: Page, argv: List[str], line: str) -> None:
         script(page, args)
     elif name == "pip":
         check_pip(args)
-    elif name == "torchrun":
-        process(page, [sys.executable, "-m", "torch.distributed.run", *args, *SMALL.get(args[args.index("kfdeploy") + 1], [])])
     elif name == "curl":
-        if shutil.which("curl") is None:
-            pytest.skip("curl is not installed")
-        process(page, ["curl", "--fail", "--silent", "--show-error", *args])
+        curl(page, args)
     else:
         raise AssertionError(f"tests/test_docs.py cannot run `{name}`: teach it how, or mark the block "
                              '<!-- skip: next "why" --> (docs/development.md)')
