@@ -360,7 +360,7 @@ def test_example(document, chain, last, request):
     except pytest.skip.Exception:
         raise
     except BaseException:
-        page.failed = f"line {chain[-1].line}"
+        page.failed = request.node.callspec.id
         raise
     finally:
         if last:
