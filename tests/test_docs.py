@@ -42,11 +42,11 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # Sizes for commands that train or measure, appended to the documented command (argparse
 # takes an option's last value): each page runs in seconds, the commands' code unchanged.
 SMALL = {
-    "quickstart": ["--teacher-steps", "4", "--factorize-steps", "4", "--images", "256"],
+    "quickstart": ["--teacher-steps", "4", "--factorize-steps", "4", "--images", "64"],
     "teacher": ["--steps", "4", "--batch-size", "16"],
     "factorize": ["--steps", "4", "--batch-size", "16"],
     "add-task": ["--steps", "4", "--batch-size", "16"],
-    "evaluate": ["--images", "256"],
+    "evaluate": ["--images", "64"],
     "transferability": ["--images", "64"],
     "quantize": ["--images", "32"],
 }
