@@ -355,7 +355,7 @@ def print_report(result: dict) -> None:
     print("\ngoals:")
     for line in goal_lines(result):
         print("  " + line)
-    print("\nfor README.md:\n" + markdown_table(result))
+    print("\nfor docs/benchmarks/runtime.md:\n" + markdown_table(result))
 
 
 def rows_at(result: dict, batch: int) -> list:
@@ -396,7 +396,7 @@ def goal_lines(result: dict) -> list:
 
 
 def markdown_table(result: dict, ks=(1, 3, 5)) -> str:
-    """The README's table: the assembly absolute, every other variant as time relative to it."""
+    """The runtime benchmark page's table: the assembly absolute, every other variant as time relative to it."""
     others = [n for n in result["rows"][0]["ms"] if n != "assembly"]
     lines = ["| k | batch | assembly | " + " | ".join(others) + " |", "|---" * (3 + len(others)) + "|"]
     for batch in BATCHES:

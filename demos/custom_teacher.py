@@ -113,10 +113,13 @@ def main() -> None:
     print(format_table(result))
     print(f"factor networks in {args.out}")
 
-    # Ship them: one ONNX file per module, checksummed, the first test images as examples.
-    bundle = export_bundle(args.out, args.bundle or args.out.with_name(args.out.name + "-bundle"), examples=test_set)
+    # Ship them: one ONNX file per module, checksummed, checked and scored on the test images
+    # (the first of them become the bundle's examples).
+    bundle = export_bundle(args.out, args.bundle or args.out.with_name(args.out.name + "-bundle"), heldout_data=test_set)
     # What an app does with the bundle: no PyTorch, no teacher, only the tasks it wants.
     model = kfdeploy.load(bundle, tasks=["quadrant"])
+    scores = ", ".join(f"{t} {model.bundle.task(t)['heldout_accuracy']:.4f}" for t in TASK_LABELS)
+    print(f"bundle written to {bundle}: held-out accuracy {scores} (ONNX Runtime)")
     images = np.stack([test_set[i][0].numpy() for i in range(6)])
     answers = model.top(model(images))["quadrant"]
     truth = [TASK_LABELS["quadrant"][test_set[i][1]["quadrant"]] for i in range(6)]

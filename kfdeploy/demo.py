@@ -484,6 +484,12 @@ def launch(bundle_path: Path = DEFAULT_BUNDLE, host: str = "127.0.0.1", port: in
         print(f"kfdeploy demo: {opened[1]}", file=sys.stderr)
     app = build_app(bundle_path, opened)
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=False,
+    # quiet: Gradio's own start-up lines tell a command-line user to set `share=True` in `launch()`
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                max_file_size=MAX_UPLOAD_BYTES)
+    public = f" and {app.share_url}" if app.share_url else ""
+    print(f"kfdeploy demo: {bundle_path} on {app.local_url}{public} (Ctrl-C stops it; --host, --port and --share for more)",
+          flush=True)
+    if block:
+        app.block_thread()
     return app

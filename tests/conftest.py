@@ -1,4 +1,5 @@
 """Shared fixtures: tiny but real teacher and factor runs, trained once per test session."""
+import functools
 import os
 import shutil
 import signal
@@ -57,25 +58,64 @@ def cli_fails(argv, capsys, expected: str) -> str:
     return err
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's: a browser download cannot work here
+
+
+@functools.cache
+def _chromium_missing() -> str:
+    """Why Debian's Chromium cannot be had here, or "" once it is installed: installed first,
+    once, where this user may (root with apt-get), so that one command runs the browser tests."""
+    if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
+        return ""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "Debian's chromium is not installed and this user cannot install it: apt-get install chromium chromium-driver"
+    print("\ninstalling Debian's chromium and chromium-driver for the browser tests (once)", flush=True)
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    wait = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get (another test run) may hold the lock
+    for step in (["apt-get", *wait, "update", "-qq"], ["apt-get", *wait, "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        done = subprocess.run(step, capture_output=True, text=True, timeout=1800, env=environment)
+        if done.returncode:
+            return f"`{' '.join(step)}` failed: {(done.stderr.strip() or 'no output').splitlines()[-1]}"
+    return ""
+
+
+def need_chromium() -> None:
+    why = _chromium_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser tests must run in CI: {why}")
+        pytest.skip(why)
+
+
 def chromium_driver():
-    """Headless Debian Chromium for the browser tests: skipped where it is not installed,
-    failed under CI, which must install it (.ci/run does)."""
+    """Headless Debian Chromium for the browser tests (@pytest.mark.chromium)."""
     from selenium import webdriver
     from selenium.common.exceptions import WebDriverException
 
-    if not Path("/usr/bin/chromium").exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
-        pytest.skip("Debian's chromium is not installed: apt-get install chromium chromium-driver")
+    need_chromium()
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update", "--window-size=1400,1900"):
         options.add_argument(flag)
     try:
-        return webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+        return webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     except WebDriverException as exc:
         pytest.fail(f"chromium did not start: {exc.msg}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """What a marked test needs from outside Python, found or made before any of its fixtures
+    is set up: a test that is going to skip says so before a bundle is trained for it."""
+    from triton_servers import need_serve_env
+
+    needs = [need for marker, need in (("chromium", need_chromium), ("serve_env", need_serve_env)) if item.get_closest_marker(marker)]
+    if needs:
+        capture = item.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():  # a first run's one-time install says what it is doing
+            for need in needs:
+                need()
 
 
 @pytest.fixture(scope="session")

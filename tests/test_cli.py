@@ -1,8 +1,11 @@
 """The command line: help for every job, and a clear one-line error (exit 2) for bad input."""
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import cli_fails
 from kfdeploy.cli import COMMANDS, main
@@ -88,3 +91,58 @@ def test_an_existing_run_is_not_overwritten_without_resume(teacher_run, capsys):
     before = (teacher_run / "model.safetensors").read_bytes()
     cli_fails(["teacher", "--out", str(teacher_run), "--steps", "2"], capsys, "pass --resume")
     assert (teacher_run / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_run_refuses_a_top_below_one(top, tmp_path, capsys):
+    cli_fails(["run", str(tmp_path / "bundle"), str(tmp_path / "a.png"), "--top", top], capsys,
+              f"--top must be 1 or more (classes shown per task), got {top}")
+
+
+def test_run_refuses_a_numpy_batch_among_image_files_naming_it(tmp_path, capsys):
+    batch = tmp_path / "batch.npy"
+    np.save(batch, np.zeros((1, 1, 64, 64), dtype=np.uint8))
+    picture = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(picture)
+    cli_fails(["run", str(tmp_path / "bundle"), str(picture), str(batch)], capsys,
+              f"{batch} is a numpy batch, which goes alone: give one .npy batch (N, C, H, W), or image files only")
+
+
+def test_inspect_on_a_file_says_it_is_a_file_not_a_bundle(tmp_path, capsys):
+    picture = tmp_path / "square.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(picture)
+    cli_fails(["inspect", str(picture)], capsys, f"{picture} is a file, not a bundle: a bundle is a folder made by "
+              "`kfdeploy export RUN --out BUNDLE`, or its .tar.gz archive")
+
+
+def test_the_demo_announces_itself_with_the_command_line_flags_not_gradios_launch_advice(bundle, capsys):
+    from kfdeploy.demo import launch
+    from triton_servers import free_ports
+
+    port = free_ports(1)[0]
+    app = launch(bundle, port=port, block=False)
+    try:
+        said = capsys.readouterr()
+    finally:
+        app.close()
+    assert f"kfdeploy demo: {bundle} on http://127.0.0.1:{port}/ (Ctrl-C stops it; --host, --port and --share for more)" \
+        in said.out.splitlines(), said.out
+    assert "share=True" not in said.out + said.err
+
+
+def test_the_quickstart_prints_each_stages_time_and_the_total(tmp_path, monkeypatch, capsys):
+    """The stages themselves are the other tests' (and the README example's); here, what it says."""
+    from kfdeploy import cli
+    from kfdeploy.bundling import export
+    from kfdeploy.training import pipeline
+
+    for module, name in [(pipeline, "train_teacher"), (pipeline, "factorize"), (export, "export_bundle"),
+                         (export, "verify_bundle"), (cli, "run_evaluation"), (cli, "quickstart_answers")]:
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    assert main(["quickstart", "--out", str(tmp_path / "qs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stages = ["teacher", "factorize", "evaluate", "export", "compose"]
+    for number, stage in enumerate(stages, 1):
+        assert re.fullmatch(rf"\[{number}/5 {stage}\] done in \d+\.\d s", lines[2 * number - 1]), lines
+    assert re.fullmatch(r"quickstart finished in \d+\.\d s \(" + ", ".join(rf"{s} \d+\.\d s" for s in stages) + r"\)",
+                        lines[11]), lines

@@ -1,4 +1,4 @@
-"""The README's bring-your-own-teacher example runs end to end on non-sprites data."""
+"""The bring-your-own-teacher example (demos/custom_teacher.py) runs end to end on non-sprites data."""
 import json
 
 import pytest
@@ -21,9 +21,15 @@ def test_custom_teacher_example_factorizes_evaluates_exports_and_runs(tmp_path):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert set(evaluation["factor_accuracy"]) == {"quadrant", "size"}
     assert evaluation["factor_accuracy"]["quadrant"] > 0.5  # chance is 0.25
-    # ... and ships: a bundle with the demo's class names, which the runtime answers with
+    # ... and ships: a bundle with the demo's class names, scored on the test images passed from
+    # Python, said where it is (and no "held-out accuracy: none" under the table of accuracies)
     manifest = json.loads((tmp_path / "custom-bundle" / "manifest.json").read_text())
     assert manifest["tasks"]["size"]["labels"] == ["small", "medium", "large"] and len(manifest["examples"]) == 6
+    scored = {t: manifest["tasks"][t]["heldout_accuracy"] for t in ("quadrant", "size")}
+    assert scored["quadrant"] > 0.5, scored
+    assert (f"bundle written to {tmp_path / 'custom-bundle'}: held-out accuracy quadrant {scored['quadrant']:.4f}, "
+            f"size {scored['size']:.4f} (ONNX Runtime)") in result.stdout.splitlines()
+    assert "held-out accuracy: none" not in result.stdout
     answered = result.stdout.split("quadrant, bundle's answer vs truth: ")[1].splitlines()[0].split(", ")
     assert len(answered) == 6 and all(a.split(" (")[0] in manifest["tasks"]["quadrant"]["labels"] for a in answered)
     assert "size added live: " in result.stdout

@@ -214,6 +214,7 @@ def test_an_upload_above_the_size_cap_is_refused_by_the_server(server, tmp_path)
         assert response.status_code == status, (path.name, response.text[:300])
 
 
+@pytest.mark.chromium
 @pytest.mark.slow
 def test_a_browser_ticks_tasks_generates_a_sprite_and_sees_the_labels(server, bundle, tmp_path):
     from selenium.webdriver.common.by import By
@@ -281,6 +282,7 @@ def test_a_replaced_bundle_with_another_trunk_is_not_offered_and_the_page_says_w
     assert demo.tasks == ["shape", "scale"] and demo.refresh() == problem
 
 
+@pytest.mark.chromium
 @pytest.mark.slow
 def test_a_browser_reloading_the_page_ticks_an_added_task_and_sees_its_label(live_server, live, factor_run):
     from selenium.webdriver.common.by import By
@@ -386,6 +388,7 @@ def test_a_bundle_quantized_again_while_the_demo_runs_answers_with_the_new_varia
     assert after == pytest.approx(_expected(copy, ["shape"], precision="int8")["shape"], abs=1e-4)
 
 
+@pytest.mark.chromium
 @pytest.mark.slow
 def test_a_browser_switches_to_int8_and_the_answer_panel_says_so(int8_server):
     from selenium.webdriver.common.by import By

@@ -118,7 +118,7 @@ def test_verify_passes_on_a_good_bundle_and_its_archive(bundle, capsys):
 
 
 def test_export_and_verify_print_how_long_they_took(factor_run, tmp_path, capsys):
-    # The README's export and verify timings are what these lines say.
+    # The export and verify timings quoted in docs/export.md are what these lines say.
     out = tmp_path / "timed"
     assert main(["export", str(factor_run), "--out", str(out), "--tasks", "shape"]) == 0
     assert re.search(rf"bundle written to {re.escape(str(out))} in \d+\.\d s$", capsys.readouterr().out.strip())

@@ -529,6 +529,7 @@ def test_a_bundle_with_a_tampered_example_is_explained_by_the_demo(rgb_copy):
     assert "cannot be used" in text and "checksum mismatch for examples/3.png" in text
 
 
+@pytest.mark.chromium
 @pytest.mark.slow
 def test_a_browser_clicks_an_example_of_a_non_sprites_bundle_and_sees_the_answer(rgb_server, rgb_bundle, tmp_path):
     from selenium.webdriver.common.by import By

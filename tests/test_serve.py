@@ -18,7 +18,7 @@ import pytest
 
 import kfdeploy
 from conftest import REPO
-from triton_servers import free_ports, kfdeploy_serve, need_serve_env
+from triton_servers import free_ports, kfdeploy_serve, need_serve_env, needs_serve_env
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient (the dev extra) is missing")
 grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient (the dev extra) is missing")
@@ -32,7 +32,6 @@ MAX_BATCH = 16
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    need_serve_env()
     # Served from a folder whose name is not ASCII: Triton's Python stub runs with an ASCII
     # filesystem encoding, which once made such a bundle "no bundle at"
     folder = tmp_path_factory.mktemp("serve")
@@ -95,6 +94,7 @@ def listening_addresses(port: int) -> set:
     return found
 
 
+@needs_serve_env
 def test_triton_endpoints_answer_on_loopback_only(server, bundle):
     for key in ("http", "grpc", "metrics", "control"):
         assert listening_addresses(int(server[key].rsplit(":", 1)[1])) == {"127.0.0.1"}, key
@@ -117,6 +117,7 @@ def test_triton_endpoints_answer_on_loopback_only(server, bundle):
     client.close()
 
 
+@needs_serve_env
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_answers_are_kfdeploy_loads(server, reference, protocol):
     client = client_for(server, protocol)
@@ -135,6 +136,7 @@ def test_answers_are_kfdeploy_loads(server, reference, protocol):
     client.close()
 
 
+@needs_serve_env
 def test_concurrent_requests_for_different_task_sets_are_batched_and_each_answered_right(server, reference):
     """Eight threads, each with its own client (HTTP and gRPC), send interleaved requests
     asking for different task sets; every answer matches kfdeploy.load on its images, and
@@ -173,6 +175,7 @@ def test_concurrent_requests_for_different_task_sets_are_batched_and_each_answer
     assert requests == 80 and batches < requests, (requests, batches)  # several requests per batch
 
 
+@needs_serve_env
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("case", ["wrong shape", "wrong dtype", "NaN", "unknown task", "task not served", "empty batch",
                                   "oversized batch", "logits not a boolean"])
@@ -206,6 +209,7 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_next_request_is_an
     client.close()
 
 
+@needs_serve_env
 def test_a_nan_request_batched_with_good_ones_fails_alone(server, reference):
     """Six clients send at once (one with a NaN pixel) until Triton puts all six in one
     dynamic batch: the NaN request gets its error, the five others their answers."""
@@ -245,6 +249,7 @@ def test_a_nan_request_batched_with_good_ones_fails_alone(server, reference):
         pytest.fail("Triton never batched the six requests together in 10 rounds")
 
 
+@needs_serve_env
 def test_tasks_are_added_and_removed_live_without_dropping_requests(server, reference):
     x = images(2, 9)
     expected = reference(x)
@@ -284,6 +289,7 @@ def test_tasks_are_added_and_removed_live_without_dropping_requests(server, refe
     assert status == 404 and body["error"].startswith("unknown task 'colour' in bundle")
 
 
+@needs_serve_env
 def test_a_task_added_to_the_bundle_on_disk_since_start_is_served_without_a_restart(live, factor_run, tmp_path):
     """`kfdeploy add-task` while serving: loading the model again declares the new output."""
     from kfdeploy.bundling.export import export_bundle
@@ -299,6 +305,7 @@ def test_a_task_added_to_the_bundle_on_disk_since_start_is_served_without_a_rest
         client.close()
 
 
+@needs_serve_env
 def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, reference):
     with kfdeploy_serve(bundle, tmp_path, "--tasks", "shape", name="drain") as running:
         x = images(256, 3)  # the bundle's largest batch: each takes a while on 2 cores
@@ -347,6 +354,7 @@ def readiness(address: str) -> tuple:
     return tuple(states)
 
 
+@needs_serve_env
 def test_a_killed_model_process_is_reported_unready_and_brought_back(bundle, tmp_path, reference):
     """The OOM killer's SIGKILL on Triton's Python stub while a client sends a request every
     10 ms: readiness says so at once, the model answers again within RECOVERY_S, no request
@@ -420,6 +428,7 @@ def test_a_killed_model_process_is_reported_unready_and_brought_back(bundle, tmp
     assert memory and not any(Path(path).exists() for path in memory), f"the dead stub's shared memory was left behind: {memory}"
 
 
+@needs_serve_env
 def test_a_model_that_cannot_be_brought_back_makes_serve_exit_1(bundle, tmp_path):
     """Where the model cannot come back (here its bundle is gone from disk), kfdeploy serve
     exits non-zero, promptly, for a supervisor to restart it, and says why."""
@@ -439,6 +448,7 @@ def test_a_model_that_cannot_be_brought_back_makes_serve_exit_1(bundle, tmp_path
     assert "exiting for a supervisor to restart" in log
 
 
+@needs_serve_env
 def test_serve_refuses_mistakes_in_one_line_before_starting(bundle, tmp_path):
     env = need_serve_env()
     for args, message in [
@@ -454,6 +464,7 @@ def test_serve_refuses_mistakes_in_one_line_before_starting(bundle, tmp_path):
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
 
 
+@needs_serve_env
 def test_a_port_in_use_is_named_before_triton_starts(bundle):
     env = need_serve_env()
     with socket.socket() as taken:
@@ -472,6 +483,7 @@ def test_a_port_in_use_is_named_before_triton_starts(bundle):
             assert len(lines) == 1 and f":{port} (Address already in use); choose another {flag}" in lines[0], (flag, result.stderr)
 
 
+@needs_serve_env
 def test_a_triton_that_cannot_start_is_reported_not_waited_on(bundle):
     """The control endpoint is open when Triton fails to start: stopping must not wait for
     it to serve (it did, forever: socketserver's shutdown() waits for serve_forever)."""

@@ -191,6 +191,7 @@ def infer(client_module, client, model, x, outputs=None, **kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.serve_env
 def test_triton_serves_the_ensembles_with_any_subset_of_outputs_and_swaps_a_task_alone(bundle, tmp_path):
     """Each ensemble, asked for all its outputs and for each subset (the layout that avoids
     Triton's reported ensemble-subset deadlock), answers what kfdeploy.load answers; then a

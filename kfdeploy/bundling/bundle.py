@@ -127,6 +127,9 @@ class Bundle:
         path = Path(path)
         if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
             return cls._open_archive(path, verify)
+        if path.is_file():
+            raise KfError(f"{path} is a file, not a bundle: a bundle is a folder made by `kfdeploy export RUN --out BUNDLE`, "
+                          f"or its {ARCHIVE_SUFFIXES[0]} archive")
         if not path.is_dir():
             raise KfError(f"no bundle at {path}; make one with `kfdeploy export RUN --out {path}`")
         bundle = cls(path, read_manifest(path))

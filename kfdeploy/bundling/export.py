@@ -393,6 +393,19 @@ def _run_heldout(opened, tasks: Sequence[str]):
     return (images, {t: labels[t] for t in tasks}) if len(images) else None
 
 
+def _dataset_heldout(dataset, tasks: Sequence[str]):
+    """As _run_heldout, from a held-out dataset passed from Python."""
+    batch = _batch_from_dataset(dataset, ACCURACY_IMAGES)
+    if batch is None:
+        raise KfError("heldout_data is empty: pass the held-out images the exported tasks are scored on")
+    images, labels = batch
+    missing = [t for t in tasks if t not in labels]
+    if missing:
+        raise KfError(f"heldout_data gives no label for task {missing[0]!r} in every item; "
+                      f"its items must be (image, {{task: label}}) with every exported task")
+    return images, {t: labels[t] for t in tasks}
+
+
 def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
     """How big the monolithic network was, for comparison with the composed modules."""
     if not teacher_run or not (Path(teacher_run) / "model.safetensors").is_file():
@@ -406,8 +419,8 @@ def _teacher_parameters(teacher_run: Optional[str]) -> Optional[int]:
 def heldout_examples(opened, config: FactorConfig, count: int = EXAMPLE_IMAGES):
     """`count` held-out images of the run's data (`opened`, kfdeploy.training.pipeline.OpenedData) for
     the bundle's examples, with their labels: (images (N, C, H, W) in [0, 1], {task: (N,)
-    class indices}); None where there are none. Pass `examples=` to export_bundle for
-    datasets passed from Python, which kfdeploy cannot open again."""
+    class indices}); None where there are none. Pass `heldout_data=` or `examples=` to
+    export_bundle for datasets passed from Python, which kfdeploy cannot open again."""
     if opened is None:
         return None
     if opened.kind == "sprites":  # every sprite factor labelled, whatever tasks the run has
@@ -423,9 +436,9 @@ def heldout_examples(opened, config: FactorConfig, count: int = EXAMPLE_IMAGES):
 EXAMPLES_OFFSET = 1000  # past the first held-out sprites, which evaluation and parity use
 
 
-def _examples_from_dataset(dataset, count: int = EXAMPLE_IMAGES):
+def _batch_from_dataset(dataset, count: int = EXAMPLE_IMAGES):
     """The first `count` items of a dataset (image (C, H, W) in [0, 1], {task: int label}),
-    batched as heldout_examples returns them."""
+    batched as heldout_examples returns them, with the labels every item has."""
     items = [dataset[i] for i in range(min(count, len(dataset)))]
     if not items:
         return None
@@ -497,13 +510,16 @@ def export_bundle(
     examples=None,
     keep_examples: bool = False,
     opened_data=None,
+    heldout_data=None,
 ) -> Path:
     """Export run_dir's factor modules into bundle `out` (or add them to it with `into`).
 
-    The bundle stores a few held-out images as examples, drawn from the run's data (sprites,
-    colour sprites, an image folder). For datasets passed from Python, which kfdeploy cannot
-    open again, pass `examples`: a dataset of (image (C, H, W) in [0, 1], {task: int label})
-    items (the first EXAMPLE_IMAGES are taken), such as your held-out set. `keep_examples`
+    Parity is checked and each task's accuracy measured on the run's held-out images, and a
+    few of them become the bundle's examples, drawn from the run's data (sprites, colour
+    sprites, an image folder). For datasets passed from Python, which kfdeploy cannot open
+    again, pass your held-out set as `heldout_data`, a dataset of (image (C, H, W) in [0, 1],
+    {task: int label}) items: up to ACCURACY_IMAGES of them are used the same way, the first
+    EXAMPLE_IMAGES as examples. `examples`, a dataset alike, names other examples. `keep_examples`
     (with `into`) leaves the bundle's examples as they are. `profile` defaults to the
     bundle's own with `into` (graphs of one opset and batch range compose), else cpu-fp32.
     `opened_data`: the run's data as the caller already opened it (kfdeploy.training.pipeline.
@@ -543,12 +559,16 @@ def export_bundle(
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        opened = opened_data if opened_data is not None else _open_run_data(info, progress, examples is not None)
-        if examples is not None:
-            found = _examples_from_dataset(examples)
+        if heldout_data is not None:
+            opened, heldout = None, _dataset_heldout(heldout_data, tasks)
+        else:
+            opened = opened_data if opened_data is not None else _open_run_data(info, progress, examples is not None)
+            heldout = _run_heldout(opened, tasks)
+        samples = examples if examples is not None else heldout_data
+        if samples is not None:
+            found = _batch_from_dataset(samples)
         else:
             found = None if keep_examples and existing is not None else heldout_examples(opened, model.config)
-        heldout = _run_heldout(opened, tasks)
         manifest = _build(model, info, run_dir, staging, tasks, profile, fingerprint, existing, progress, normalization,
                           found, heldout)
         write_json_atomic(staging / MANIFEST, manifest)
