@@ -15,6 +15,7 @@ import torch
 from onnx import helper
 
 import kfdeploy
+from kfdeploy import runtime
 from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.bundling.export import export_bundle
 from kfdeploy.bundling.fuse import Composer
@@ -184,3 +185,19 @@ def test_graphs_with_an_operation_across_channels_run_one_by_one_and_say_why(bun
                      "be merged (LRN is not known to be channel-local)"]
     assert_equal_answers(run(merged, images, TASKS), run(composed(copy, TASKS, merge=False), images, TASKS))
 
+
+def test_a_batch_bigger_than_a_run_takes_runs_in_equal_parts_with_the_same_answers(bundle, images, monkeypatch):
+    whole = kfdeploy.load(bundle, **QUIET)
+    expected = whole(images, logits=True)
+    merged_bytes = whole._composer.image_bytes(TASKS)
+    assert whole._state[1].rows == runtime.RUN_BYTES // merged_bytes >= len(images)
+    monkeypatch.setattr(runtime, "RUN_BYTES", 5 * merged_bytes)  # 24 images: 5 runs of 5 (4 at the end)
+    parted = kfdeploy.load(bundle, **QUIET)
+    composition = parted._state[1]
+    runs, session = [], composition.session
+    composition.session = type("Counted", (), {"run": lambda self, names, feeds: runs.append(len(feeds["image"]))
+                                               or session.run(names, feeds)})()
+    got = parted(images, logits=True)
+    assert runs == [5, 5, 5, 5, 4]
+    for task in TASKS:
+        np.testing.assert_array_equal(got[task], expected[task])

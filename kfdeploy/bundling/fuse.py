@@ -25,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from ..errors import KfError
 from .merge import Unmergeable, architecture, merge_graphs, value_shapes
 
@@ -147,6 +149,18 @@ class Composer:
                               f"their graphs cannot be merged ({exc})")
             units += [((task,), self._fragment(task)) for task in group]
         return units
+
+    def image_bytes(self, tasks: Sequence[str]) -> int:
+        """The largest tensor per image in the composition of `tasks`, in bytes (as float32):
+        a merged group's tensors hold each of its tasks' channels."""
+        def largest(module: str) -> int:
+            if module not in self._shapes:
+                self._fragment(module)
+            sizes = [np.prod(shape[1:], dtype=np.int64) for shape in self._shapes[module].values()
+                     if shape and all(isinstance(d, int) for d in shape[1:])]
+            return int(max(sizes, default=0)) * 4
+
+        return max([largest("trunk"), *(len(group) * largest(group[0]) for group in self._groups(tasks))])
 
     def compose(self, tasks: Sequence[str]) -> bytes:
         """The serialized ModelProto computing the trunk once and every task in `tasks` from it."""
