@@ -173,7 +173,8 @@ class _Merger:
             inputs = [self.value(nodes, slot) if name else None for slot, name in enumerate(node.input)]
             if any(v is not None and (v.kind == PER_TASK or (v.kind == STACKED and len(self.shape(name)) <= 2))
                    for v, name in zip(inputs, node.input)):
-                # Flat features on: little work, so each task's own nodes, which answer bit for bit as its graph does
+                # From flat features on little work is left: each task runs its own nodes (its own
+                # Gemm answers bit for bit as its graph does)
                 self.one_by_one(nodes, inputs)
                 continue
             if any(n.attribute != node.attribute for n in nodes[1:]):
@@ -249,22 +250,22 @@ class _Merger:
         if not value.same_for_all():
             raise Unmergeable(f"{why} differs between the tasks")
         if value.name not in self._placed:
-            tensor = type(value.tensors[0])()
-            tensor.CopyFrom(value.tensors[0])
-            tensor.name = self.fresh("shared")
-            self.initializers.append(tensor)
-            self._placed[value.name] = tensor.name
+            self._placed[value.name] = self.copy(value.tensors[0], self.fresh("shared"))
         return self._placed[value.name]
 
     def own(self, value: _Value, task: int) -> str:
         """Task `task`'s own constant, as an initializer."""
         if (value.name, task) not in self._own:
-            tensor = type(value.tensors[task])()
-            tensor.CopyFrom(value.tensors[task])
-            tensor.name = f"{value.name}/{task}"
-            self.initializers.append(tensor)
-            self._own[value.name, task] = tensor.name
+            self._own[value.name, task] = self.copy(value.tensors[task], f"{value.name}/{task}")
         return self._own[value.name, task]
+
+    def copy(self, tensor, name: str) -> str:
+        """An initializer of the merged graph holding `tensor`'s value, named `name`."""
+        copied = type(tensor)()
+        copied.CopyFrom(tensor)
+        copied.name = name
+        self.initializers.append(copied)
+        return name
 
     def parts(self, value: _Value) -> List[str]:
         """A stacked tensor's parts, each task's own."""
