@@ -2,7 +2,9 @@
 
 The bundle is a real timm one (MobileNetV2 x0.5 task modules of 3, 6 and 40 classes) at 32x32,
 with a normalization in its graphs and its weights and BatchNorm statistics scrambled before
-export, so that every folded bias and scale differs from task to task.
+export, so that every folded bias and scale differs from task to task. Making it takes a minute or
+more, mostly torch.onnx's exports (20-45 s per MobileNet module on 2 cores): one bundle serves
+the module.
 """
 import hashlib
 import json
@@ -30,6 +32,7 @@ SIZE = 32
 TASKS = ["shape", "scale", "orientation"]  # 3, 6 and 40 classes
 TOLERANCE = 1e-5
 QUIET = {"log": lambda line: None}
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ head) run on its part: there the work is small, and each task's own Gemm keeps i
 bit for bit what its own graph gives (a batched MatMul rounds differently: one unit in the
 last place, 7.6e-6 on logits near 100).
 
-Task i's channels are block i of every merged tensor and ONNX Runtime runs a grouped
-convolution group by group with the kernel it runs a single one with, so the merged graph
-answers as the task graphs do. Only operations known to be channel-local are merged; a
-convolutional body holding anything else raises `Unmergeable`, and the caller composes
-those tasks one by one.
+Task i's channels are block i of every merged tensor, and ONNX Runtime's NCHWc kernels run
+a grouped convolution group by group with the code that runs a single one: on ONNX Runtime
+1.32 (AVX2, NCHWc blocks of 8 channels) the merged graph answered bit for bit as the task
+graphs did. Where a group's channels are not a multiple of the block (8 channels on an
+AVX-512 CPU, whose blocks are 16), that convolution runs outside NCHWc and may round
+differently. Only operations known to be channel-local are merged; a convolutional body
+holding anything else raises `Unmergeable`, and the caller composes those tasks one by one.
 
 The merged graph is built from the modules' own graphs when a composition needs it (their
 weights' bytes joined), so a bundle keeps one file per task. Imports numpy and onnx only.
