@@ -156,8 +156,9 @@ class Composer:
         def largest(module: str) -> int:
             if module not in self._shapes:
                 self._fragment(module)
+            # Tensors with a batch dimension (not fixed), not the weights standing in for inference
             sizes = [np.prod(shape[1:], dtype=np.int64) for shape in self._shapes[module].values()
-                     if shape and all(isinstance(d, int) for d in shape[1:])]
+                     if shape and not isinstance(shape[0], int) and all(isinstance(d, int) for d in shape[1:])]
             return int(max(sizes, default=0)) * 4
 
         return max([largest("trunk"), *(len(group) * largest(group[0]) for group in self._groups(tasks))])
