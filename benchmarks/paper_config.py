@@ -5,6 +5,7 @@ made of a ResNet-18 trunk and MobileNetV2 x0.5 task networks, end to end through
     python benchmarks/paper_config.py --teacher-steps 20000 --factorize-steps 10000 --batch-size 256   # a GPU budget
     python benchmarks/paper_config.py --train-seconds 120 --batch-size 512   # steps sized to ~2 minutes a stage on this device
     python benchmarks/paper_config.py --work runs/paper        # keeps the runs; run again, it reuses what is done
+    python benchmarks/paper_config.py --work runs/paper --composition-only   # the runtime's timings alone (~3 minutes)
 
 Runs, as a user would:
     kfdeploy teacher   --data sprites-rgb --arch resnet50 --image-size 64 ...
@@ -18,10 +19,12 @@ and reports, for the one held-out set of the run's data:
 - export parity: each module's error as `kfdeploy export` recorded it (on the run's
   held-out images), and the assembly's logits against PyTorch's on the held-out images;
 - the runtime's composition at this scale, at batch 1 and 64, each variant taking turns with
-  the assembly (benchmarks/rates.py's time_in_turns): the assembly of every task, the same
-  tasks as one fused graph in a plain session, the monolithic teacher as one ONNX graph, and
-  the trunk alone (so what the task modules add shows).
-  DESIGN's bar: the assembly at least 1.5x faster than the teacher at both batch sizes.
+  the assembly (benchmarks/rates.py's time_in_turns), three times over: the assembly of every
+  task as kfdeploy.load runs it (the six task modules merged into one grouped subgraph), the
+  same unmerged (merge=False: one task module after another), one task alone, the fused graph
+  in a plain session, the monolithic teacher as one ONNX graph, and the trunk alone (so what
+  the task modules add shows). Issue 21's goals: every task at least 1.2x the teacher's
+  speed at batch 1 and 1.5x at batch 64; one task alone at least 2x at both.
 
 Writes results/paper_config-<device>.json and prints a table. Training shares the machine
 with nothing else only if you make it so: on 2 cores another busy process halves every figure.
@@ -60,7 +63,8 @@ from kfdeploy.training.runs import load_factor_run, load_teacher, read_json  # n
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
-GOAL_SPEEDUP = 1.5  # DESIGN section 5: the assembly of every task vs the monolithic teacher
+# Issue 21's goals: the teacher's time over the assembly's, for every task and for one alone
+GOALS = {"all tasks": {1: 1.2, 64: 1.5}, "one task": {1: 2.0, 64: 2.0}}
 
 
 def kfdeploy_cli(*args: str) -> float:
@@ -153,8 +157,11 @@ def heldout_parity(kf: Path, bundle: Path, count: int = 256) -> dict:
     return result
 
 
-def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: float) -> dict:
-    """Assembly vs fused graph vs monolithic teacher, batch 1 and 64, each taking turns with the assembly."""
+def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: float, repeats: int = 3) -> dict:
+    """The assembly of every task (merged, as kfdeploy.load runs it) against the same unmerged,
+    one task alone, the fused graph in a plain session, the monolithic teacher and the trunk
+    alone, at batch 1 and 64. Each variant takes turns with the assembly, `repeats` times over;
+    the medians are kept."""
     bundle = Bundle.open(bundle_path)
     spec = bundle.manifest["input"]
     channels, size = spec["shape"][1], spec["shape"][2]
@@ -167,23 +174,57 @@ def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: f
     fused = alike_session(Composer(bundle.graph).compose(tasks))
     trunk = alike_session(bundle.graph("trunk").SerializeToString())  # the floor: what the tasks add to
     wanted = [probs_output(t) for t in tasks]
-    assembly = kfdeploy.load(bundle, log=lambda s: None)
+    quiet = {"log": lambda line: None}
+    assembly, unmerged = kfdeploy.load(bundle, **quiet), kfdeploy.load(bundle, merge=False, **quiet)
+    one = kfdeploy.load(bundle, tasks=tasks[:1], **quiet)
     images = open_run_data(read_json(Path(bundle.manifest["source"]["run"]) / "run.json")).source.heldout(64)[0].numpy()
     rows = []
     for batch in BATCHES:
         x = np.ascontiguousarray(images[:batch])
-        others = {"fused": lambda: fused.run(wanted, {"image": x}), "teacher": lambda: teacher_session.run(None, {"image": x}),
-                  "trunk alone": lambda: trunk.run(None, {"image": x})}
-        pairs = {name: time_in_turns({"assembly": lambda: assembly(x), name: fn}, seconds, turn_seconds=min(0.25, seconds / 2))
-                 for name, fn in others.items()}
-        ms = {"assembly": statistics.median(pair["assembly"] for pair in pairs.values()) * 1e3}
-        ms.update({name: pair[name] / pair["assembly"] * ms["assembly"] for name, pair in pairs.items()})
+        others = {"unmerged": lambda: unmerged(x), "one task": lambda: one(x), "fused": lambda: fused.run(wanted, {"image": x}),
+                  "teacher": lambda: teacher_session.run(None, {"image": x}), "trunk alone": lambda: trunk.run(None, {"image": x})}
+        turns = [{name: time_in_turns({"assembly": lambda: assembly(x), name: fn}, seconds, turn_seconds=min(0.25, seconds / 2))
+                  for name, fn in others.items()} for _ in range(repeats)]
+        # Each variant relative to the assembly it took turns with: the drift between pairs cancels
+        ms = {"assembly": statistics.median(pair["assembly"] for pairs in turns for pair in pairs.values()) * 1e3}
+        ms.update({name: statistics.median(pairs[name][name] / pairs[name]["assembly"] for pairs in turns) * ms["assembly"]
+                   for name in others})
+        speedup = {name: ms["teacher"] / ms[name] for name in ("assembly", "unmerged", "one task", "trunk alone")}
         rows.append({"batch": batch, "ms": ms, "images_per_s": {n: batch / v * 1e3 for n, v in ms.items()},
-                     "teacher_over_assembly": ms["teacher"] / ms["assembly"], "assembly_over_fused": ms["assembly"] / ms["fused"]})
+                     "teacher_over": speedup, "teacher_over_assembly": speedup["assembly"],
+                     "assembly_over_fused": ms["assembly"] / ms["fused"], "unmerged_over_merged": ms["unmerged"] / ms["assembly"]})
         print(f"batch {batch:>2}: " + "  ".join(f"{n} {v:.2f} ms" for n, v in ms.items()), flush=True)
-    return {"tasks": tasks, "rows": rows, "teacher_onnx_bytes": teacher_path.stat().st_size,
-            "goal": f"assembly >= {GOAL_SPEEDUP}x faster than the teacher at batch 1 and 64",
-            "goal_met": all(r["teacher_over_assembly"] >= GOAL_SPEEDUP for r in rows)}
+    goals = {f"{who} >= {GOALS[who][batch]}x the teacher's speed at batch {batch}":
+             next(r for r in rows if r["batch"] == batch)["teacher_over"]["assembly" if who == "all tasks" else who] >= GOALS[who][batch]
+             for who in GOALS for batch in BATCHES}
+    return {"tasks": tasks, "one_task": tasks[0], "rows": rows, "teacher_onnx_bytes": teacher_path.stat().st_size,
+            "threads": assembly.threads, "repeats": repeats, "goals": goals, "goal_met": all(goals.values())}
+
+
+def print_composition(timing: dict) -> None:
+    print(f"\ncomposition, ms per call ({timing['threads']} ONNX Runtime threads; each variant in turns with the assembly, "
+          f"median of {timing['repeats']}); x: the teacher's time over the variant's")
+    names = list(timing["rows"][0]["ms"])
+    print(f"{'batch':>5} " + " ".join(f"{n:>14}" for n in names))
+    for row in timing["rows"]:
+        print(f"{row['batch']:>5} " + " ".join(f"{row['ms'][n]:>14.2f}" for n in names))
+        print(f"{'':>5} " + " ".join(f"{'%.2fx' % row['teacher_over'][n] if n in row['teacher_over'] else '':>14}" for n in names))
+    for row in timing["rows"]:
+        print(f"batch {row['batch']}: merged {row['unmerged_over_merged']:.2f}x the unmerged assembly's speed, "
+              f"assembly/fused {row['assembly_over_fused']:.2f}x")
+    print(f"goals (all tasks: the assembly; one task: {timing['one_task']} alone):")
+    for goal, met in timing["goals"].items():
+        print(f"  {'met' if met else 'NOT met'}: {goal}")
+
+
+def load_line() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min) on {os.cpu_count()} cores at the end"
+
+
+def write_result(folder: Path, name: str, result: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {folder / name}")
 
 
 def training_throughput(teacher_run: Path, kf: Path, batch_size: int, seconds: float, device: str) -> dict:
@@ -261,13 +302,7 @@ def print_report(result: dict) -> None:
     recorded = max(p["max_abs_err"] for p in result["parity"]["export"].values())
     print(f"\nparity: export's check (held-out images) max abs err {recorded:.1e}; assembly vs PyTorch on held-out images "
           f"max abs err {worst:.1e}, argmax agreement {agreement:.4f}")
-    print("\ncomposition (ms per call; teacher / assembly >= 1.5 is the goal)")
-    for row in result["composition"]["rows"]:
-        ms = row["ms"]
-        print(f"batch {row['batch']:>2}: assembly {ms['assembly']:.2f}, fused {ms['fused']:.2f}, teacher {ms['teacher']:.2f}, "
-              f"trunk alone {ms['trunk alone']:.2f}  "
-              f"-> teacher/assembly {row['teacher_over_assembly']:.2f}x, assembly/fused {row['assembly_over_fused']:.2f}x")
-    print(f"goal {'met' if result['composition']['goal_met'] else 'NOT met'}: {result['composition']['goal']}")
+    print_composition(result["composition"])
     t = result["training_throughput"]
     print(f"\ntraining samples/s at batch {t['batch_size']} (timed in turns): "
           + ", ".join(f"{name} {rate:,.0f}" for name, rate in t["samples_per_s"].items())
@@ -299,6 +334,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window per composition measurement")
     parser.add_argument("--throughput-seconds", type=float, default=30.0,
                         help="timing window per training step variant (teacher, factorize fused and unfused; default 30)")
+    parser.add_argument("--repeats", type=int, default=3, help="times each composition measurement is repeated (medians kept)")
+    parser.add_argument("--composition-only", action="store_true",
+                        help="time the composition alone (after making or reusing the runs and bundle): "
+                        "writes results/paper_config-composition-<device>.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -331,6 +370,11 @@ def main() -> None:
     else:
         seconds["export"] = kfdeploy_cli("export", str(kf), "--out", str(bundle))
     teacher, teacher_info = load_teacher(teacher_run)
+    if args.composition_only:
+        timing = composition(bundle, teacher, teacher_info, work, args.seconds, args.repeats)
+        print_composition(timing)
+        write_result(args.out, "paper_config-composition-cpu.json", {**timing, "load": load_line(), "work": str(work)})
+        return
     model, info = load_factor_run(kf)
     channels, size = model.config.trunk.in_channels, model.config.trunk.image_size
     started = time.perf_counter()
@@ -339,7 +383,7 @@ def main() -> None:
     manifest = Bundle.open(bundle).manifest
     export_parity = {"trunk": manifest["trunk"]["parity"], **{t: r["parity"] for t, r in manifest["tasks"].items()}}
     started = time.perf_counter()
-    timing = composition(bundle, teacher, teacher_info, work, args.seconds)
+    timing = composition(bundle, teacher, teacher_info, work, args.seconds, args.repeats)
     seconds["composition"] = time.perf_counter() - started
     started = time.perf_counter()
     train_device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
@@ -365,15 +409,11 @@ def main() -> None:
         "composition": timing,
         "training_throughput": throughput,
         "seconds": seconds,
-        "load": f"load average {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min) on {os.cpu_count()} cores at the end",
+        "load": load_line(),
         "work": str(work),
     }
     print_report(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "gpu" if train_device == "cuda" else "cpu"
-    path = args.out / f"paper_config-{slug}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"paper_config-{'gpu' if train_device == 'cuda' else 'cpu'}.json", result)
 
 
 if __name__ == "__main__":

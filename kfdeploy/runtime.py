@@ -165,19 +165,29 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
                       "re-export the bundle with this kfdeploy, or install the ONNX Runtime it was made for") from None
 
 
+# On the CPU a batch runs in parts whose largest tensor stays within this. Without a memory
+# arena (see ort_session_for) every tensor is malloc'd per run, and glibc maps a block above
+# 32 MiB afresh each time: the paper configuration's six merged task modules (1.2 MB per
+# image in their largest tensor) faulted in 26,000 pages per call at batch 64. In parts of
+# 13 images the faults were gone and a call took 3-5% less CPU time, merged or not.
+RUN_BYTES = 16 << 20
+
+
 class Composition:
     """One ONNX Runtime session computing the trunk once and a set of tasks from it.
 
     With `io_device` ("cuda"), a call goes through IOBinding: the image is uploaded once
     and only the requested outputs come back. Untested on a GPU here (none is lent to this
     project's CPU machines); the tests run the same bound path with io_device="cpu".
+    Otherwise a batch of more than `rows` images runs in parts of at most `rows`.
     """
 
-    def __init__(self, tasks: FrozenSet[str], model: bytes, session, io_device: Optional[str]):
+    def __init__(self, tasks: FrozenSet[str], model: bytes, session, io_device: Optional[str], rows: int = sys.maxsize):
         self.tasks = tasks
         self.model = model  # serialized, for profiling sessions and the TensorRT EP
         self.session = session
         self.io_device = io_device
+        self.rows = rows
         self._output_names: Dict[tuple, List[str]] = {}  # per (tasks, logits): a batch-1 call is ~0.2 ms
         self._failures = run_failures()
 
@@ -188,7 +198,12 @@ class Composition:
             if len(self._output_names) < 64:  # orders of subsets are many; the common calls come first
                 self._output_names[tasks, logits] = names
         try:
-            if self.io_device is None:
+            if self.io_device is None and len(x) > self.rows:
+                runs = -(-len(x) // self.rows)
+                size = -(-len(x) // runs)  # parts alike: 64 images in parts of 13 rows, not 4 of 14 and one of 8
+                parts = [self.session.run(names, {"image": x[start:start + size]}) for start in range(0, len(x), size)]
+                values = [np.concatenate(outputs) for outputs in zip(*parts)]
+            elif self.io_device is None:
                 values = self.session.run(names, {"image": x})
             else:
                 binding = self.session.io_binding()  # one per call: bindings are not shared between threads
@@ -260,6 +275,7 @@ class Timings:
 
     total_ms: float = 0.0
     trunk_ms: Optional[float] = None
+    # Per task; from the profiler, tasks merged into one subgraph are one entry ("shape+scale")
     tasks_ms: Dict[str, float] = field(default_factory=dict)
     # Per operator type (Conv, QLinearConv, Gemm, ...), from the profiler only: where
     # precision and architecture choices show
@@ -274,32 +290,39 @@ class Timings:
 def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> Timings:
     """Median per-module kernel time per run from an ONNX Runtime profile (its JSON trace).
 
-    Node names carry their module as a prefix (`trunk/...`, `<task>/...`), as the composition
-    names them; the first `warmup` runs are left out.
+    `modules`: "trunk" and the tasks. Node names carry their module as a prefix (`trunk/...`,
+    `<task>/...`), as the composition names them; tasks merged into one grouped subgraph
+    share theirs (`shape+scale/...`: one kernel computes them all), so such a group is one
+    entry of `tasks_ms`, named so. The first `warmup` runs are left out.
     """
+    tasks = [m for m in modules if m != "trunk"]
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")[warmup:]
-    per_run = [dict.fromkeys(modules, 0.0) for _ in runs]
+    per_run = [{"trunk": 0.0} for _ in runs]
     per_op = [{} for _ in runs]
+    units = set()
     for event in trace:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         # ONNX Runtime names a node it fused from ours "fused <name>"; layout conversions
         # it inserts (ReorderOutput...) belong to no module and stay in the total only.
         module = event["name"].removeprefix("fused ").split("/", 1)[0]
+        ours = module == "trunk" or all(task in tasks for task in module.split("+"))
         op = event.get("args", {}).get("op_name", "?")
         for index, (start, end) in enumerate(runs):
             if start <= event["ts"] <= end:
-                if module in per_run[index]:
-                    per_run[index][module] += event["dur"] / 1e3
+                if ours:
+                    units.add(module)
+                    per_run[index][module] = per_run[index].get(module, 0.0) + event["dur"] / 1e3
                 per_op[index][op] = per_op[index].get(op, 0.0) + event["dur"] / 1e3
                 break
     median = lambda values: float(np.median(values)) if len(values) else 0.0  # noqa: E731
     ops = {op for run in per_op for op in run}
     ops_ms = {op: median([run.get(op, 0.0) for run in per_op]) for op in ops}
+    groups = sorted(units - {"trunk"}, key=lambda unit: tasks.index(unit.split("+")[0]))
     return Timings(
         total_ms=median([(end - start) / 1e3 for start, end in runs]),
         trunk_ms=median([run["trunk"] for run in per_run]),
-        tasks_ms={m: median([run[m] for run in per_run]) for m in modules if m != "trunk"},
+        tasks_ms={unit: median([run.get(unit, 0.0) for run in per_run]) for unit in groups},
         ops_ms=dict(sorted(ops_ms.items(), key=lambda item: -item[1])),
     )
 
@@ -403,7 +426,8 @@ class Assembly(TaskSelection):
     """A trunk plus selected task modules of one bundle, callable like a model.
 
     With ONNX Runtime the selected modules run composed into one graph (see kfdeploy/bundling/fuse.py)
-    as one session. `add_task`/`remove_task` build the new composition in the calling
+    as one session, tasks of one architecture merged into one grouped subgraph unless `merge`
+    is False. `add_task`/`remove_task` build the new composition in the calling
     thread while other threads keep calling the current one, then swap it in; calls in
     flight finish on the graph they started with. The `cache_size` most recently used
     compositions are kept, so switching back to a task set seen before is instant; any
@@ -411,7 +435,8 @@ class Assembly(TaskSelection):
     """
 
     def __init__(self, bundle: Bundle, backend: str, tasks: Sequence[str], providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, cache_size: int = 4, log=print, precision: str = "fp32"):
+                 threads: Optional[int] = None, cache_size: int = 4, log=print, precision: str = "fp32",
+                 merge: bool = True):
         if backend not in BACKENDS:
             raise KfError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision != "fp32" and backend != "onnxruntime":
@@ -430,7 +455,7 @@ class Assembly(TaskSelection):
         self._builder = None
         self._rereading = threading.Lock()
         # Each module read once at this precision (all modules alike), checksum of the bytes checked.
-        self._composer = Composer(_reader(bundle, precision))
+        self._composer = Composer(_reader(bundle, precision), merge, log)
         bundle.variant("trunk", precision)  # a bundle without the precision is refused here, naming the command
         self._modules: Dict[str, object] = {}
         spec = self.manifest["input"]
@@ -557,7 +582,8 @@ class Assembly(TaskSelection):
     def _build(self, key: FrozenSet[str]) -> Composition:
         tasks = [t for t in self.bundle.tasks if t in key]  # bundle order: one graph per set
         model = self._composer.compose(tasks)
-        return Composition(key, model, ort_session_for(model, self.providers_for(key), self.threads), self._io_device)
+        rows = max(1, RUN_BYTES // self._composer.image_bytes(tasks)) if self._io_device is None else sys.maxsize
+        return Composition(key, model, ort_session_for(model, self.providers_for(key), self.threads), self._io_device, rows)
 
     def _cached_or_scheduled(self, key: FrozenSet[str]) -> Optional[Composition]:
         """A cached composition for a subset of the tasks; else build one in the background
@@ -732,7 +758,7 @@ class Assembly(TaskSelection):
         with tempfile.TemporaryDirectory(prefix="kfdeploy-profile-") as folder:
             session = ort_session_for(composition.model, self.providers_for(composition.tasks), self.threads,
                                profile_prefix=str(Path(folder) / "run"))
-            twin = Composition(composition.tasks, composition.model, session, composition.io_device)
+            twin = Composition(composition.tasks, composition.model, session, composition.io_device, composition.rows)
             for _ in range(warmup + runs):
                 twin.run(x, tuple(wanted), False)
             with open(session.end_profiling()) as f:
@@ -772,12 +798,12 @@ class Assembly(TaskSelection):
         this assembly runs, outputs `<task>` (logits) and `<task>:probs`."""
         from .bundling.fuse import fuse_bundle
 
-        return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path), self.precision)
+        return fuse_bundle(self.bundle, list(tasks or self.tasks), Path(path), self.precision, self._composer.merge)
 
 
 def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxruntime",
          providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, cache_size: int = 4,
-         verify: bool = True, log=None, precision: str = "fp32") -> Assembly:
+         verify: bool = True, log=None, precision: str = "fp32", merge: bool = True) -> Assembly:
     """Open a bundle (folder or .tar.gz), check it, and compose the trunk with `tasks` (default all).
 
     Every checksum is verified before any session is created; a task whose trunk
@@ -785,6 +811,8 @@ def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxrunt
     intra-op pool (default: the cores this process may use); `cache_size` how many recently
     used task-set compositions stay loaded. `precision` ("fp32", or "int8"/"fp16" once
     `kfdeploy quantize` made them) picks every module's graph: one precision for all.
+    `merge` runs selected tasks of one architecture as one grouped subgraph (the same
+    answers, faster); False runs them one by one, each its own entry in `profile`.
     """
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     log = log or (lambda line: print(line, file=sys.stderr))
@@ -792,4 +820,4 @@ def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxrunt
     for task in selected:
         opened.task(task)  # unknown names fail here, listing the available ones
     return Assembly(opened, backend, selected, providers=providers, threads=threads, cache_size=cache_size, log=log,
-                    precision=precision)
+                    precision=precision, merge=merge)

@@ -19,7 +19,7 @@ def test_paper_config_benchmark_reports_every_figure_at_toy_size(tmp_path):
         [sys.executable, "benchmarks/paper_config.py", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"),
          "--teacher-arch", "simpleconv", "--trunk-arch", "simpleconv", "--task-arch", "simpleconv", "--image-size", "32",
          "--tasks", ",".join(tasks), "--teacher-steps", "2", "--factorize-steps", "2", "--batch-size", "8",
-         "--eval-images", "64", "--seconds", "0.05", "--throughput-seconds", "0.05", "--device", "cpu"],
+         "--eval-images", "64", "--seconds", "0.05", "--repeats", "1", "--throughput-seconds", "0.05", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,9 +39,11 @@ def test_paper_config_benchmark_reports_every_figure_at_toy_size(tmp_path):
     assert set(report["parity"]["export"]) == {"trunk", *tasks}
     rows = report["composition"]["rows"]
     assert [r["batch"] for r in rows] == [1, 64]
-    assert all(set(r["ms"]) == {"assembly", "fused", "teacher", "trunk alone"} and min(r["ms"].values()) > 0 for r in rows)
-    assert isinstance(report["composition"]["goal_met"], bool)
-    assert "teacher/assembly" in result.stdout and "goal" in result.stdout
+    variants = {"assembly", "unmerged", "one task", "fused", "teacher", "trunk alone"}
+    assert all(set(r["ms"]) == variants and min(r["ms"].values()) > 0 for r in rows)
+    assert all(set(r["teacher_over"]) == {"assembly", "unmerged", "one task", "trunk alone"} for r in rows)
+    assert len(report["composition"]["goals"]) == 4 and isinstance(report["composition"]["goal_met"], bool)
+    assert "the teacher's time over the variant's" in result.stdout and "goals (all tasks" in result.stdout
     throughput = report["training_throughput"]
     assert set(throughput["samples_per_s"]) == {"teacher", "factorize fused", "factorize unfused"}
     assert min(throughput["samples_per_s"].values()) > 0 and isinstance(throughput["goal_met"], bool)

@@ -134,7 +134,9 @@ def test_old_compositions_are_released_and_the_cache_stays_bounded(bundle):
     assert len(model._cache) == 2 and len(alive) <= 2
 
 
-def test_profile_splits_a_call_between_the_trunk_and_each_task(model, images):
+def test_profile_splits_a_call_between_the_trunk_and_each_task(bundle, images):
+    # Tasks run one by one: merged, they are one module (tests/test_merge.py)
+    model = kfdeploy.load(bundle, tasks=["shape", "scale"], merge=False, **QUIET)
     timings = model.profile(images, runs=5, warmup=1)
     assert set(timings.tasks_ms) == {"shape", "scale"} and timings.trunk_ms > 0
     assert all(ms > 0 for ms in timings.tasks_ms.values())

@@ -8,8 +8,14 @@ name, so the names never collide). Every node and internal tensor carries its mo
 name as a prefix (`trunk/...`, `<task>/...`), which is how ONNX Runtime's profiler
 attributes time to modules.
 
-Composing happens at every add_task/remove_task, so it must cost next to nothing next to
-creating the session. Each module is prefixed and serialized once, as a fragment of a
+Task modules of one architecture are merged into one grouped subgraph
+(kfdeploy/bundling/merge.py): one network with k times the channels instead of k networks
+one after another, which ONNX Runtime runs in fewer, larger kernels. Its nodes carry the
+group's tasks joined by '+' as their prefix (`shape+scale/...`), so the profiler reports
+the group as one module; tasks whose graphs cannot be merged run one by one, as before.
+
+Composing happens at every add_task/remove_task, so it must cost little next to creating
+the session. Each module is prefixed and serialized once, as a fragment of a
 GraphProto; a composition is those fragments joined as bytes. Protocol buffers merge a
 message field that occurs several times, appending repeated fields in order, so the
 joined bytes parse as one graph holding every fragment's nodes, initializers and shapes.
@@ -17,9 +23,12 @@ joined bytes parse as one graph holding every fragment's nodes, initializers and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from ..errors import KfError
+from .merge import Unmergeable, architecture, merge_graphs, value_shapes
 
 PROBS_SUFFIX = ":probs"
 _MODEL_GRAPH_FIELD = 7  # ModelProto.graph
@@ -47,30 +56,54 @@ class Composer:
     """Composes a bundle's module graphs; `graph_of(module)` gives a module's ModelProto
     (`Bundle.graph`). Modules are parsed, prefixed and serialized once, on first use.
     `graph_of` may be replaced (the runtime points it at its bundle re-read from disk):
-    the modules read before stay as they were read."""
+    the modules read before stay as they were read.
 
-    def __init__(self, graph_of: Callable[[str], object]):
+    With `merge`, selected tasks of one architecture are merged (see the module's doc); a
+    group that cannot be merged is said once through `log`, and its architecture runs one
+    task at a time from then on (`unmergeable`: architecture -> why)."""
+
+    def __init__(self, graph_of: Callable[[str], object], merge: bool = True,
+                 log: Optional[Callable[[str], None]] = None):
         self.graph_of = graph_of
+        self.merge = merge
+        self._log = log or (lambda line: None)
         self._fragments: Dict[str, bytes] = {}
         self._outputs: Dict[str, object] = {}  # task -> its logits' TypeProto
         self._header = None  # (ir_version, opset imports, image input) of the trunk
+        self._graphs: Dict[str, object] = {}  # task -> its graph as read, for merging
+        self._architectures: Dict[str, str] = {}  # task -> merge.architecture of its graph
+        self._shapes: Dict[str, dict] = {}  # module -> its tensors' shapes (merge.value_shapes)
+        self.unmergeable: Dict[str, str] = {}
+
+    def _graph(self, module: str):
+        """A module's graph, read; on first reading, what composing needs of it is noted (its
+        tensors' shapes, the trunk's header, a task's output type and architecture), and a
+        task's graph is kept for merging."""
+        model = self._graphs.get(module)
+        if model is None:
+            model = self.graph_of(module)
+            self._shapes[module] = value_shapes(model)
+            if module == "trunk":
+                # By name, never by position: a bundle's reader has checked that the trunk takes
+                # `image` and a task `image` and `common`, in whichever order, each giving one output
+                image = next(value for value in model.graph.input if value.name == "image")
+                self._header = (model.ir_version, list(model.opset_import), image)
+            else:
+                self._outputs[module] = model.graph.output[0].type
+                if self.merge:
+                    self._graphs[module], self._architectures[module] = model, architecture(model)
+        return model
 
     def _fragment(self, module: str) -> bytes:
         if module not in self._fragments:
             import onnx
             from onnx import compose
 
-            # By name, never by position: a bundle's reader has checked that the trunk takes
-            # `image` and a task `image` and `common`, in whichever order, each giving one output
-            model = self.graph_of(module)
+            model = self._graph(module)
             if module == "trunk":
-                image = next(value for value in model.graph.input if value.name == "image")
-                self._header = (model.ir_version, list(model.opset_import), image)
                 shared = {"image": "image", model.graph.output[0].name: "common"}
             else:
-                logits = model.graph.output[0]
-                self._outputs[module] = logits.type
-                shared = {"image": "image", "common": "common", logits.name: module}
+                shared = {"image": "image", "common": "common", model.graph.output[0].name: module}
             prefix = f"{module}/"
             graph = compose.add_prefix(model, prefix).graph
             rename = {prefix + name: new for name, new in shared.items()}
@@ -82,6 +115,54 @@ class Composer:
             self._fragments[module] = part.SerializeToString()
         return self._fragments[module]
 
+    def _merged_fragment(self, group: Sequence[str]) -> bytes:
+        import onnx
+
+        nodes, initializers = merge_graphs([self._graphs[task] for task in group], "+".join(group) + "/", group,
+                                           self._shapes[group[0]])
+        return onnx.GraphProto(node=nodes, initializer=initializers).SerializeToString()
+
+    def _groups(self, tasks: Sequence[str]) -> List[Tuple[str, ...]]:
+        """`tasks` as their composition runs them: the tasks of one architecture as one group,
+        in the order of its first task (merged where it has more than one); or one by one."""
+        if not self.merge:
+            return [(task,) for task in tasks]
+        groups: Dict[str, List[str]] = {}
+        for task in tasks:
+            self._graph(task)
+            key = self._architectures[task]
+            groups.setdefault(key if key not in self.unmergeable else task, []).append(task)
+        return [tuple(group) for group in groups.values()]
+
+    def _units(self, tasks: Sequence[str]) -> List[Tuple[Tuple[str, ...], bytes]]:
+        """Each group of `tasks` (`_groups`) with its fragment; a group that turns out not to
+        merge is split into its tasks, and its architecture noted as unmergeable."""
+        units = []
+        for group in self._groups(tasks):
+            if len(group) > 1:
+                try:
+                    units.append((group, self._merged_fragment(group)))
+                    continue
+                except Unmergeable as exc:
+                    self.unmergeable[self._architectures[group[0]]] = str(exc)
+                    self._log(f"tasks {', '.join(group)} share an architecture but run one by one: "
+                              f"their graphs cannot be merged ({exc})")
+            units += [((task,), self._fragment(task)) for task in group]
+        return units
+
+    def image_bytes(self, tasks: Sequence[str]) -> int:
+        """The largest tensor per image in the composition of `tasks`, in bytes (as float32):
+        a merged group's tensors hold each of its tasks' channels."""
+        def largest(module: str) -> int:
+            if module not in self._shapes:
+                self._fragment(module)
+            # Tensors with a batch dimension (not fixed), not the weights standing in for inference
+            sizes = [np.prod(shape[1:], dtype=np.int64) for shape in self._shapes[module].values()
+                     if shape and not isinstance(shape[0], int) and all(isinstance(d, int) for d in shape[1:])]
+            return int(max(sizes, default=0)) * 4
+
+        return max([largest("trunk"), *(len(group) * largest(group[0]) for group in self._groups(tasks))])
+
     def compose(self, tasks: Sequence[str]) -> bytes:
         """The serialized ModelProto computing the trunk once and every task in `tasks` from it."""
         import onnx
@@ -89,11 +170,15 @@ class Composer:
 
         if not tasks:
             raise KfError("a composition needs at least one task")
-        parts = [self._fragment(module) for module in ["trunk", *tasks]]
+        trunk = self._fragment("trunk")
+        units = self._units(tasks)
+        parts = [trunk, *(fragment for _, fragment in units)]
+        unit_of = {task: "+".join(unit) for unit, _ in units for task in unit}
         ir_version, opsets, image = self._header
         outputs, softmaxes = [], []
         for task in tasks:
-            softmaxes.append(helper.make_node("Softmax", [task], [probs_output(task)], name=f"{task}/probs", axis=1))
+            softmaxes.append(helper.make_node("Softmax", [task], [probs_output(task)], name=f"{unit_of[task]}/{probs_output(task)}",
+                                              axis=1))
             outputs += [onnx.ValueInfoProto(name=name, type=self._outputs[task]) for name in (task, probs_output(task))]
         # Last, so the softmax nodes follow the logits they read: ONNX wants nodes in order.
         tail = onnx.GraphProto(name="kfdeploy_" + "_".join(tasks), input=[image], output=outputs, node=softmaxes)
@@ -101,16 +186,17 @@ class Composer:
         return header.SerializeToString() + b"".join(_graph_field(part) for part in [*parts, tail.SerializeToString()])
 
 
-def fuse_bundle(bundle, tasks: Sequence[str], path: Path, precision: str = "fp32") -> Path:
+def fuse_bundle(bundle, tasks: Sequence[str], path: Path, precision: str = "fp32", merge: bool = True) -> Path:
     """Write the composition of `tasks` to `path` (atomically), checked by onnx.checker;
-    every module at `precision` (its fp32 graph, or the variant `kfdeploy quantize` made)."""
+    every module at `precision` (its fp32 graph, or the variant `kfdeploy quantize` made),
+    tasks of one architecture merged unless `merge` is False."""
     import onnx
 
     from ..atomic import atomic_write
 
     if not tasks:
         raise KfError("save_fused needs at least one task")
-    fused = onnx.load_model_from_string(Composer(lambda module: bundle.graph(module, precision)).compose(tasks))
+    fused = onnx.load_model_from_string(Composer(lambda module: bundle.graph(module, precision), merge).compose(tasks))
     onnx.checker.check_model(fused, full_check=True)
     path = Path(path)
     with atomic_write(path) as tmp:
