@@ -101,6 +101,12 @@ SIZE = 32
 
 
 def _factor_pair(task_arch, tasks):
+    """A teacher and a factor network twice over, fused and not, in float64.
+
+    In float32 the grouped and the separate convolutions may take different kernels (which, is
+    the CPU's choice), and their last-bit differences grow over steps through BatchNorm on
+    1x1 maps of 8 images: a 1e-4 gap became 8% by step 3 on one CI machine. Float64 keeps the
+    test about the mathematics."""
     torch.manual_seed(0)
     classes = {t: RGB_TASK_CLASSES[t] for t in tasks}
     teacher = SpritesTeacher(TeacherConfig(classes, BackboneConfig(in_channels=3, image_size=SIZE, width=8)))
@@ -110,6 +116,8 @@ def _factor_pair(task_arch, tasks):
         for p in module.parameters():
             if p.ndim > 1:
                 nn.init.normal_(p, std=0.05)
+    teacher.double()
+    fused.double()
     unfused = copy.deepcopy(fused)
     unfused.fuse_tasks = False
     return teacher, fused, unfused
@@ -122,7 +130,7 @@ def _train_in_step(teacher, models, steps=4, batch=8):
     generator = torch.Generator().manual_seed(1)
     losses = [[] for _ in models]
     for step in range(steps):
-        images = torch.rand(batch, 3, SIZE, SIZE, generator=generator)
+        images = torch.rand(batch, 3, SIZE, SIZE, generator=generator, dtype=torch.float64)
         labels = {t: torch.randint(0, n, (batch,), generator=generator) for t, n in classes.items()}
         for objective, optimizer, record in zip(objectives, optimizers, losses):
             torch.manual_seed(100 + step)  # the same code samples for both
@@ -141,26 +149,26 @@ def test_fused_training_equals_unfused_losses_weights_and_batchnorm_statistics(t
     assert [type(e) for e in fused._plan(tuple(tasks))] == [FusedTaskModules]
     assert all(isinstance(e, str) for e in unfused._plan(tuple(tasks)))
     fused_losses, unfused_losses = _train_in_step(teacher, [fused, unfused])
-    assert fused_losses == pytest.approx(unfused_losses, rel=1e-5)
+    assert fused_losses == pytest.approx(unfused_losses, rel=1e-9)
     assert fused_losses[-1] != fused_losses[0]  # it trained
     got, expected = fused.state_dict(), unfused.state_dict()
     assert got.keys() == expected.keys()  # nothing of the fusion is saved
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], tensor, msg=name)
     assert any("running_mean" in name for name in expected)
     fused.eval()
     unfused.eval()
-    images = torch.rand(4, 3, SIZE, SIZE)
+    images = torch.rand(4, 3, SIZE, SIZE, dtype=torch.float64)
     with torch.no_grad():
         for task, logits in unfused(images).items():
-            torch.testing.assert_close(fused(images)[task], logits, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fused(images)[task], logits)
 
 
 def test_task_networks_of_different_architectures_fuse_by_group_of_equal_ones():
     teacher, model, _ = _factor_pair("mobilenetv2_050", list(RGB_TASK_CLASSES))
     odd = "orientation"
     model.tasks[odd] = TaskModule(FactorConfig(model.config.task_classes, trunk=model.config.trunk, task_width=8,
-                                               task_arch="simpleconv"), model.task_classes[odd])
+                                               task_arch="simpleconv"), model.task_classes[odd]).double()
     plan = model._plan(tuple(model.tasks))
     assert odd in plan
     fused = [e for e in plan if isinstance(e, FusedTaskModules)]
@@ -168,4 +176,4 @@ def test_task_networks_of_different_architectures_fuse_by_group_of_equal_ones():
     unfused = copy.deepcopy(model)
     unfused.fuse_tasks = False
     fused_losses, unfused_losses = _train_in_step(teacher, [model, unfused], steps=2)
-    assert fused_losses == pytest.approx(unfused_losses, rel=1e-5)
+    assert fused_losses == pytest.approx(unfused_losses, rel=1e-9)

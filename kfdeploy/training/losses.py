@@ -18,13 +18,19 @@ from .models import Code, FactorNet, freeze
 Metrics = Dict[str, torch.Tensor]
 
 
+def wide(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in at least float32: losses of autocast's half-precision activations are taken
+    in float32, and a float64 model (the fusion parity test) keeps its precision."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def infomax_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Negative contrastive lower bound on I(student; teacher) over a batch.
 
     `-(E_joint[s] - log E_marginal[exp s])` with s the cosine similarity: matched pairs
     (same image) are the joint, all pairs the product of marginals.
     """
-    scores = F.normalize(student.float(), dim=1) @ F.normalize(teacher.float(), dim=1).T
+    scores = F.normalize(wide(student), dim=1) @ F.normalize(wide(teacher), dim=1).T
     joint = scores.diagonal().mean()
     marginal = torch.logsumexp(scores.flatten(), dim=0) - math.log(scores.numel())
     return -(joint - marginal)
@@ -32,7 +38,7 @@ def infomax_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)), summed over the code, averaged over the batch."""
-    mu, logvar = mu.float(), logvar.float()
+    mu, logvar = wide(mu), wide(logvar)
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
 
 
@@ -40,8 +46,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     """Soft-target KL at a temperature, scaled by T^2 so its gradient keeps its size."""
     t = temperature
     return F.kl_div(
-        F.log_softmax(student.float() / t, dim=1),
-        F.log_softmax(teacher.float() / t, dim=1),
+        F.log_softmax(wide(student) / t, dim=1),
+        F.log_softmax(wide(teacher) / t, dim=1),
         log_target=True,
         reduction="batchmean",
     ) * (t * t)
@@ -56,7 +62,7 @@ class TeacherObjective(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
         logits = self.model(images)
-        metrics = {f"ce_{t}": F.cross_entropy(logits[t].float(), labels[t]) for t in labels}
+        metrics = {f"ce_{t}": F.cross_entropy(wide(logits[t]), labels[t]) for t in labels}
         return sum(metrics.values()), metrics
 
 
@@ -97,8 +103,8 @@ class FactorizationObjective(nn.Module):
             teacher_logits = self.teacher.forward_head(teacher_features)
         common, student_stages = student.forward_stages(images)
         # The reference averages InfoMax over the stages it aligns.
-        infomax = [infomax_loss(s, project(t.float())) for s, project, t in zip(student_stages, student.stage_proj, teacher_stages)]
-        infomax.append(infomax_loss(common, student.teacher_proj(teacher_features.float())))
+        infomax = [infomax_loss(s, project(wide(t))) for s, project, t in zip(student_stages, student.stage_proj, teacher_stages)]
+        infomax.append(infomax_loss(common, student.teacher_proj(wide(teacher_features))))
         metrics: Metrics = {"infomax": sum(infomax) / len(infomax) * w.feat}
         codes = student.task_codes(images)  # task networks of one architecture run fused
         noise = code_noise(codes)
@@ -122,8 +128,8 @@ def task_terms(task: str, module: nn.Module, common: torch.Tensor, code: Code, n
     mu, logvar = code
     sampled = mu + noise * (0.5 * logvar).exp()  # reparameterisation
     logits = module.head(common + sampled)
-    metrics[f"ce_{task}"] = F.cross_entropy(logits.float(), labels)
-    metrics[f"aux_{task}"] = F.cross_entropy(module.aux_head(sampled).float(), labels) * w.aux
+    metrics[f"ce_{task}"] = F.cross_entropy(wide(logits), labels)
+    metrics[f"aux_{task}"] = F.cross_entropy(wide(module.aux_head(sampled)), labels) * w.aux
     metrics[f"kl_{task}"] = gaussian_kl(mu, logvar) * w.kl
     return logits
 
