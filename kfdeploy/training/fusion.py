@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import DepthwiseConv2d, conv2d
+
 # Layers without weights that act on each channel (or each element) alone: a grouped
 # input passes through them unchanged in meaning.
 _CHANNEL_LOCAL = (
@@ -37,6 +39,9 @@ _CHANNEL_LOCAL = (
     nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Flatten,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d,
 )
+
+# nn.Conv2d, and the same convolution taking a faster CPU path (kfdeploy.training.kernels).
+_CONVOLUTIONS = (nn.Conv2d, DepthwiseConv2d)
 
 
 def _is_timm_batchnorm_act(module: nn.Module) -> bool:
@@ -74,12 +79,7 @@ class GroupedConv2d(_Grouped):
                 x, groups = x.repeat(1, self.k, 1, 1), groups * self.k
         else:
             groups *= self.k
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
-        else:
-            padding = conv.padding
-        return F.conv2d(x, self.gathered("weight"), self.gathered("bias"), conv.stride, padding, conv.dilation, groups)
+        return conv2d(x, conv, self.gathered("weight"), self.gathered("bias"), groups)
 
 
 class GroupedBatchNorm2d(_Grouped):
@@ -145,7 +145,7 @@ def same_architecture(a: nn.Module, b: nn.Module) -> bool:
 def _grouped_layer(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
     """The fused twin of k equal layers that hold weights, or None for a layer that holds none."""
     first = layers[0]
-    if type(first) is nn.Conv2d:
+    if type(first) in _CONVOLUTIONS:
         return GroupedConv2d(layers)
     if type(first) is nn.BatchNorm2d or _is_timm_batchnorm_act(first):
         return GroupedBatchNorm2d(layers)
@@ -155,7 +155,7 @@ def _grouped_layer(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
 
 
 def _leaf_problem(name: str, module: nn.Module) -> Optional[str]:
-    if module.__class__ in (nn.Conv2d, nn.BatchNorm2d, nn.Linear) or _is_timm_batchnorm_act(module):
+    if module.__class__ in (*_CONVOLUTIONS, nn.BatchNorm2d, nn.Linear) or _is_timm_batchnorm_act(module):
         return None
     if next(module.children(), None) is not None:
         if next(module.parameters(recurse=False), None) is not None:

