@@ -148,10 +148,11 @@ def train(
     channels_last = prepare_for_training(objective, env.device)
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = env.device.type == "cuda"
-    # One fused kernel updates every parameter, instead of a kernel per tensor and operation:
-    # on CUDA fewer launches; on 2 CPU cores the factorization step of the paper's
-    # configuration (~1,000 parameter tensors) was 6% faster.
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    # On CUDA one fused kernel updates every parameter (instead of a launch per tensor and
+    # operation). The CPU keeps PyTorch's default: the fused CPU kernel was ~6% faster on the
+    # paper's factorization step, but it rounds differently, and the tests' small bundles (near
+    # chance, so near-tied logits) and their int8 checks are calibrated on the default's runs.
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=cuda)
     if cuda:
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     state = {"step": 0, "train_time_s": 0.0}
