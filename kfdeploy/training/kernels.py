@@ -11,8 +11,8 @@ stages at 64x64 images: 480 channels on 2x2 maps, a 3x3 kernel padded by 1) take
 path for its weight gradient in PyTorch 2.14's oneDNN: 16 ms forward and backward at batch 64
 on 2 cores, where the same convolution on the input padded beforehand (and no padding of
 its own) takes 1.3 ms: the same outputs bit for bit (zeros are zeros, wherever they are
-added), and the same gradients up to float rounding (another kernel sums them). Six MobileNetV2 x0.5 task networks spent a fifth of their training step
-there. Ordinary convolutions and forward passes are not affected, so only depthwise
+added), and the same gradients up to float rounding (another kernel sums them). Six
+MobileNetV2 x0.5 task networks spent a fifth of their training step there. Ordinary convolutions and forward passes are not affected, so only depthwise
 convolutions in training mode on small maps take the explicit padding.
 
 Nothing here ships: the modules keep their class's state-dict keys, and in eval mode (export,
@@ -34,12 +34,11 @@ def pads_explicitly(x: torch.Tensor, conv: nn.Conv2d, groups: int) -> bool:
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias, groups: int) -> torch.Tensor:
     """F.conv2d with `conv`'s geometry, padded explicitly where `pads_explicitly` says so."""
-    if conv.padding_mode != "zeros":
-        return F.conv2d(F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode),
-                        weight, bias, conv.stride, 0, conv.dilation, groups)
-    if pads_explicitly(x, conv, groups):
-        return F.conv2d(F.pad(x, conv._reversed_padding_repeated_twice), weight, bias, conv.stride, 0, conv.dilation, groups)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or pads_explicitly(x, conv, groups):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, groups)
 
 
 class DepthwiseConv2d(nn.Conv2d):
