@@ -314,3 +314,21 @@ def test_re_exporting_a_task_into_a_bundle_writes_a_new_file_not_the_live_one(bu
     assert live.stat().st_ino != witness.stat().st_ino
     assert (witness.stat().st_mtime_ns, witness.read_bytes()) == before
     assert main(["verify", str(bundle_copy)]) == 0
+
+
+def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path):
+    """timm's ReLU6(inplace=True) is exported out of place (torch.export decomposes in-place
+    hardtanh_ slowly) and left in place afterwards; the graph computes the same values."""
+    from kfdeploy.bundling.export import _quiet_export
+    from onnxruntime import InferenceSession
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6(inplace=True), torch.nn.Conv2d(4, 2, 1), torch.nn.ReLU(inplace=True))
+    x = torch.randn(2, 3, 8, 8) * 4
+    path = tmp_path / "m.onnx"
+    _quiet_export(module, (x,), path, ["x"], ["y"], load_profile("cpu-fp32"))
+    assert [m.inplace for m in module if hasattr(m, "inplace")] == [True, True]
+    got = InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module.eval()(x).numpy(), atol=1e-6)
+    assert "Clip" in {node.op_type for node in onnx.load(str(path)).graph.node}

@@ -2,9 +2,9 @@
 
 The bundle is a real timm one (MobileNetV2 x0.5 task modules of 3, 6 and 40 classes) at 32x32,
 with a normalization in its graphs and its weights and BatchNorm statistics scrambled before
-export, so that every folded bias and scale differs from task to task. Making it takes a minute or
-more, mostly torch.onnx's exports (20-45 s per MobileNet module on 2 cores): one bundle serves
-the module.
+export, so that every folded bias and scale differs from task to task. Making it takes most of a
+minute, mostly torch.onnx's exports (about 9 s per MobileNet module on 2 cores): one bundle
+serves the module.
 """
 import hashlib
 import json
