@@ -1,4 +1,5 @@
 """Shared fixtures: tiny but real teacher and factor runs, trained once per test session."""
+import fcntl
 import functools
 import os
 import shutil
@@ -118,28 +119,86 @@ def pytest_runtest_setup(item):
                 need()
 
 
+def pytest_configure(config):
+    _keep_this_worker_to_its_cores()
+
+
+def _keep_this_worker_to_its_cores() -> None:
+    """Under pytest-xdist (setup.cfg's addopts run the suite in two workers), each worker and
+    everything it starts keeps to its own share of the cores, set before torch or ONNX Runtime
+    is imported, which size their thread pools by it: two such processes on the same cores slow
+    each other 5-10x (their threads spin-wait), and each on its own core overlap the suite's
+    single-threaded waits (tracing exports, servers and browsers starting)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+    share = cpus[index * len(cpus) // count:(index + 1) * len(cpus) // count] or [cpus[index % len(cpus)]]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))  # over .ci/run's 2: torch takes its threads from it
+
+
+SESSION_RUNS = {"teacher_run", "factor_run", "bundle"}  # made once (made_once below) and shared by many files
+
+
+def pytest_collection_modifyitems(config, items):
+    """The order pytest-xdist hands files out in (setup.cfg: --dist loadfile --no-loadscope-reorder):
+    first the largest file that needs the session's runs, so that one worker starts making them
+    at once; then the files that need none of them, which the other worker runs meanwhile instead
+    of waiting for the runs; then the rest. Larger files first within each group, as xdist's own
+    order would have them."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+
+    def needs_runs(item) -> bool:
+        return bool(SESSION_RUNS & set(item.fixturenames)) or item.get_closest_marker("session_runs") is not None
+
+    needing = sorted((path for path, its in files.items() if any(map(needs_runs, its))), key=lambda p: -len(files[p]))
+    group = {path: 1 for path in files}
+    group.update({path: 2 for path in needing[1:]})
+    group.update({path: 0 for path in needing[:1]})
+    items[:] = sorted(items, key=lambda item: (group[item.path], -len(files[item.path]), str(item.path)))
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once for the whole test run: under pytest-xdist the first
+    worker to need it makes it and the others wait for it and share it (tests copy what they change)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, which every worker's basetemp (pytest-N/popen-gwK) sits in
+    folder, done = root / "made-once" / name, root / "made-once" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with open(root / "made-once" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
+def _cli_into(*args: str):
+    def make(out: Path) -> None:
+        result = run_cli(*args, str(out))
+        assert result.returncode == 0, result.stderr
+    return make
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    result = run_cli("teacher", "--out", str(out), "--steps", "150", "--batch-size", "64")
-    assert result.returncode == 0, result.stderr
-    return out
+    return made_once(tmp_path_factory, "teacher", _cli_into("teacher", "--steps", "150", "--batch-size", "64", "--out"))
 
 
 @pytest.fixture(scope="session")
 def factor_run(teacher_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "kf"
-    result = run_cli("factorize", "--teacher", str(teacher_run), "--out", str(out), "--steps", "75", "--batch-size", "64")
-    assert result.returncode == 0, result.stderr
-    return out
+    return made_once(tmp_path_factory, "kf", _cli_into(
+        "factorize", "--teacher", str(teacher_run), "--steps", "75", "--batch-size", "64", "--out"))
 
 
 @pytest.fixture(scope="session")
 def bundle(factor_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "sprites"
-    result = run_cli("export", str(factor_run), "--out", str(out), "--archive")
-    assert result.returncode == 0, result.stderr
-    return out
+    return made_once(tmp_path_factory, "sprites", _cli_into("export", str(factor_run), "--archive", "--out"))
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ import kfdeploy
 from conftest import REPO
 from triton_servers import free_ports, kfdeploy_serve, need_serve_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.session_runs]  # its pages' workspaces come from the session's runs
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # Sizes for commands that train or measure, appended to the documented command (argparse
 # takes an option's last value): each page runs in seconds, the commands' code unchanged.
