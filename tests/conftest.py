@@ -146,19 +146,21 @@ def pytest_collection_modifyitems(config, items):
     first the largest file that needs the session's runs, so that one worker starts making them
     at once; then the files that need none of them, which the other worker runs meanwhile instead
     of waiting for the runs; then the rest. Larger files first within each group, as xdist's own
-    order would have them."""
+    order would have them, a test marked slow counting as ten: the last files handed out should
+    be short ones, or one worker finishes long before the other."""
     files: dict = {}
     for item in items:
         files.setdefault(item.path, []).append(item)
+    weight = {path: sum(10 if item.get_closest_marker("slow") else 1 for item in its) for path, its in files.items()}
 
     def needs_runs(item) -> bool:
         return bool(SESSION_RUNS & set(item.fixturenames)) or item.get_closest_marker("session_runs") is not None
 
-    needing = sorted((path for path, its in files.items() if any(map(needs_runs, its))), key=lambda p: -len(files[p]))
+    needing = sorted((path for path, its in files.items() if any(map(needs_runs, its))), key=lambda p: -weight[p])
     group = {path: 1 for path in files}
     group.update({path: 2 for path in needing[1:]})
     group.update({path: 0 for path in needing[:1]})
-    items[:] = sorted(items, key=lambda item: (group[item.path], -len(files[item.path]), str(item.path)))
+    items[:] = sorted(items, key=lambda item: (group[item.path], -weight[item.path], str(item.path)))
 
 
 def made_once(tmp_path_factory, name: str, make) -> Path:

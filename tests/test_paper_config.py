@@ -1,5 +1,5 @@
-"""benchmarks/paper_config.py end to end at toy size: the CLI chain it drives, and every
-figure its report and JSON promise (accuracy per task for teacher, factor networks and the
+"""benchmarks/paper_config.py end to end at toy size, on its --data separated folder: the CLI
+chain it drives, and every figure its report and JSON promise (accuracy per task for teacher, factor networks and the
 exported assembly; parameters and FLOPs per module; parity; composition timings)."""
 import json
 import subprocess
@@ -18,12 +18,16 @@ def test_paper_config_benchmark_reports_every_figure_at_toy_size(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/paper_config.py", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"),
          "--teacher-arch", "simpleconv", "--trunk-arch", "simpleconv", "--task-arch", "simpleconv", "--image-size", "32",
-         "--tasks", ",".join(tasks), "--teacher-steps", "2", "--factorize-steps", "2", "--batch-size", "8",
+         "--data", "separated", "--data-images", "320", "--tasks", ",".join(tasks), "--teacher-steps", "2", "--factorize-steps", "2", "--batch-size", "8",
          "--eval-images", "64", "--seconds", "0.05", "--repeats", "1", "--throughput-seconds", "0.05", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "results" / "paper_config-cpu.json").read_text())
+    report = json.loads((tmp_path / "results" / "paper_config-separated-simpleconv-cpu.json").read_text())
+    assert report["config"].endswith("separated at 3x32x32")
+    labels = (tmp_path / "work" / "separated" / "labels.csv").read_text().splitlines()
+    assert labels[0] == "file,shape,scale,pos_x,pos_y,colour,split" and len(labels) == 1 + 320 + 64
+    assert {row.split(",")[2] for row in labels[1:]} == {"0.7", "1.0"}  # scale at two well-separated values
     assert report["budget"]["teacher_steps"] == 2 and report["budget"]["factorize_steps"] == 2
     accuracy = report["accuracy"]
     assert accuracy["images"] == 64

@@ -298,7 +298,7 @@ def _texture_bank(size: int) -> np.ndarray:
     return np.clip(bank, 0, _BANK_MAX).astype(np.uint8)
 
 
-def _draw_nuisances(rng: np.random.Generator, n: int) -> Dict[str, np.ndarray]:
+def draw_nuisances(rng: np.random.Generator, n: int) -> Dict[str, np.ndarray]:
     """Everything about an image that is not a label: background crop and tint, sprite brightness."""
     return {
         "tile": rng.integers(0, _BANK_TILES, n),
@@ -357,7 +357,7 @@ class SpritesRGBSource:
         rng = np.random.default_rng([self.seed, rank, step, 0x726762])
         drawn = rng.integers(0, NUM_RGB_COMBINATIONS, size=int(batch_size * 1.25) + 16)
         kept = drawn[~is_heldout(drawn)][:batch_size]
-        return rgb_combination_to_factors(kept), _draw_nuisances(rng, len(kept))
+        return rgb_combination_to_factors(kept), draw_nuisances(rng, len(kept))
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> Batch:
         return _rgb_batch(*self.train_factors(step, batch_size, rank), self.tasks)
@@ -373,7 +373,7 @@ class SpritesRGBSource:
     def heldout_factors(self, count: int, offset: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         combos = rgb_heldout_combinations()[offset : offset + count]
         first, last = offset // _HELDOUT_CHUNK, (offset + len(combos) - 1) // _HELDOUT_CHUNK
-        chunks = [_draw_nuisances(np.random.default_rng([_BANK_SEED, c]), _HELDOUT_CHUNK)
+        chunks = [draw_nuisances(np.random.default_rng([_BANK_SEED, c]), _HELDOUT_CHUNK)
                   for c in range(first, last + 1)]
         start = offset - first * _HELDOUT_CHUNK
         nuisances = {k: np.concatenate([c[k] for c in chunks])[start : start + len(combos)] for k in chunks[0]}
