@@ -90,7 +90,7 @@ def write_separated_sprites(folder: Path, train: int, heldout: int, seed: int = 
     from PIL import Image
 
     from kfdeploy.training.data import (RGB_TASK_LABELS, RGB_TASK_NAMES, TASK_CLASSES, draw_nuisances,
-                                        is_heldout, rgb_factors_to_combination, render_rgb)
+                                        is_heldout, rgb_factors_to_combination, render_rgb, sprite_labels)
 
     if (folder / "labels.csv").exists():
         return folder
@@ -108,10 +108,11 @@ def write_separated_sprites(folder: Path, train: int, heldout: int, seed: int = 
             kept = np.concatenate([kept, factors[held == (split == "heldout")]])
         kept = kept[:count]
         images = render_rgb(kept, draw_nuisances(rng, count), size=SEPARATED_PIXELS)
-        for i, (image, factor) in enumerate(zip(images, kept)):
+        labels = {t: [RGB_TASK_LABELS[t][i] for i in sprite_labels(kept, t)] for t in SEPARATED}
+        for i, image in enumerate(images):
             name = f"img/{split}-{i:05d}.png"
             Image.fromarray(image.transpose(1, 2, 0)).save(folder / name)
-            rows.append([name, *(RGB_TASK_LABELS[t][factor[RGB_TASK_NAMES.index(t)]] for t in SEPARATED), split])
+            rows.append([name, *(labels[t][i] for t in SEPARATED), split])
     with open(folder / "labels.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["file", *SEPARATED, "split"], *rows])
     return folder

@@ -157,9 +157,8 @@ def pytest_collection_modifyitems(config, items):
         return bool(SESSION_RUNS & set(item.fixturenames)) or item.get_closest_marker("session_runs") is not None
 
     needing = sorted((path for path, its in files.items() if any(map(needs_runs, its))), key=lambda p: -weight[p])
-    group = {path: 1 for path in files}
-    group.update({path: 2 for path in needing[1:]})
-    group.update({path: 0 for path in needing[:1]})
+    first = needing[0] if needing else None
+    group = {path: 0 if path == first else 2 if path in needing else 1 for path in files}
     items[:] = sorted(items, key=lambda item: (group[item.path], -weight[item.path], str(item.path)))
 
 
