@@ -10,12 +10,15 @@ from conftest import cli_fails
 # Calibration images for the tests: half the default 512, enough for SimpleConv's ranges.
 IMAGES = 256
 # An int8 composition must give the fp32 composition's answer on at least this share of the
-# held-out images whose fp32 answer is decided: top-1 ahead of the runner-up by DECIDED logits.
-# The test-sized bundle's modules sit near chance (shape 0.42 for 3 classes), so most of their
-# answers are near-ties that any rounding flips: over all images agreement is 0.72-0.96, on the
-# decided ones 0.95-1.0 (MinMax, 256 images).
-MIN_AGREEMENT = 0.92
-DECIDED = 0.5
+# held-out images whose fp32 answer is most decided: the DECIDED_SHARE of each task's images
+# with its top-1 furthest ahead of the runner-up. The test-sized bundle's modules sit near
+# chance (shape 0.45 for 3 classes, orientation 0.02 for 40), so most of their answers are
+# near-ties that any rounding flips, and how far apart logits sit differs by task (orientation's
+# top two are within 0.19 on three images in four; scale's int8 logits are off by 1.5 at the
+# median): a share, not one margin, judges every task on its own clear answers. Over all images
+# agreement is 0.72-0.95, on the decided quarter 0.98-1.0 (MinMax, 256 images).
+MIN_AGREEMENT = 0.95
+DECIDED_SHARE = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,9 @@ def test_int8_assembly_agrees_with_fp32(int8_bundle):
     a, b = fp32(images, logits=True), int8(images, logits=True)
     for task in fp32.tasks:
         top_two = np.sort(a[task], axis=1)[:, -2:]
-        decided = top_two[:, 1] - top_two[:, 0] > DECIDED
-        assert decided.sum() >= 10, (task, "too few decided answers to judge")
+        lead = top_two[:, 1] - top_two[:, 0]
+        decided = lead >= np.quantile(lead, 1 - DECIDED_SHARE)
+        assert decided.sum() >= DECIDED_SHARE * len(lead) and lead[decided].min() > 0, (task, "no clear answers to judge")
         agreement = (a[task].argmax(1) == b[task].argmax(1))[decided].mean()
         assert agreement >= MIN_AGREEMENT, (task, agreement)
         assert not np.array_equal(a[task], b[task])  # really another graph
