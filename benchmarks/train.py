@@ -112,6 +112,12 @@ def load_note() -> str:
     return f"load average {load1:.1f} (1 min), {load5:.1f} (5 min) on {os.cpu_count()} cores when it ended"
 
 
+def setup_seconds(records) -> float:
+    """What a run spent before its steps, counted in its training time (the teacher's targets
+    precomputed), from its metrics.jsonl records."""
+    return next((r["setup_s"] for r in records if r.get("event") == "set up"), 0.0)
+
+
 def read_run(run: Path) -> dict:
     records = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
     batch = json.loads((run / RUN_FILE).read_text())["train"]["batch_size"]
@@ -123,6 +129,7 @@ def read_run(run: Path) -> dict:
         "samples_per_s": throughput,
         "steps": last["step"],
         "train_time_s": records[-1]["time_s"],
+        "setup_s": setup_seconds(records),
         "final_accuracy": records[-1]["heldout_accuracy"],
         "curve": [{"time_s": t, **acc} for t, acc in curve],
     }

@@ -80,6 +80,7 @@ def _train_config(args):
         checkpoint_every=args.checkpoint_every,
         time_budget_s=args.minutes * 60 if args.minutes else None,
         feed=args.feed, compile=args.compile, fuse_tasks=not getattr(args, "no_fuse_tasks", False),
+        teacher_targets=getattr(args, "teacher_targets", "auto"),
     )
 
 
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "architectures for both (default 1)")
     p.add_argument("--no-fuse-tasks", action="store_true", help="run the task networks one by one instead of as one grouped "
                    "network per architecture (the same numbers, slower; for comparison)")
+    p.add_argument("--teacher-targets", default="auto", choices=["auto", "once", "every-step"],
+                   help="run the frozen teacher once on every training image before the steps (once), or in every step; "
+                   "auto (default): once for an image folder (fixed images, no augmentation) if its outputs fit in 2 GiB")
 
     p = command("evaluate", "Score factor networks against the teacher; disentanglement heatmap.")
     p.add_argument("run", type=Path, help="factorized run folder")

@@ -18,7 +18,13 @@ from conftest import cli_fails
 from kfdeploy.training import folder_data
 from kfdeploy.cli import main
 from kfdeploy.errors import KfError
-from kfdeploy.training.pipeline import normalized, open_data, open_run_data
+from kfdeploy.training import teacher_targets
+from kfdeploy.training.data import TASK_CLASSES
+from kfdeploy.training.losses import FactorizationObjective, LossWeights
+from kfdeploy.training.models import SpritesTeacher, TeacherConfig
+from kfdeploy.training.pipeline import factorize, normalized, open_data, open_run_data
+from kfdeploy.training.runs import load_factor_run, load_teacher
+from kfdeploy.training.train import TrainConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 SIZE = 32
@@ -117,6 +123,64 @@ def test_the_network_sees_the_training_images_normalized_to_mean_0_std_1(folder_
     per_channel = images.transpose(0, 1).reshape(3, -1)
     assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-4)
     assert torch.allclose(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-3)
+
+
+def test_the_teachers_targets_are_computed_once_and_every_batch_reads_its_own(folder_runs):
+    teacher_run, kf = folder_runs
+    teacher, _ = load_teacher(teacher_run)
+    model, info = load_factor_run(kf)
+    opened = open_run_data(info)
+    source = normalized(opened.source, info["input"])
+    targeted, seconds = teacher_targets.with_teacher_targets("once", source, teacher_targets.fixed_rows(opened.source),
+                                                             teacher, 1, torch.device("cpu"), show_progress=False)
+    assert isinstance(targeted, teacher_targets.TargetedSource) and seconds > 0
+    objective = FactorizationObjective(model, teacher, LossWeights(**info["loss_weights"]))
+    for step in (0, 2, 7):  # 30 training images in batches of 8: three steps an epoch, each a new order
+        images, labels = targeted.batch(step, 8)
+        plain_images, plain_labels = source.batch(step, 8)
+        assert torch.equal(images, plain_images)
+        tasks, targets = teacher_targets.split_targets(labels)
+        assert tasks.keys() == plain_labels.keys() and all(torch.equal(tasks[t], plain_labels[t]) for t in tasks)
+        with torch.no_grad():
+            expected = teacher_targets.teacher_outputs(teacher, images, 1)
+        assert targets.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(targets[key], expected[key], rtol=1e-5, atol=1e-5)
+        losses = []
+        for given in (labels, plain_labels):  # read from the batch, or the teacher run in the step
+            torch.manual_seed(0)  # the task codes' noise
+            with torch.no_grad():
+                losses.append(objective(images, given)[0])
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_folder_factorization_counts_the_precomputed_targets_in_its_training_time(folder_runs):
+    records = [json.loads(line) for line in (folder_runs[1] / "metrics.jsonl").read_text().splitlines()]
+    set_up = [r for r in records if r.get("event") == "set up"]
+    assert len(set_up) == 1 and set_up[0]["step"] == 0 and set_up[0]["setup_s"] > 0
+    assert set_up[0]["time_s"] >= set_up[0]["setup_s"] and records[-1]["time_s"] > set_up[0]["setup_s"]
+
+
+def test_targets_that_do_not_fit_the_memory_limit_leave_the_teacher_in_the_step(folder_runs, monkeypatch):
+    teacher, info = load_teacher(folder_runs[0])
+    opened = open_run_data(info)
+    monkeypatch.setattr(teacher_targets, "AUTO_MEMORY_LIMIT", 1024)
+    kept, _ = teacher_targets.with_teacher_targets("auto", opened.source, teacher_targets.fixed_rows(opened.source),
+                                                   teacher, 1, torch.device("cpu"), show_progress=False)
+    assert kept is opened.source
+    every_step, seconds = teacher_targets.with_teacher_targets("every-step", opened.source, opened.source, teacher, 1,
+                                                               torch.device("cpu"), show_progress=False)
+    assert every_step is opened.source and seconds == 0.0
+
+
+def test_targets_once_on_rendered_sprites_is_refused_before_anything_is_written(tmp_path):
+    teacher = SpritesTeacher(TeacherConfig(task_classes=dict(TASK_CLASSES)))
+    out = tmp_path / "kf"
+    with pytest.raises(KfError, match="--teacher-targets once needs an image folder: rendered sprites are new at every step"):
+        factorize(teacher, out, data="sprites", config=TrainConfig(steps=2, teacher_targets="once"))
+    assert not out.exists()
+    with pytest.raises(KfError, match="--teacher-targets must be one of auto, once, every-step, not 'twice'"):
+        teacher_targets.check_mode("twice", None)
 
 
 def test_evaluate_scores_a_folder_run_on_its_heldout_images(folder_runs, capsys):

@@ -49,6 +49,8 @@ def test_paper_config_benchmark_reports_every_figure_at_toy_size(tmp_path):
     assert len(report["composition"]["goals"]) == 4 and isinstance(report["composition"]["goal_met"], bool)
     assert "the teacher's time over the variant's" in result.stdout and "goals (all tasks" in result.stdout
     throughput = report["training_throughput"]
-    assert set(throughput["samples_per_s"]) == {"teacher", "factorize fused", "factorize unfused"}
+    assert set(throughput["samples_per_s"]) == {"teacher", "factorize fused", "factorize fused, targets once", "factorize unfused"}
+    assert throughput["goal"].startswith("factorize fused, targets once (as kfdeploy factorizes this data)")
+    assert report["budget"]["setup_s"]["teacher"] == 0 and report["budget"]["setup_s"]["factorize"] > 0
     assert min(throughput["samples_per_s"].values()) > 0 and isinstance(throughput["goal_met"], bool)
     assert "x simpleconv (colour, shape) fused into one grouped network" in result.stdout

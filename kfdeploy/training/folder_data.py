@@ -268,16 +268,20 @@ class FolderSource:
         self.train_index = np.flatnonzero(~table.heldout)
         self.heldout_index = np.flatnonzero(table.heldout)
 
-    def _batch(self, picked: np.ndarray):
+    def rows(self, rows: np.ndarray):
+        """The batch of these rows of the label table."""
         import torch
 
-        images = torch.from_numpy(self.images[picked]).float().div_(255.0)
-        labels = {t: torch.from_numpy(self.table.labels[t][picked]) for t in self.tasks}
+        images = torch.from_numpy(self.images[rows]).float().div_(255.0)
+        labels = {t: torch.from_numpy(self.table.labels[t][rows]) for t in self.tasks}
         return images, labels
 
+    def picked(self, step: int, batch_size: int, rank: int = 0) -> np.ndarray:
+        """The label-table rows of a step's batch."""
+        return self.train_index[epoch_slice(len(self.train_index), step, batch_size, self.seed, self.world_size, rank)]
+
     def batch(self, step: int, batch_size: int, rank: int = 0):
-        picked = epoch_slice(len(self.train_index), step, batch_size, self.seed, self.world_size, rank)
-        return self._batch(self.train_index[picked])
+        return self.rows(self.picked(step, batch_size, rank))
 
     def heldout(self, count: int, offset: int = 0):
-        return self._batch(self.heldout_index[offset : offset + count])
+        return self.rows(self.heldout_index[offset : offset + count])

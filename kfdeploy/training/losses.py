@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import Code, FactorNet, freeze
+from .teacher_targets import split_targets, teacher_outputs, unpack
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -94,13 +95,11 @@ class FactorizationObjective(nn.Module):
     def forward(self, images: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
         w = self.weights
         student = self.model
-        stages = len(student.stage_proj) + 1
-        with torch.no_grad():
-            if stages > 1:
-                teacher_features, teacher_stages = self.teacher.forward_stages(images, stages)
-            else:
-                teacher_features, teacher_stages = self.teacher.forward_features(images), []
-            teacher_logits = self.teacher.forward_head(teacher_features)
+        labels, targets = split_targets(labels)
+        if not targets:  # not precomputed: the teacher runs in the step
+            with torch.no_grad():
+                targets = teacher_outputs(self.teacher, images, len(student.stage_proj) + 1)
+        teacher_features, teacher_stages, teacher_logits = unpack(targets)
         common, student_stages = student.forward_stages(images)
         # The reference averages InfoMax over the stages it aligns.
         infomax = [infomax_loss(s, project(wide(t))) for s, project, t in zip(student_stages, student.stage_proj, teacher_stages)]

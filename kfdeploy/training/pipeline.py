@@ -32,6 +32,7 @@ from .data import (
     DatasetSource, SpritesRGBSource, SpritesSource, collate,
 )
 from .feed import resolve_feed
+from .teacher_targets import check_mode as check_teacher_targets, fixed_rows, with_teacher_targets
 from .losses import FactorizationObjective, LossWeights, TeacherObjective
 from .models import MAX_INFOMAX_STAGES, BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
 from .runs import RUN_FILE, load_teacher, prepare_run_dir, read_json, write_json_atomic
@@ -255,6 +256,9 @@ class NormalizedSource:
     def heldout(self, count: int, offset: int = 0):
         return self._normalize(self.source.heldout(count, offset))
 
+    def rows(self, rows):
+        return self._normalize(self.source.rows(rows))
+
 
 def normalized(source, spec: dict):
     """`source` as the model sees it, given run.json's "input"; unchanged for mean 0, std 1."""
@@ -289,8 +293,10 @@ def _held_out_batch(heldout_data, tasks: Sequence[str]):
 
 
 def _stored_config(info: dict, asked: TrainConfig) -> TrainConfig:
-    """The run's training settings as run.json stores them; how the steps run (feed, compile, fusion) as asked now."""
-    return replace(TrainConfig(**info["train"]), feed=asked.feed, compile=asked.compile, fuse_tasks=asked.fuse_tasks)
+    """The run's training settings as run.json stores them; how the steps run (feed, compile, fusion,
+    teacher targets) as asked now."""
+    return replace(TrainConfig(**info["train"]), feed=asked.feed, compile=asked.compile, fuse_tasks=asked.fuse_tasks,
+                   teacher_targets=asked.teacher_targets)
 
 
 def _start_run(out: Path, resume: bool, env: Distributed, info: dict) -> tuple[bool, dict]:
@@ -633,6 +639,7 @@ def factorize(
     }
     if opened is not None:
         resolve_feed(config.feed, opened.source, env.device)
+    check_teacher_targets(config.teacher_targets, fixed_rows(opened.source) if opened is not None else None)
     resuming, info, config, student = _begin_run(out, resume, env, info, config, student)
     if resuming and opened is not None:
         opened = _reopen_if_changed(opened, info, config.seed, env.world_size)
@@ -656,8 +663,11 @@ def factorize(
     if env.is_main:
         print(student.describe_task_networks())
     objective = FactorizationObjective(student, teacher, LossWeights(**info["loss_weights"]))
+    indexed = fixed_rows(opened.source) if opened is not None else None
+    source, setup_s = with_teacher_targets(config.teacher_targets, source, indexed, teacher, len(student.stage_proj) + 1,
+                                           env.device, show_progress=env.is_main)
     train(
         out, objective, source, config,
-        evaluate=lambda m: accuracy(m, images, labels), env=env, resume=resuming, desc="factorize",
+        evaluate=lambda m: accuracy(m, images, labels), env=env, resume=resuming, desc="factorize", setup_s=setup_s,
     )
     return out
