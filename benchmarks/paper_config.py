@@ -396,6 +396,7 @@ def main() -> None:
                         "ResNet learns from scratch within a CPU budget")
     parser.add_argument("--data-images", type=int, default=10000, help="training images of --data separated (held out: a fifth as many)")
     parser.add_argument("--tasks", help="comma-separated subset of the data's tasks (default: all)")
+    parser.add_argument("--infomax-stages", type=int, default=1, help="kfdeploy factorize --infomax-stages (default 1)")
     parser.add_argument("--teacher-steps", type=int, default=300, help="default sized for ~5 minutes on 2 CPU cores (~1 s a step)")
     parser.add_argument("--factorize-steps", type=int, default=160, help="default sized for ~4.5 minutes on 2 CPU cores (~1.6 s a step)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -436,7 +437,7 @@ def main() -> None:
             "--image-size", str(args.image_size), "--steps", str(steps), *common]),
         "factorize": (kf, args.factorize_steps, lambda out, steps: [
             "factorize", "--teacher", str(teacher_run), "--out", str(out), "--trunk-arch", args.trunk_arch,
-            "--task-arch", args.task_arch, "--steps", str(steps), *common]),
+            "--task-arch", args.task_arch, "--infomax-stages", str(args.infomax_stages), "--steps", str(steps), *common]),
     }
     probes = {}
     for stage, (run, steps, command) in stages.items():
