@@ -100,6 +100,19 @@ def test_infomax_over_stages_is_their_mean_and_reaches_every_projection():
         expected.append(infomax_loss(common, student.teacher_proj(pooled)))
     assert [s.shape[1] for s in own] == [128, 256]
     torch.testing.assert_close(metrics["infomax"], 2.0 * sum(expected) / 3)
+    # The teacher's stages precomputed (--teacher-targets once) and read with the batch: the same terms.
+    from kfdeploy.training.teacher_targets import teacher_outputs
+
+    labels = {t: torch.zeros(6, dtype=torch.long) for t in TASKS}
+    with torch.no_grad():
+        targets = teacher_outputs(teacher, images, 3)
+        objective = FactorizationObjective(student, teacher, LossWeights(feat=2.0)).eval()
+        torch.manual_seed(1)
+        computed = objective(images, labels)[1]
+        torch.manual_seed(1)
+        read = objective(images, {**labels, **targets})[1]
+    assert sorted(targets) == ["teacher:features", "teacher:logits:scale", "teacher:logits:shape", "teacher:stage0", "teacher:stage1"]
+    assert computed.keys() == read.keys() and all(torch.equal(computed[k], read[k]) for k in computed)
 
 
 def test_infomax_stages_are_refused_where_the_networks_cannot_give_them(teacher_run, tmp_path, capsys):

@@ -86,9 +86,10 @@ class TargetedSource:
 def compute_targets(teacher: nn.Module, stages: int, rows: np.ndarray, images_of: Callable[[np.ndarray], torch.Tensor],
                     device: torch.device, memory_limit: Optional[int], show_progress: bool = True) -> Optional[Targets]:
     """`teacher_outputs` on the images of `rows` (`images_of(rows)` gives them as the model sees
-    them), kept on the host; None if they would take more than `memory_limit` bytes."""
+    them), kept on the host; None if they would take more than `memory_limit` bytes. The
+    teacher moves to `device` (where training would take it next)."""
     was_training = teacher.training
-    teacher.eval()
+    teacher.to(device).eval()
     store: Optional[Targets] = None
     try:
         for start in tqdm(range(0, len(rows), PRECOMPUTE_BATCH), desc="teacher targets", disable=not show_progress,
