@@ -32,10 +32,10 @@ from .data import (
     DatasetSource, SpritesRGBSource, SpritesSource, collate,
 )
 from .feed import resolve_feed
-from .teacher_targets import check_mode as check_teacher_targets, fixed_rows, with_teacher_targets
 from .losses import FactorizationObjective, LossWeights, TeacherObjective
 from .models import MAX_INFOMAX_STAGES, BackboneConfig, FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
 from .runs import RUN_FILE, load_teacher, prepare_run_dir, read_json, write_json_atomic
+from .teacher_targets import check_mode as check_teacher_targets, fixed_rows, with_teacher_targets
 from .train import Distributed, TrainConfig, accuracy, setup_distributed, train
 
 EVAL_IMAGES = 2048  # held-out images scored during training (the curves in metrics.jsonl)
