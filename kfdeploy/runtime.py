@@ -287,8 +287,16 @@ class Timings:
         return f"{self.total_ms:.2f} ms" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def median_call(totals: Sequence[float]) -> int:
+    """The index of the call whose total time is the median (the upper one of an even count).
+    Its split is reported whole: medians of each module taken separately can add up to more
+    than the median total."""
+    return sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]
+
+
 def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> Timings:
-    """Median per-module kernel time per run from an ONNX Runtime profile (its JSON trace).
+    """Per-module kernel time of the median run (`median_call`) from an ONNX Runtime profile
+    (its JSON trace), and the median time per operator type over the runs.
 
     `modules`: "trunk" and the tasks. Node names carry their module as a prefix (`trunk/...`,
     `<task>/...`), as the composition names them; tasks merged into one grouped subgraph
@@ -319,10 +327,12 @@ def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> T
     ops = {op for run in per_op for op in run}
     ops_ms = {op: median([run.get(op, 0.0) for run in per_op]) for op in ops}
     groups = sorted(units - {"trunk"}, key=lambda unit: tasks.index(unit.split("+")[0]))
+    totals = [(end - start) / 1e3 for start, end in runs]
+    chosen = per_run[median_call(totals)] if runs else {"trunk": 0.0}
     return Timings(
-        total_ms=median([(end - start) / 1e3 for start, end in runs]),
-        trunk_ms=median([run["trunk"] for run in per_run]),
-        tasks_ms={unit: median([run.get(unit, 0.0) for run in per_run]) for unit in groups},
+        total_ms=totals[median_call(totals)] if runs else 0.0,
+        trunk_ms=chosen["trunk"],
+        tasks_ms={unit: chosen.get(unit, 0.0) for unit in groups},
         ops_ms=dict(sorted(ops_ms.items(), key=lambda item: -item[1])),
     )
 
@@ -732,7 +742,7 @@ class Assembly(TaskSelection):
         return Timings(seconds * 1e3, split.trunk_ms, dict(split.tasks_ms))
 
     def profile(self, images, tasks: Optional[Sequence[str]] = None, runs: int = 20, warmup: int = 3) -> Timings:
-        """Where a call's time goes, per module: median over `runs` calls on `images`.
+        """Where a call's time goes, per module: the median of `runs` calls on `images`, split.
 
         For ONNX Runtime this is its own profiler on a twin of the running composition
         (node names carry their module), not a split of the graph, which would change what
@@ -749,8 +759,8 @@ class Assembly(TaskSelection):
                 self.run(x, wanted)
                 calls.append(self.last_timings)
             calls = calls[warmup:]
-            return Timings(float(np.median([c.total_ms for c in calls])), float(np.median([c.trunk_ms for c in calls])),
-                           {t: float(np.median([c.tasks_ms[t] for c in calls])) for t in wanted})
+            chosen = calls[median_call([c.total_ms for c in calls])]
+            return Timings(chosen.total_ms, chosen.trunk_ms, {t: chosen.tasks_ms[t] for t in wanted})
         import json
         import tempfile
 
