@@ -65,8 +65,9 @@ def unpack(targets: Targets) -> Tuple[torch.Tensor, List[torch.Tensor], Dict[str
 class TargetedSource:
     """A batch source whose batches carry the teacher's precomputed outputs on their images.
 
-    `source` gives the batches, `picked(step, batch_size, rank)` the rows of the images table
-    they hold; `targets` holds row `rows[i]`'s outputs at index i."""
+    `picked(step, batch_size, rank)` names the rows of the images table a step's batch holds,
+    `source.rows` gives them as the model sees them; `targets` holds row `rows[i]`'s outputs
+    at index i."""
 
     def __init__(self, source, picked: Callable[[int, int, int], np.ndarray], rows: np.ndarray, targets: Targets):
         self.source, self.picked, self.targets = source, picked, targets
@@ -74,8 +75,10 @@ class TargetedSource:
         self.slot[rows] = np.arange(len(rows))
 
     def batch(self, step: int, batch_size: int, rank: int = 0):
-        images, labels = self.source.batch(step, batch_size, rank)
-        slots = torch.from_numpy(self.slot[self.picked(step, batch_size, rank)])
+        # The source's own batch is rows(picked): picked once here, for the images and the targets.
+        picked = self.picked(step, batch_size, rank)
+        images, labels = self.source.rows(picked)
+        slots = torch.from_numpy(self.slot[picked])
         return images, {**labels, **{k: v[slots] for k, v in self.targets.items()}}
 
     def heldout(self, count: int, offset: int = 0):
