@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import math
+import threading
 import tomllib
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -196,6 +197,41 @@ def _activations_out_of_place(module: nn.Module):
             m.inplace = True
 
 
+_REGISTRY_LOCK = threading.Lock()
+_registries: Dict[str, object] = {}  # torch.onnx's torchlib registry by opset, built once per process
+
+
+@contextlib.contextmanager
+def _torchlib_registry_reused():
+    """torch.onnx builds its registry of ATen -> ONNX functions afresh on every export, parsing
+    the source of ~2,000 onnxscript functions (1.2 s of a SimpleConv module's 3.7 s export here;
+    a bundle is six exports, a test run hundreds). While kfdeploy's own export runs, the
+    registry is built once per opset and handed out again: nothing mutates it but a
+    custom_translation_table, which kfdeploy never passes, and exports made by others in this
+    process (at any other time) get torch's own fresh one. A torch without this private hook
+    exports as before."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, KeyError, AttributeError):
+        yield
+        return
+
+    def reused(cls, *args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))  # the opset, as torch.onnx passes it
+        if key not in _registries:
+            _registries[key] = build(cls, *args, **kwargs)
+        return _registries[key]
+
+    with _REGISTRY_LOCK:
+        _registration.ONNXRegistry.from_torchlib = classmethod(reused)
+        try:
+            yield
+        finally:
+            _registration.ONNXRegistry.from_torchlib = original
+
+
 def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[str], output_names: List[str], profile: ExportProfile) -> None:
     """torch.onnx.export with the batch dimension dynamic and its chatter kept out of the user's terminal."""
     batch = torch.export.Dim("batch", min=profile.batch_min, max=profile.batch_max)
@@ -204,7 +240,8 @@ def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _activations_out_of_place(module):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _activations_out_of_place(module), \
+                _torchlib_registry_reused():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module.eval(), args, str(path), dynamo=True, external_data=False,
