@@ -53,6 +53,8 @@ def _add_step_args(p: argparse.ArgumentParser, steps: int, resume_help: str) -> 
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, AdamW with cosine decay (default 2e-3)")
     p.add_argument("--minutes", type=float, help="stop early after this much training time")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints (default 200)")
+    p.add_argument("--eval-images", type=int, default=2048, metavar="N", help="held-out images scored every 250 steps and at the "
+                   "end, the curves in metrics.jsonl (default 2048; fewer for a large network on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--feed", default="auto", choices=["auto", "inline", "prefetch", "device"],
@@ -75,9 +77,11 @@ def _add_data_args(p: argparse.ArgumentParser, default: str) -> None:
 def _train_config(args):
     from .training.train import TrainConfig
 
+    if args.eval_images < 1:
+        raise KfError(f"--eval-images {args.eval_images}: score at least 1 held-out image")
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, eval_images=args.eval_images,
         time_budget_s=args.minutes * 60 if args.minutes else None,
         feed=args.feed, compile=args.compile, fuse_tasks=not getattr(args, "no_fuse_tasks", False),
         teacher_targets=getattr(args, "teacher_targets", "auto"),

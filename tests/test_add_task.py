@@ -14,7 +14,7 @@ from kfdeploy.training.data import NEW_TASKS, SpritesSource, sprite_labels
 from kfdeploy.errors import KfError
 from test_folder_data import make_folder
 
-QUICK = ["--batch-size", "64", "--checkpoint-every", "1000"]
+QUICK = ["--batch-size", "64", "--checkpoint-every", "1000", "--eval-images", "256"]
 
 
 def _manifest(path):
@@ -91,7 +91,7 @@ def test_the_new_module_is_refused_by_a_bundle_with_another_trunk(added, teacher
     _, after, run = added
     other_run, other = tmp_path / "other-kf", tmp_path / "other"
     assert main(["factorize", "--teacher", str(teacher_run), "--out", str(other_run), "--steps", "2",
-                 "--batch-size", "8", "--tasks", "shape", "--seed", "7"]) == 0
+                 "--batch-size", "8", "--eval-images", "64", "--tasks", "shape", "--seed", "7"]) == 0
     assert main(["export", str(other_run), "--out", str(other)]) == 0
     capsys.readouterr()
     unchanged = _manifest(other)
@@ -152,7 +152,7 @@ def test_a_held_out_evaluation_during_training_leaves_the_trunk_as_shipped(bundl
     shutil.copytree(bundle, copy)
     trunk = _manifest(copy)["trunk"]
     files = {file: _digest(copy / file) for file in (trunk["file"], trunk["weights"]["file"])}
-    config = TrainConfig(steps=12, batch_size=32, eval_every=4, checkpoint_every=1000)
+    config = TrainConfig(steps=12, batch_size=32, eval_every=4, eval_images=64, checkpoint_every=1000)
     record = add_task(copy, "colour", folder, config=config, run=run, progress=lambda line: None)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "heldout_accuracy" in m and "event" not in m] == [4, 8]

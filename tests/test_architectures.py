@@ -66,7 +66,7 @@ def timm_bundle(tmp_path_factory):
     """resnet18 teacher -> resnet18 trunk + mobilenetv2_050 task modules -> bundle (a few steps each),
     the trunk aligned with the teacher at three stages."""
     root = tmp_path_factory.mktemp("timm")
-    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, log_every=1, checkpoint_every=1000)
+    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, eval_images=64, log_every=1, checkpoint_every=1000)
     train_teacher(root / "teacher", list(TASKS), quick, backbone=BackboneConfig(image_size=SIZE, arch="resnet18"))
     factorize(root / "teacher", root / "kf", config=quick, task_arch="mobilenetv2_050", infomax_stages=3)
     return export_bundle(root / "kf", root / "bundle", progress=lambda message: None)

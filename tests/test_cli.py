@@ -1,4 +1,5 @@
 """The command line: help for every job, and a clear one-line error (exit 2) for bad input."""
+import json
 import re
 import shutil
 from pathlib import Path
@@ -65,14 +66,22 @@ def test_unknown_task_name_lists_the_known_ones(tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-def test_tasks_the_teacher_was_not_trained_on_are_refused(tmp_path, capsys):
+def test_a_teacher_scores_eval_images_and_refuses_tasks_it_was_not_trained_on(tmp_path, capsys):
     teacher = tmp_path / "t"
-    assert main(["teacher", "--out", str(teacher), "--tasks", "shape,scale", "--steps", "3", "--batch-size", "8"]) == 0
+    assert main(["teacher", "--out", str(teacher), "--tasks", "shape,scale", "--steps", "3", "--batch-size", "8", "--eval-images", "64"]) == 0
     capsys.readouterr()
+    assert json.loads((teacher / "run.json").read_text())["train"]["eval_images"] == 64
+    final = [json.loads(line) for line in (teacher / "metrics.jsonl").read_text().splitlines()][-1]
+    assert all((accuracy * 64).is_integer() for accuracy in final["heldout_accuracy"].values()), final
     err = cli_fails(["factorize", "--teacher", str(teacher), "--out", str(tmp_path / "kf"), "--tasks", "shape,pos_x"],
                  capsys, "unknown task 'pos_x' for the teacher")
     assert "available: shape, scale" in err
     assert not (tmp_path / "kf").exists()
+
+
+def test_no_held_out_images_to_score_is_refused(tmp_path, capsys):
+    cli_fails(["teacher", "--out", str(tmp_path / "t"), "--eval-images", "0"], capsys, "--eval-images 0: score at least 1")
+    assert not (tmp_path / "t").exists()
 
 
 def test_output_inside_a_file_is_refused(tmp_path, capsys):

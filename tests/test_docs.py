@@ -43,9 +43,9 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # takes an option's last value): each page runs in seconds, the commands' code unchanged.
 SMALL = {
     "quickstart": ["--teacher-steps", "4", "--factorize-steps", "4", "--images", "64"],
-    "teacher": ["--steps", "4", "--batch-size", "16"],
-    "factorize": ["--steps", "4", "--batch-size", "16"],
-    "add-task": ["--steps", "4", "--batch-size", "16"],
+    "teacher": ["--steps", "4", "--batch-size", "16", "--eval-images", "64"],
+    "factorize": ["--steps", "4", "--batch-size", "16", "--eval-images", "64"],
+    "add-task": ["--steps", "4", "--batch-size", "16", "--eval-images", "64"],
     "evaluate": ["--images", "64"],
     "transferability": ["--images", "64"],
     "quantize": ["--images", "32"],

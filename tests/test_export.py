@@ -230,7 +230,7 @@ def test_adding_a_task_keeps_the_trunk_file_untouched(factor_run, tmp_path):
 def test_a_task_from_another_trunk_is_refused(bundle_copy, teacher_run, tmp_path, capsys):
     other = tmp_path / "other-kf"
     assert main(["factorize", "--teacher", str(teacher_run), "--out", str(other), "--steps", "2",
-                 "--batch-size", "8", "--tasks", "shape", "--seed", "7"]) == 0
+                 "--batch-size", "8", "--eval-images", "64", "--tasks", "shape", "--seed", "7"]) == 0
     capsys.readouterr()
     before = _manifest(bundle_copy)
     cli_fails(["export", str(other), "--out", str(bundle_copy), "--into"], capsys, "trained with a different trunk")

@@ -134,7 +134,7 @@ def _teacher_run(out, feed_name, source, resume=False):
     out.mkdir(exist_ok=True)
     torch.manual_seed(0)
     model = SpritesTeacher(TeacherConfig({"shape": 3, "scale": 6}, BackboneConfig()))
-    config = TrainConfig(steps=24, batch_size=8, checkpoint_every=1000, log_every=4, eval_every=1000, feed=feed_name)
+    config = TrainConfig(steps=24, batch_size=8, checkpoint_every=1000, log_every=4, eval_every=1000, eval_images=64, feed=feed_name)
     train(out, TeacherObjective(model), source, config, evaluate=lambda m: {}, env=Distributed(), resume=resume)
     return load_file(str(out / "model.safetensors"))
 

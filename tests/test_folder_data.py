@@ -28,7 +28,7 @@ from kfdeploy.training.train import TrainConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 SIZE = 32
-SHORT = ["--steps", "6", "--batch-size", "8", "--checkpoint-every", "1000"]
+SHORT = ["--steps", "6", "--batch-size", "8", "--checkpoint-every", "1000", "--eval-images", "64"]
 
 
 def make_folder(root: Path, count: int = 36, split: bool = True, grey: bool = False, columns=("shape", "colour")) -> Path:

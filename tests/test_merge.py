@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
-    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, log_every=1, checkpoint_every=1000)
+    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, eval_images=64, log_every=1, checkpoint_every=1000)
     train_teacher(root / "teacher", TASKS, quick, backbone=BackboneConfig(image_size=SIZE))
     teacher, _ = load_teacher(root / "teacher")
     teacher.pretrained_cfg = {"mean": [0.4], "std": [0.3]}  # so the graphs normalize: Sub and Div at their start

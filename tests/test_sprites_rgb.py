@@ -77,7 +77,7 @@ def test_every_sprite_pixel_has_its_colour_label_and_no_background_pixel_is_that
 def test_a_teacher_trains_on_sprites_rgb_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "teacher"
     assert main(["teacher", "--data", "sprites-rgb", "--out", str(out), "--image-size", "32", "--steps", "3",
-                 "--batch-size", "8", "--tasks", "shape,colour"]) == 0
+                 "--batch-size", "8", "--eval-images", "64", "--tasks", "shape,colour"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["data"] == "sprites-rgb"
     assert info["input"] == {"channels": 3, "image_size": 32, "mean": [0.0] * 3, "std": [1.0] * 3}

@@ -58,7 +58,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_twin(tmp_p
     one CPU, with the same seed and threads, the resumed run's final weights are bit-equal to
     those of a run that was never killed."""
     total, every = 30, 10  # the log's interval is 25: the resumed run logs at least once
-    args = ["--steps", str(total), "--batch-size", "16", "--checkpoint-every", str(every)]
+    args = ["--steps", str(total), "--batch-size", "16", "--checkpoint-every", str(every), "--eval-images", "64"]
     if command == "factorize":
         args += ["--teacher", str(request.getfixturevalue("teacher_run"))]
     twin = tmp_path / "twin"
@@ -102,7 +102,7 @@ def test_two_process_data_parallel_run_ends_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kfdeploy",
-         "teacher", "--out", str(out), "--steps", "6", "--batch-size", "16", "--device", "cpu"],
+         "teacher", "--out", str(out), "--steps", "6", "--batch-size", "16", "--eval-images", "64", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]

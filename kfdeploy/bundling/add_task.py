@@ -28,7 +28,7 @@ from ..errors import KfError
 from ..names import TASK_NAME_RULE, is_task_name
 from ..training.data import NEW_TASK_STEPS, NEW_TASKS, epoch_slice
 from ..training.losses import FrozenTrunkObjective, LossWeights
-from ..training.pipeline import EMBEDDED, EVAL_IMAGES, OpenedData, _start_run, _stored_config, normalized, open_data
+from ..training.pipeline import EMBEDDED, OpenedData, _start_run, _stored_config, normalized, open_data
 from ..training.train import TrainConfig, accuracy, setup_distributed, train, weights_digest
 from .bundle import Bundle
 from .export import _remove_stale_staging, export_bundle, torch_modules
@@ -136,7 +136,7 @@ def add_task(
         config = _stored_config(info, config)
         source = LabelledPool(opened, labels, config.seed) if labels is not None else opened.source
         source = normalized(source, info["input"])
-        images, truth = source.heldout(EVAL_IMAGES)
+        images, truth = source.heldout(config.eval_images)
         progress(f"training task {name!r} ({classes} classes, {opened.kind} data"
                  f"{f', {labels} labelled images' if labels is not None else ''}) on the frozen trunk {fingerprint[:12]}")
         train(run_dir, FrozenTrunkObjective(model, name, weights), source, config,

@@ -38,9 +38,6 @@ from .runs import RUN_FILE, load_teacher, prepare_run_dir, read_json, write_json
 from .teacher_targets import check_mode as check_teacher_targets, fixed_rows, with_teacher_targets
 from .train import Distributed, TrainConfig, accuracy, setup_distributed, train
 
-EVAL_IMAGES = 2048  # held-out images scored during training (the curves in metrics.jsonl)
-
-
 def parse_tasks(text: Optional[str], available: Sequence[str], where: str) -> List[str]:
     """'shape,scale' -> ['shape', 'scale'], refusing names `available` does not hold."""
     if not text:
@@ -287,8 +284,8 @@ def _pretrained_record(path: Optional[Path], notes: Dict[str, str]) -> Optional[
     return {"file": str(Path(path).resolve()), "sha256": digest.hexdigest(), **notes}
 
 
-def _held_out_batch(heldout_data, tasks: Sequence[str]):
-    items = [heldout_data[i] for i in range(min(EVAL_IMAGES, len(heldout_data)))]
+def _held_out_batch(heldout_data, tasks: Sequence[str], count: int):
+    items = [heldout_data[i] for i in range(min(count, len(heldout_data)))]
     return collate(items, tasks)
 
 
@@ -392,7 +389,7 @@ def train_teacher(
         if pretrained:
             print(f"{model.config.arch} backbone initialised from {pretrained}")
     source = normalized(opened.source, info.get("input") or {**_identity(opened.channels)})
-    images, labels = source.heldout(EVAL_IMAGES)
+    images, labels = source.heldout(config.eval_images)
     train(
         out, TeacherObjective(model), source, config,
         evaluate=lambda m: accuracy(m, images, labels), env=env, resume=resuming, desc="teacher",
@@ -655,10 +652,10 @@ def factorize(
         print(message)
     if opened is not None:
         source = normalized(opened.source, info.get("input") or spec)
-        images, labels = source.heldout(EVAL_IMAGES)
+        images, labels = source.heldout(config.eval_images)
     else:
         source = DatasetSource(train_data, tasks, seed=config.seed, world_size=env.world_size)
-        images, labels = _held_out_batch(heldout_data, tasks)
+        images, labels = _held_out_batch(heldout_data, tasks, config.eval_images)
     student.fuse_tasks = config.fuse_tasks
     if env.is_main:
         print(student.describe_task_networks())

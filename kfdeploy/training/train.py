@@ -40,6 +40,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     weight_decay: float = 0.0
     eval_every: int = 250
+    eval_images: int = 2048  # held-out images scored at each evaluation (the curves in metrics.jsonl)
     checkpoint_every: int = 200
     log_every: int = 25
     seed: int = 0
