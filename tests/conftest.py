@@ -1,6 +1,7 @@
 """Shared fixtures: tiny but real teacher and factor runs, trained once per test session."""
 import fcntl
 import functools
+import json
 import os
 import shutil
 import signal
@@ -202,12 +203,59 @@ def bundle(factor_run, tmp_path_factory) -> Path:
     return made_once(tmp_path_factory, "sprites", _cli_into("export", str(factor_run), "--archive", "--out"))
 
 
-@pytest.fixture(scope="module")
-def two_tasks(factor_run, tmp_path_factory) -> Path:
-    """A bundle of shape and scale only: pos_x is what tests add to it on disk."""
-    from kfdeploy.bundling.export import export_bundle
+def _task_files(record: dict) -> list:
+    return [record["file"], *([record["weights"]["file"]] if "weights" in record else []),
+            *(variant["file"] for variant in record.get("variants", {}).values())]
 
-    return export_bundle(factor_run, tmp_path_factory.mktemp("two") / "b", tasks=["shape", "scale"], progress=lambda m: None)
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "manifest.json").unlink()  # never write through a hard link into the bundle it came from
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.fixture(scope="module")
+def two_tasks(bundle, tmp_path_factory) -> Path:
+    """A bundle of shape and scale only (pos_x is what tests add to it on disk): the session
+    bundle without its other tasks, which is what `kfdeploy export --tasks shape,scale` of
+    the same run writes (its trunk, these tasks' files and records, its examples), without
+    exporting them again."""
+    manifest = _manifest(bundle)
+    dropped = {file for task, record in manifest["tasks"].items() if task not in ("shape", "scale") for file in _task_files(record)}
+    target = tmp_path_factory.mktemp("two") / "b"
+    shutil.copytree(bundle, target, ignore=lambda folder, names: [
+        name for name in names if (Path(folder) / name).relative_to(bundle).as_posix() in dropped])
+    manifest["tasks"] = {task: manifest["tasks"][task] for task in ("shape", "scale")}
+    for example in manifest["examples"]:
+        example["labels"] = {task: example["labels"][task] for task in manifest["tasks"]}
+    _write_manifest(target, manifest)
+    return target
+
+
+def add_on_disk(source: Path, bundle_dir: Path, task: str = "pos_x") -> None:
+    """What `kfdeploy add-task` and `export --into` do to a bundle an app runs from: a new bundle
+    beside it, its files hard-linked, the task's files and record added, swapped in atomically
+    (kfdeploy's own exchange). The task comes from bundle `source`, exported from the same run,
+    rather than exported again: tests/test_export.py and test_add_task.py test those commands."""
+    from kfdeploy.bundling.export import _exchange
+
+    source_manifest = _manifest(source)
+    staging = bundle_dir.with_name(f".{bundle_dir.name}.staging-{os.getpid()}")
+    shutil.copytree(bundle_dir, staging, copy_function=os.link)
+    for file in _task_files(source_manifest["tasks"][task]):
+        (staging / file).parent.mkdir(parents=True, exist_ok=True)
+        (staging / file).unlink(missing_ok=True)
+        shutil.copyfile(source / file, staging / file)
+    manifest = _manifest(staging)
+    manifest["tasks"][task] = source_manifest["tasks"][task]
+    truths = {example["sha256"]: example["labels"] for example in source_manifest["examples"]}
+    for example in manifest["examples"]:  # the same images: what export writes for them
+        example["labels"][task] = truths[example["sha256"]][task]
+    _write_manifest(staging, manifest)
+    _exchange(staging, bundle_dir)
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import kfdeploy
-from conftest import chromium_driver
+from conftest import add_on_disk, chromium_driver
 from kfdeploy.training.data import render
 from kfdeploy.demo import MAX_UPLOAD_BYTES, Demo, build_app, launch, sprite, to_model_input
 from kfdeploy.errors import KfError
 from test_images import png_header_only
-from test_runtime import add_on_disk, other_trunk, replace_on_disk
+from test_runtime import other_trunk, replace_on_disk
 
 SPRITE = ("heart", 5, 0, 8, 20)  # shape, scale index, orientation index, pos_x, pos_y
 OUTPUT_TASKS = ["shape", "scale", "orientation", "pos_x", "pos_y"]  # the Label outputs, in order
@@ -260,11 +260,11 @@ def _choices(update):
 
 
 @pytest.mark.slow
-def test_a_task_added_to_the_bundle_is_offered_from_the_next_page_load(live_server, live, factor_run):
+def test_a_task_added_to_the_bundle_is_offered_from_the_next_page_load(live_server, live, bundle):
     client = Client(live_server, verbose=False)
     offered, status = client.predict(api_name="/tasks")  # what a page load does
     assert _choices(offered) == ["shape", "scale"] and status == {"__type__": "update"}
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     offered, _ = client.predict(api_name="/tasks")
     assert _choices(offered) == ["shape", "scale", "pos_x"]
     result = client.predict(*SPRITE, ["shape", "pos_x"], "onnxruntime", api_name="/predict_sprite")
@@ -284,11 +284,11 @@ def test_a_replaced_bundle_with_another_trunk_is_not_offered_and_the_page_says_w
 
 @pytest.mark.chromium
 @pytest.mark.slow
-def test_a_browser_reloading_the_page_ticks_an_added_task_and_sees_its_label(live_server, live, factor_run):
+def test_a_browser_reloading_the_page_ticks_an_added_task_and_sees_its_label(live_server, live, bundle):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     driver = chromium_driver()
     try:
         driver.get(live_server)
@@ -364,11 +364,11 @@ def test_a_bundle_without_variants_offers_only_fp32_and_hides_the_choice(client)
 
 
 @pytest.mark.slow
-def test_a_task_added_without_an_int8_variant_says_how_to_make_it(live_server, live, factor_run):
+def test_a_task_added_without_an_int8_variant_says_how_to_make_it(live_server, live, bundle):
     client = Client(live_server, verbose=False)
     _quantize(live)  # while the demo runs: the next load offers int8
     assert _choices(client.predict(api_name="/precisions")) == ["fp32", "int8"]
-    add_on_disk(factor_run, live)  # pos_x, without an int8 variant
+    add_on_disk(bundle, live)  # pos_x, without an int8 variant
     client.predict(api_name="/tasks")
     assert _choices(client.predict(api_name="/precisions")) == ["fp32", "int8"]  # still, for shape and scale
     result = client.predict(*SPRITE, ["shape", "pos_x"], "onnxruntime", "int8", api_name="/predict_sprite")

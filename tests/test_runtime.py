@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import kfdeploy
+from conftest import add_on_disk
 from kfdeploy import KfError, runtime
 from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
@@ -299,7 +300,7 @@ def test_many_threads_get_the_same_answers_while_tasks_come_and_go(bundle, image
 
     def caller(seed):
         rng = np.random.default_rng(seed)
-        for _ in range(200):
+        for _ in range(100):
             n = int(rng.choice(sizes))
             out = model(images[:n])
             for task in ("shape", "scale"):  # never removed
@@ -471,13 +472,6 @@ def test_a_task_outside_the_selection_is_refused_per_call(model, images):
 
 
 # -- tasks added to the bundle on disk since it was loaded ---------------------------------
-def add_on_disk(factor_run, bundle_dir, task="pos_x"):
-    """What `kfdeploy add-task` does: a new bundle beside it, hard-linked, swapped in atomically."""
-    from kfdeploy.bundling.export import export_bundle
-
-    export_bundle(factor_run, bundle_dir, tasks=[task], into=True, progress=lambda m: None)
-
-
 def replace_on_disk(bundle_dir, change):
     """Swap in a copy of the bundle whose manifest `change` edited, and which lists a new task
     'pos_x' (scale's files under another name)."""
@@ -493,10 +487,10 @@ def replace_on_disk(bundle_dir, change):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_a_task_added_to_the_bundle_on_disk_after_load_can_be_added(live, factor_run, images, backend):
+def test_a_task_added_to_the_bundle_on_disk_after_load_can_be_added(live, bundle, images, backend):
     model = kfdeploy.load(live, tasks=["shape", "scale"], backend=backend, **QUIET)
     before = model(images, logits=True)
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     model.add_task("pos_x")
     assert model.tasks == ["shape", "scale", "pos_x"] and "pos_x" in model.bundle.tasks
     fresh = kfdeploy.load(live, tasks=["shape", "scale", "pos_x"], backend=backend, **QUIET)(images, logits=True)
@@ -515,10 +509,10 @@ def fresh_labels(bundle_dir, task):
     return Bundle.open(bundle_dir, verify=False).task(task)["labels"]
 
 
-def test_calls_are_answered_while_the_bundle_is_read_again(live, factor_run, images, monkeypatch):
+def test_calls_are_answered_while_the_bundle_is_read_again(live, bundle, images, monkeypatch):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
     expected = model(images)["shape"]
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     reading, release, real_open = threading.Event(), threading.Event(), Bundle.open
 
     def slow_open(path, verify=True):
@@ -536,18 +530,18 @@ def test_calls_are_answered_while_the_bundle_is_read_again(live, factor_run, ima
     assert set(model(images)) == {"shape", "pos_x"}
 
 
-def test_the_read_again_is_verified_as_the_load_was(live, factor_run, monkeypatch):
+def test_the_read_again_is_verified_as_the_load_was(live, bundle, monkeypatch):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     (live / "tasks" / "pos_x.onnx").write_bytes(b"tampered")
     with pytest.raises(KfError, match="checksum mismatch for tasks/pos_x.onnx"):
         model.add_task("pos_x")
     assert model.tasks == ["shape"] and "pos_x" not in model.bundle.tasks
 
 
-def test_an_unknown_task_is_still_refused_listing_the_bundles_tasks_now(live, factor_run):
+def test_an_unknown_task_is_still_refused_listing_the_bundles_tasks_now(live, bundle):
     model = kfdeploy.load(live, tasks=["shape"], **QUIET)
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     with pytest.raises(KfError, match=r"unknown task 'colour' in bundle .*; available: shape, scale, pos_x$"):
         model.add_task("colour")
     assert model.tasks == ["shape"]
@@ -586,11 +580,11 @@ def test_an_assembly_from_an_archive_does_not_read_it_again(bundle, monkeypatch)
     assert opened == []
 
 
-def test_a_router_serves_a_task_added_to_the_bundle_on_disk(live, factor_run, images):
+def test_a_router_serves_a_task_added_to_the_bundle_on_disk(live, bundle, images):
     from kfdeploy.serving.routing import Router
 
     router = Router(live, tasks=["shape"], **QUIET)
-    add_on_disk(factor_run, live)
+    add_on_disk(bundle, live)
     router.add_task("pos_x")
     assert router.tasks == ["shape", "pos_x"] and "pos_x" in router.bundle.tasks
     answer = router.run(images[:4], logits=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import kfdeploy
-from conftest import REPO
+from conftest import REPO, add_on_disk
 from triton_servers import free_ports, kfdeploy_serve, need_serve_env, needs_serve_env
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient (the dev extra) is missing")
@@ -290,13 +290,11 @@ def test_tasks_are_added_and_removed_live_without_dropping_requests(server, refe
 
 
 @needs_serve_env
-def test_a_task_added_to_the_bundle_on_disk_since_start_is_served_without_a_restart(live, factor_run, tmp_path):
+def test_a_task_added_to_the_bundle_on_disk_since_start_is_served_without_a_restart(live, bundle, tmp_path):
     """`kfdeploy add-task` while serving: loading the model again declares the new output."""
-    from kfdeploy.bundling.export import export_bundle
-
     with kfdeploy_serve(live, tmp_path, name="added") as running:
         client = grpc.InferenceServerClient(running["grpc"])
-        export_bundle(factor_run, live, tasks=["pos_x"], into=True, progress=lambda m: None)  # what add-task does
+        add_on_disk(bundle, live)
         status, body = control(running, "PUT", "/tasks/pos_x")
         assert status == 200 and body["served"] == ["shape", "scale", "pos_x"], body
         assert [o.name for o in client.get_model_metadata("kfdeploy").outputs] == ["shape", "scale", "pos_x"]
