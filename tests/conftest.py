@@ -217,6 +217,46 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+TIMM_SIZE = 32  # the smallest size resnet18 and mobilenetv2_050 take (their total stride)
+TIMM_TASKS = ["shape", "scale", "orientation"]  # 3, 6 and 40 classes
+
+
+def _make_timm_run(root: Path) -> None:
+    import torch
+
+    from kfdeploy.bundling.export import export_bundle
+    from kfdeploy.training.architectures import BackboneConfig
+    from kfdeploy.training.pipeline import factorize, train_teacher
+    from kfdeploy.training.runs import MODEL_FILE, load_factor_run, load_teacher, save_tensors_atomic
+    from kfdeploy.training.train import TrainConfig
+
+    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, eval_images=64, log_every=1, checkpoint_every=1000)
+    train_teacher(root / "teacher", TIMM_TASKS, quick, backbone=BackboneConfig(image_size=TIMM_SIZE, arch="resnet18"))
+    teacher, _ = load_teacher(root / "teacher")
+    teacher.pretrained_cfg = {"mean": [0.4], "std": [0.3]}  # so the graphs normalize: Sub and Div at their start
+    factorize(teacher, root / "kf", tasks=TIMM_TASKS, config=quick, data="sprites", image_size=TIMM_SIZE, channels=1,
+              trunk=BackboneConfig(image_size=TIMM_SIZE, arch="resnet18"), task_arch="mobilenetv2_050", infomax_stages=3)
+    model, _ = load_factor_run(root / "kf")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # task networks' statistics far from BatchNorm's initial ones: every folded bias and scale its own
+        for layer in (m for m in model.tasks.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            for tensor, low, high in ((layer.running_mean, -0.5, 0.5), (layer.running_var, 0.5, 2.0),
+                                      (layer.weight, 0.5, 1.5), (layer.bias, -0.5, 0.5)):
+                tensor.uniform_(low, high, generator=generator)
+    save_tensors_atomic(root / "kf" / MODEL_FILE, model.state_dict())
+    export_bundle(root / "kf", root / "bundle", progress=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def timm_bundle(tmp_path_factory) -> Path:
+    """A real timm bundle, made once for tests/test_architectures.py and test_merge.py: a resnet18
+    teacher (TIMM_TASKS, 1x32x32 sprites, a few steps) factorized into a resnet18 trunk aligned
+    with it at three stages and mobilenetv2_050 task modules, with a normalization in its graphs
+    and the task networks' BatchNorm statistics scrambled before export. Its runs are beside it
+    (teacher/, kf/). Most of a minute, mostly torch.onnx's exports."""
+    return made_once(tmp_path_factory, "timm", _make_timm_run) / "bundle"
+
+
 @pytest.fixture(scope="module")
 def two_tasks(bundle, tmp_path_factory) -> Path:
     """A bundle of shape and scale only (pos_x is what tests add to it on disk): the session

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 import kfdeploy
-from conftest import cli_fails
+from conftest import TIMM_TASKS, cli_fails
 from kfdeploy.training.architectures import BackboneConfig, ConvBackbone, build_backbone, load_pretrained
 from kfdeploy.cli import main
 from kfdeploy.training.data import SpritesSource
 from kfdeploy.errors import KfError
-from kfdeploy.bundling.export import PARITY_MAX_ABS_ERR, PARITY_MAX_REL_ERR, export_bundle, fold_batch_norm, torch_modules
+from kfdeploy.bundling.export import PARITY_MAX_ABS_ERR, PARITY_MAX_REL_ERR, fold_batch_norm, torch_modules
 from kfdeploy.training.models import FactorConfig, FactorNet, SpritesTeacher, TeacherConfig
-from kfdeploy.training.pipeline import factorize, resize_images, train_teacher
-from kfdeploy.training.train import TrainConfig
+from kfdeploy.training.pipeline import resize_images
 
 SIZE = 32  # the smallest size resnet18 and mobilenetv2_050 take (their total stride)
 TASKS = {"shape": 3, "scale": 6}
@@ -59,17 +58,6 @@ def test_a_timm_trunk_is_warm_started_from_a_teacher_of_its_architecture():
     # Another trunk architecture: no warm start, nothing changed.
     other = FactorNet(FactorConfig(TASKS, trunk=BackboneConfig(image_size=SIZE, arch="mobilenetv2_050"), teacher_feature_dim=512))
     assert not other.warm_start_from(teacher)
-
-
-@pytest.fixture(scope="module")
-def timm_bundle(tmp_path_factory):
-    """resnet18 teacher -> resnet18 trunk + mobilenetv2_050 task modules -> bundle (a few steps each),
-    the trunk aligned with the teacher at three stages."""
-    root = tmp_path_factory.mktemp("timm")
-    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, eval_images=64, log_every=1, checkpoint_every=1000)
-    train_teacher(root / "teacher", list(TASKS), quick, backbone=BackboneConfig(image_size=SIZE, arch="resnet18"))
-    factorize(root / "teacher", root / "kf", config=quick, task_arch="mobilenetv2_050", infomax_stages=3)
-    return export_bundle(root / "kf", root / "bundle", progress=lambda message: None)
 
 
 def test_infomax_at_three_stages_trains_its_projections_and_stays_out_of_the_bundle(timm_bundle):
@@ -156,13 +144,15 @@ def test_timm_bundle_passes_check_trt(timm_bundle, capsys):
 
 def test_timm_bundle_loads_and_matches_pytorch(timm_bundle):
     images = resize_images(SpritesSource().heldout(16, offset=100)[0], SIZE)
-    model = torch_modules(kfdeploy.bundling.bundle.Bundle.open(timm_bundle))
-    with torch.no_grad():
-        expected = model(images)
+    bundle = kfdeploy.bundling.bundle.Bundle.open(timm_bundle)
+    model = torch_modules(bundle)
+    mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in bundle.normalization())
+    with torch.no_grad():  # the factor networks take normalized pixels; the bundle's graphs normalize 0-1 pixels themselves
+        expected = model((images - mean) / std)
     assembly = kfdeploy.load(timm_bundle)
     got = assembly.run(images.numpy(), logits=True)
-    assert set(got) == set(TASKS)
-    for task in TASKS:
+    assert set(got) == set(TIMM_TASKS)
+    for task in TIMM_TASKS:
         np.testing.assert_allclose(got[task], expected[task].numpy(), atol=1e-4, rtol=1e-4)
     # One image at a time: the batch dimension really is dynamic.
     single = assembly.run(images[:1].numpy(), logits=True)

@@ -1,10 +1,9 @@
 """Tasks of one architecture run merged into one grouped subgraph: the same answers as one by one.
 
-The bundle is a real timm one (MobileNetV2 x0.5 task modules of 3, 6 and 40 classes) at 32x32,
-with a normalization in its graphs and its weights and BatchNorm statistics scrambled before
-export, so that every folded bias and scale differs from task to task. Making it takes most of a
-minute, mostly torch.onnx's exports (about 9 s per MobileNet module on 2 cores): one bundle
-serves the module.
+On the session's timm bundle (tests/conftest.py: timm_bundle): MobileNetV2 x0.5 task modules of
+3, 6 and 40 classes at 32x32, with a normalization in its graphs and the task networks' weights
+and BatchNorm statistics scrambled before export, so that every folded bias and scale differs
+from task to task.
 """
 import hashlib
 import json
@@ -13,46 +12,21 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import helper
 
 import kfdeploy
+from conftest import TIMM_SIZE, TIMM_TASKS
 from kfdeploy import runtime
 from kfdeploy.bundling.bundle import Bundle
-from kfdeploy.bundling.export import export_bundle
 from kfdeploy.bundling.fuse import Composer
 from kfdeploy.runtime import ort_session_for
-from kfdeploy.training.architectures import BackboneConfig
 from kfdeploy.training.data import SpritesSource
-from kfdeploy.training.pipeline import factorize, resize_images, train_teacher
-from kfdeploy.training.runs import MODEL_FILE, load_factor_run, load_teacher, save_tensors_atomic
-from kfdeploy.training.train import TrainConfig
+from kfdeploy.training.pipeline import resize_images
 
-SIZE = 32
-TASKS = ["shape", "scale", "orientation"]  # 3, 6 and 40 classes
+SIZE, TASKS = TIMM_SIZE, TIMM_TASKS
 TOLERANCE = 1e-5
 QUIET = {"log": lambda line: None}
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    quick = TrainConfig(steps=2, batch_size=8, eval_every=1000, eval_images=64, log_every=1, checkpoint_every=1000)
-    train_teacher(root / "teacher", TASKS, quick, backbone=BackboneConfig(image_size=SIZE))
-    teacher, _ = load_teacher(root / "teacher")
-    teacher.pretrained_cfg = {"mean": [0.4], "std": [0.3]}  # so the graphs normalize: Sub and Div at their start
-    factorize(teacher, root / "kf", tasks=TASKS, config=quick, data="sprites", image_size=SIZE, channels=1,
-              task_arch="mobilenetv2_050")
-    model, _ = load_factor_run(root / "kf")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # statistics far from BatchNorm's initial ones: every folded bias and scale its own
-        for layer in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            for tensor, low, high in ((layer.running_mean, -0.5, 0.5), (layer.running_var, 0.5, 2.0),
-                                      (layer.weight, 0.5, 1.5), (layer.bias, -0.5, 0.5)):
-                tensor.uniform_(low, high, generator=generator)
-    save_tensors_atomic(root / "kf" / MODEL_FILE, model.state_dict())
-    return export_bundle(root / "kf", root / "bundle", progress=lambda message: None)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +54,8 @@ def assert_equal_answers(got, expected):
         assert np.abs(got[name] - value).max() <= TOLERANCE, name
 
 
-def test_tasks_of_one_architecture_run_as_one_grouped_subgraph_with_the_answers_of_their_own_graphs(bundle, images):
-    merged, alone = composed(bundle, TASKS), composed(bundle, TASKS, merge=False)
+def test_tasks_of_one_architecture_run_as_one_grouped_subgraph_with_the_answers_of_their_own_graphs(timm_bundle, images):
+    merged, alone = composed(timm_bundle, TASKS), composed(timm_bundle, TASKS, merge=False)
     onnx.checker.check_model(merged, full_check=True)
     assert units(merged) == ["shape+scale+orientation"] and units(alone) == sorted(TASKS)
     group = [node for node in merged.graph.node if node.name.startswith("shape+scale+orientation/")]
@@ -98,10 +72,10 @@ def test_tasks_of_one_architecture_run_as_one_grouped_subgraph_with_the_answers_
     assert_equal_answers(answers, run(alone, images, TASKS))
 
 
-def test_a_subset_of_tasks_in_another_order_merges_alike(bundle, images):
+def test_a_subset_of_tasks_in_another_order_merges_alike(timm_bundle, images):
     subset = ["orientation", "shape"]
-    model = kfdeploy.load(bundle, tasks=subset, **QUIET)
-    reference = kfdeploy.load(bundle, tasks=subset, merge=False, **QUIET)
+    model = kfdeploy.load(timm_bundle, tasks=subset, **QUIET)
+    reference = kfdeploy.load(timm_bundle, tasks=subset, merge=False, **QUIET)
     # A composition lists its tasks in the bundle's order, whatever the order they were asked in
     assert units(onnx.load_model_from_string(model._state[1].model)) == ["shape+orientation"]
     for batch in (1, len(images)):
@@ -110,9 +84,9 @@ def test_a_subset_of_tasks_in_another_order_merges_alike(bundle, images):
         assert_equal_answers(got, expected)
 
 
-def test_tasks_added_and_removed_live_join_and_leave_the_merged_group(bundle, images):
-    model = kfdeploy.load(bundle, tasks=["scale"], **QUIET)
-    reference = kfdeploy.load(bundle, merge=False, **QUIET)(images, logits=True)
+def test_tasks_added_and_removed_live_join_and_leave_the_merged_group(timm_bundle, images):
+    model = kfdeploy.load(timm_bundle, tasks=["scale"], **QUIET)
+    reference = kfdeploy.load(timm_bundle, merge=False, **QUIET)(images, logits=True)
     steps = [("add", "orientation", ["scale+orientation"]), ("add", "shape", ["shape+scale+orientation"]),
              ("remove", "scale", ["shape+orientation"]), ("remove", "orientation", ["shape"])]
     for action, task, expected_units in steps:
@@ -122,22 +96,22 @@ def test_tasks_added_and_removed_live_join_and_leave_the_merged_group(bundle, im
         assert_equal_answers(got, {t: reference[t] for t in model.tasks})
 
 
-def test_the_profiler_reports_a_merged_group_as_one_module_named_by_its_tasks(bundle, images):
-    merged = kfdeploy.load(bundle, **QUIET).profile(images[:4], runs=3, warmup=1)
+def test_the_profiler_reports_a_merged_group_as_one_module_named_by_its_tasks(timm_bundle, images):
+    merged = kfdeploy.load(timm_bundle, **QUIET).profile(images[:4], runs=3, warmup=1)
     assert list(merged.tasks_ms) == ["shape+scale+orientation"] and merged.trunk_ms > 0
     assert merged.tasks_ms["shape+scale+orientation"] > 0 and "shape+scale+orientation" in merged.split()
-    alone = kfdeploy.load(bundle, merge=False, **QUIET).profile(images[:4], runs=3, warmup=1)
+    alone = kfdeploy.load(timm_bundle, merge=False, **QUIET).profile(images[:4], runs=3, warmup=1)
     assert list(alone.tasks_ms) == TASKS
 
 
-def test_save_fused_writes_the_merged_graph_the_assembly_runs(bundle, images, tmp_path):
-    model = kfdeploy.load(bundle, **QUIET)
+def test_save_fused_writes_the_merged_graph_the_assembly_runs(timm_bundle, images, tmp_path):
+    model = kfdeploy.load(timm_bundle, **QUIET)
     written = onnx.load(model.save_fused(tmp_path / "all.onnx"))
     assert units(written) == ["shape+scale+orientation"]
     answers = run(written, images, TASKS)
     for task, logits in model(images, logits=True).items():
         np.testing.assert_array_equal(answers[task], logits)
-    unmerged = kfdeploy.load(bundle, merge=False, **QUIET)
+    unmerged = kfdeploy.load(timm_bundle, merge=False, **QUIET)
     assert units(onnx.load(unmerged.save_fused(tmp_path / "one_by_one.onnx"))) == sorted(TASKS)
 
 
@@ -163,8 +137,8 @@ def after_stem(graph, op, **attributes):
     graph.node.insert(index + 1, inserted)
 
 
-def test_tasks_whose_graphs_differ_run_one_by_one_beside_a_merged_group_and_come_and_go_live(bundle, images, tmp_path):
-    copy = shutil.copytree(bundle, tmp_path / "mixed")
+def test_tasks_whose_graphs_differ_run_one_by_one_beside_a_merged_group_and_come_and_go_live(timm_bundle, images, tmp_path):
+    copy = shutil.copytree(timm_bundle, tmp_path / "mixed")
     rewrite_task(copy, "scale", lambda graph: after_stem(graph, "Relu"))  # another architecture than the others'
     model = kfdeploy.load(copy, tasks=["shape", "scale"], **QUIET)
     reference = kfdeploy.load(copy, merge=False, **QUIET)(images, logits=True)
@@ -177,8 +151,8 @@ def test_tasks_whose_graphs_differ_run_one_by_one_beside_a_merged_group_and_come
         assert_equal_answers(model(images, logits=True), {t: reference[t] for t in model.tasks})
 
 
-def test_graphs_with_an_operation_across_channels_run_one_by_one_and_say_why(bundle, images, tmp_path):
-    copy = shutil.copytree(bundle, tmp_path / "across")
+def test_graphs_with_an_operation_across_channels_run_one_by_one_and_say_why(timm_bundle, images, tmp_path):
+    copy = shutil.copytree(timm_bundle, tmp_path / "across")
     for task in TASKS:  # one architecture still, but its Softmax across channels mixes them
         rewrite_task(copy, task, lambda graph: after_stem(graph, "Softmax", axis=1))
     lines = []
@@ -189,13 +163,13 @@ def test_graphs_with_an_operation_across_channels_run_one_by_one_and_say_why(bun
     assert_equal_answers(run(merged, images, TASKS), run(composed(copy, TASKS, merge=False), images, TASKS))
 
 
-def test_a_batch_bigger_than_a_run_takes_runs_in_equal_parts_with_the_same_answers(bundle, images, monkeypatch):
-    whole = kfdeploy.load(bundle, **QUIET)
+def test_a_batch_bigger_than_a_run_takes_runs_in_equal_parts_with_the_same_answers(timm_bundle, images, monkeypatch):
+    whole = kfdeploy.load(timm_bundle, **QUIET)
     expected = whole(images, logits=True)
     merged_bytes = whole._composer.image_bytes(TASKS)
     assert whole._state[1].rows == runtime.RUN_BYTES // merged_bytes >= len(images)
     monkeypatch.setattr(runtime, "RUN_BYTES", 5 * merged_bytes)  # 24 images: 5 runs of 5 (4 at the end)
-    parted = kfdeploy.load(bundle, **QUIET)
+    parted = kfdeploy.load(timm_bundle, **QUIET)
     composition = parted._state[1]
     runs, session = [], composition.session
     composition.session = type("Counted", (), {"run": lambda self, names, feeds: runs.append(len(feeds["image"]))
