@@ -328,10 +328,12 @@ def profile_timings(trace: List[dict], modules: Sequence[str], warmup: int) -> T
     ops_ms = {op: median([run.get(op, 0.0) for run in per_op]) for op in ops}
     groups = sorted(units - {"trunk"}, key=lambda unit: tasks.index(unit.split("+")[0]))
     totals = [(end - start) / 1e3 for start, end in runs]
-    middle = median_call(totals) if runs else None
-    chosen = per_run[middle] if runs else {"trunk": 0.0}
+    chosen, total_ms = {"trunk": 0.0}, 0.0
+    if runs:
+        middle = median_call(totals)
+        chosen, total_ms = per_run[middle], totals[middle]
     return Timings(
-        total_ms=totals[middle] if runs else 0.0,
+        total_ms=total_ms,
         trunk_ms=chosen["trunk"],
         tasks_ms={unit: chosen.get(unit, 0.0) for unit in groups},
         ops_ms=dict(sorted(ops_ms.items(), key=lambda item: -item[1])),

@@ -204,11 +204,13 @@ def bundle(factor_run, tmp_path_factory) -> Path:
 
 
 def _task_files(record: dict) -> list:
-    return [record["file"], *([record["weights"]["file"]] if "weights" in record else []),
-            *(variant["file"] for variant in record.get("variants", {}).values())]
+    from kfdeploy.bundling.bundle import module_entries
+
+    return [entry["file"] for entry in module_entries(record)]
 
 
-def _manifest(folder: Path) -> dict:
+def manifest_json(folder: Path) -> dict:
+    """A bundle's manifest.json as written, unchecked."""
     return json.loads((folder / "manifest.json").read_text())
 
 
@@ -263,7 +265,7 @@ def two_tasks(bundle, tmp_path_factory) -> Path:
     bundle without its other tasks, which is what `kfdeploy export --tasks shape,scale` of
     the same run writes (its trunk, these tasks' files and records, its examples), without
     exporting them again."""
-    manifest = _manifest(bundle)
+    manifest = manifest_json(bundle)
     dropped = {file for task, record in manifest["tasks"].items() if task not in ("shape", "scale") for file in _task_files(record)}
     target = tmp_path_factory.mktemp("two") / "b"
     shutil.copytree(bundle, target, ignore=lambda folder, names: [
@@ -282,14 +284,14 @@ def add_on_disk(source: Path, bundle_dir: Path, task: str = "pos_x") -> None:
     rather than exported again: tests/test_export.py and test_add_task.py test those commands."""
     from kfdeploy.bundling.export import _exchange
 
-    source_manifest = _manifest(source)
+    source_manifest = manifest_json(source)
     staging = bundle_dir.with_name(f".{bundle_dir.name}.staging-{os.getpid()}")
     shutil.copytree(bundle_dir, staging, copy_function=os.link)
     for file in _task_files(source_manifest["tasks"][task]):
         (staging / file).parent.mkdir(parents=True, exist_ok=True)
         (staging / file).unlink(missing_ok=True)
         shutil.copyfile(source / file, staging / file)
-    manifest = _manifest(staging)
+    manifest = manifest_json(staging)
     manifest["tasks"][task] = source_manifest["tasks"][task]
     truths = {example["sha256"]: example["labels"] for example in source_manifest["examples"]}
     for example in manifest["examples"]:  # the same images: what export writes for them

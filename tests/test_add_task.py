@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kfdeploy
-from conftest import cli_fails, kill_at
+from conftest import cli_fails, kill_at, manifest_json
 from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.training.data import NEW_TASKS, SpritesSource, sprite_labels
@@ -15,10 +15,6 @@ from kfdeploy.errors import KfError
 from test_folder_data import make_folder
 
 QUICK = ["--batch-size", "64", "--checkpoint-every", "1000", "--eval-images", "256"]
-
-
-def _manifest(path):
-    return json.loads((path / "manifest.json").read_text())
 
 
 def _digest(path):
@@ -63,12 +59,12 @@ def test_asking_for_a_new_task_changes_no_image():
 
 def test_the_added_task_learns_and_joins_the_bundle(added):
     before, after, _ = added
-    manifest = _manifest(after)
+    manifest = manifest_json(after)
     record = manifest["tasks"]["quadrant"]
     assert record["labels"] == NEW_TASKS["quadrant"][0]
     assert record["heldout_accuracy"] > 0.6, "quadrant (chance 0.25) is coarse position, which the trunk holds"
-    assert set(manifest["tasks"]) == set(_manifest(before)["tasks"]) | {"quadrant"}
-    assert manifest["examples"] == _manifest(before)["examples"], "the bundle's examples stay"
+    assert set(manifest["tasks"]) == set(manifest_json(before)["tasks"]) | {"quadrant"}
+    assert manifest["examples"] == manifest_json(before)["examples"], "the bundle's examples stay"
     assert main(["verify", str(after)]) == 0
     model = kfdeploy.load(after, tasks=["shape", "quadrant"], log=lambda line: None)
     images, labels = SpritesSource(tasks=["quadrant"]).heldout(512)
@@ -78,13 +74,13 @@ def test_the_added_task_learns_and_joins_the_bundle(added):
 
 def test_the_trunk_is_never_modified(added):
     before, after, _ = added
-    old, new = _manifest(before)["trunk"], _manifest(after)["trunk"]
+    old, new = manifest_json(before)["trunk"], manifest_json(after)["trunk"]
     assert new == old
     for file in (old["file"], old["weights"]["file"]):
         assert _digest(after / file) == _digest(before / file), file
-    assert _manifest(after)["tasks"]["quadrant"]["trunk_fingerprint"] == old["fingerprint"]
-    for task in _manifest(before)["tasks"]:
-        assert _manifest(after)["tasks"][task] == _manifest(before)["tasks"][task], f"{task} changed"
+    assert manifest_json(after)["tasks"]["quadrant"]["trunk_fingerprint"] == old["fingerprint"]
+    for task in manifest_json(before)["tasks"]:
+        assert manifest_json(after)["tasks"][task] == manifest_json(before)["tasks"][task], f"{task} changed"
 
 
 def test_the_new_module_is_refused_by_a_bundle_with_another_trunk(added, teacher_run, tmp_path, capsys):
@@ -94,14 +90,14 @@ def test_the_new_module_is_refused_by_a_bundle_with_another_trunk(added, teacher
                  "--batch-size", "8", "--eval-images", "64", "--tasks", "shape", "--seed", "7"]) == 0
     assert main(["export", str(other_run), "--out", str(other)]) == 0
     capsys.readouterr()
-    unchanged = _manifest(other)
+    unchanged = manifest_json(other)
     cli_fails(["export", str(run), "--out", str(other), "--into"], capsys, "trained with a different trunk")
     cli_fails(["add-task", str(other), "--name", "quadrant", "--data", "sprites", "--run", str(run), "--resume"], capsys,
               "trained against another trunk")
-    assert _manifest(other) == unchanged
+    assert manifest_json(other) == unchanged
     # Smuggled in by hand, files and record, the runtime still refuses to compose it.
-    manifest = _manifest(other)
-    manifest["tasks"]["quadrant"] = _manifest(after)["tasks"]["quadrant"]
+    manifest = manifest_json(other)
+    manifest["tasks"]["quadrant"] = manifest_json(after)["tasks"]["quadrant"]
     for file in ("tasks/quadrant.onnx", "weights/tasks/quadrant.safetensors"):
         shutil.copy(after / file, other / file)
     (other / "manifest.json").write_text(json.dumps(manifest))
@@ -123,9 +119,9 @@ def test_a_running_assembly_takes_the_new_task(bundle, tmp_path):
 def test_replace_retrains_an_existing_task_and_nothing_else(bundle, tmp_path):
     copy = tmp_path / "replace"
     shutil.copytree(bundle, copy)
-    before = _manifest(copy)
+    before = manifest_json(copy)
     assert main(["add-task", str(copy), "--name", "shape", "--data", "sprites", "--replace", "--steps", "3", *QUICK]) == 0
-    after = _manifest(copy)
+    after = manifest_json(copy)
     assert after["tasks"]["shape"]["sha256"] != before["tasks"]["shape"]["sha256"]
     assert {t: r for t, r in after["tasks"].items() if t != "shape"} == {t: r for t, r in before["tasks"].items() if t != "shape"}
     assert after["trunk"] == before["trunk"]
@@ -135,7 +131,7 @@ def test_a_task_from_a_labelled_folder_joins_the_bundle(bundle, tmp_path):
     copy, folder = tmp_path / "b", make_folder(tmp_path / "photos")
     shutil.copytree(bundle, copy)
     assert main(["add-task", str(copy), "--name", "colour", "--data", str(folder), "--steps", "10", *QUICK]) == 0
-    record = _manifest(copy)["tasks"]["colour"]
+    record = manifest_json(copy)["tasks"]["colour"]
     assert record["labels"] == ["blue", "green", "red"]
     assert record["heldout_accuracy"] is not None, "measured on the folder's held-out split"
     assert main(["verify", str(copy)]) == 0
@@ -150,14 +146,14 @@ def test_a_held_out_evaluation_during_training_leaves_the_trunk_as_shipped(bundl
 
     copy, run, folder = tmp_path / "b", tmp_path / "run", make_folder(tmp_path / "photos", count=240, columns=("colour",))
     shutil.copytree(bundle, copy)
-    trunk = _manifest(copy)["trunk"]
+    trunk = manifest_json(copy)["trunk"]
     files = {file: _digest(copy / file) for file in (trunk["file"], trunk["weights"]["file"])}
     config = TrainConfig(steps=12, batch_size=32, eval_every=4, eval_images=64, checkpoint_every=1000)
     record = add_task(copy, "colour", folder, config=config, run=run, progress=lambda line: None)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "heldout_accuracy" in m and "event" not in m] == [4, 8]
     assert record["trunk_fingerprint"] == trunk["fingerprint"]
-    assert _manifest(copy)["trunk"] == trunk
+    assert manifest_json(copy)["trunk"] == trunk
     assert {file: _digest(copy / file) for file in files} == files
     assert "colour" in Bundle.open(copy).tasks
 

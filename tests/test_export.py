@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import cli_fails, kill_at, run_cli
+from conftest import cli_fails, kill_at, manifest_json, run_cli
 from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
 from kfdeploy.training.data import TASK_NAMES, SpritesSource
@@ -29,12 +29,8 @@ def bundle_copy(bundle, tmp_path):
     return copy
 
 
-def _manifest(path):
-    return json.loads((path / "manifest.json").read_text())
-
-
 def test_bundle_holds_a_trunk_and_one_graph_per_task_with_only_batch_dynamic(bundle):
-    manifest = _manifest(bundle)
+    manifest = manifest_json(bundle)
     assert set(manifest["tasks"]) == set(TASK_NAMES)
     graphs = [manifest["trunk"]["file"]] + [t["file"] for t in manifest["tasks"].values()]
     for file in graphs:
@@ -72,7 +68,7 @@ def test_a_graph_readers_would_refuse_is_never_written(bundle, writer):
 
 
 def test_manifest_describes_input_producer_labels_and_parity(bundle):
-    m = _manifest(bundle)
+    m = manifest_json(bundle)
     assert m["format"] == "kfdeploy-bundle" and m["format_version"] == 2
     assert {"kfdeploy", "torch", "onnx", "onnxruntime", "opset"} <= set(m["producer"])
     assert m["input"]["shape"] == ["batch", 1, 64, 64] and m["input"]["dtype"] == "float32"
@@ -133,7 +129,7 @@ def test_a_run_in_a_folder_whose_name_holds_a_tab_exports_a_bundle_its_reader_ac
     shutil.copytree(factor_run, run)
     out = tmp_path / "tabbed"
     assert main(["export", str(run), "--out", str(out), "--tasks", "shape"]) == 0
-    assert _manifest(out)["source"]["run"].endswith("run\\tone")
+    assert manifest_json(out)["source"]["run"].endswith("run\\tone")
     assert main(["inspect", str(out)]) == 0, capsys.readouterr().err
 
 
@@ -151,7 +147,7 @@ def test_corrupted_module_is_refused_naming_the_file(bundle_copy, capsys):
 
 
 def test_manifest_of_a_newer_format_version_is_refused(bundle_copy, capsys):
-    manifest = _manifest(bundle_copy)
+    manifest = manifest_json(bundle_copy)
     manifest["format_version"] = 3
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     cli_fails(["inspect", str(bundle_copy)], capsys, "format version 3, newer than this kfdeploy reads (up to 2); upgrade kfdeploy")
@@ -163,7 +159,7 @@ def test_manifest_of_a_newer_format_version_is_refused(bundle_copy, capsys):
     ("tasks/../../outside.onnx", "climbs out with '..'"),
 ])
 def test_manifest_paths_that_escape_the_bundle_are_refused(bundle_copy, capsys, path, reason):
-    manifest = _manifest(bundle_copy)
+    manifest = manifest_json(bundle_copy)
     manifest["tasks"]["shape"]["file"] = path
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     cli_fails(["inspect", str(bundle_copy)], capsys, reason)
@@ -223,7 +219,7 @@ def test_adding_a_task_keeps_the_trunk_file_untouched(factor_run, tmp_path):
     assert main(["export", str(factor_run), "--out", str(out), "--tasks", "pos_x", "--into"]) == 0
     trunk_after = (out / "trunk.onnx").stat()
     assert (trunk_before.st_ino, trunk_before.st_mtime_ns) == (trunk_after.st_ino, trunk_after.st_mtime_ns)
-    assert set(_manifest(out)["tasks"]) == {"shape", "pos_x"}
+    assert set(manifest_json(out)["tasks"]) == {"shape", "pos_x"}
     assert main(["verify", str(out)]) == 0
 
 
@@ -232,9 +228,9 @@ def test_a_task_from_another_trunk_is_refused(bundle_copy, teacher_run, tmp_path
     assert main(["factorize", "--teacher", str(teacher_run), "--out", str(other), "--steps", "2",
                  "--batch-size", "8", "--eval-images", "64", "--tasks", "shape", "--seed", "7"]) == 0
     capsys.readouterr()
-    before = _manifest(bundle_copy)
+    before = manifest_json(bundle_copy)
     cli_fails(["export", str(other), "--out", str(bundle_copy), "--into"], capsys, "trained with a different trunk")
-    assert _manifest(bundle_copy) == before
+    assert manifest_json(bundle_copy) == before
 
 
 def _kill_export_mid_way(factor_run, out):
@@ -247,10 +243,10 @@ def _kill_export_mid_way(factor_run, out):
 
 @pytest.mark.slow
 def test_an_interrupted_export_leaves_the_previous_bundle_whole(bundle_copy, factor_run):
-    before = _manifest(bundle_copy)
+    before = manifest_json(bundle_copy)
     _kill_export_mid_way(factor_run, bundle_copy)
     assert list(bundle_copy.parent.glob(".copy.staging-*")), "a killed export leaves its staging folder"
-    assert _manifest(bundle_copy) == before
+    assert manifest_json(bundle_copy) == before
     Bundle.open(bundle_copy)  # every checksum still matches
     assert run_cli("export", str(factor_run), "--out", str(bundle_copy), "--tasks", "shape").returncode == 0
     assert not list(bundle_copy.parent.glob(".copy.staging-*")), "the next export clears a dead one's staging"
@@ -276,7 +272,7 @@ def test_profiles_set_opset_and_batch_range(factor_run, tmp_path):
     assert main(["export", str(factor_run), "--out", str(out), "--tasks", "shape", "--profile", "jetson-fp16"]) == 0
     model = onnx.load(str(out / "tasks" / "shape.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    assert _manifest(out)["input"]["batch"] == {"min": 1, "opt": 4, "max": 32}
+    assert manifest_json(out)["input"]["batch"] == {"min": 1, "opt": 4, "max": 32}
 
 
 def test_build_engines_without_tensorrt_names_the_missing_package(bundle_copy, capsys):

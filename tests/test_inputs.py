@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import kfdeploy
-from conftest import chromium_driver, cli_fails
+from conftest import chromium_driver, cli_fails, manifest_json
 from kfdeploy.training.architectures import BackboneConfig
 from kfdeploy.bundling.bundle import FORMAT_VERSION, Bundle
 from kfdeploy.cli import main
@@ -89,10 +89,6 @@ def rgb_copy(rgb_bundle, tmp_path):
     return copy
 
 
-def _manifest(path):
-    return json.loads((path / "manifest.json").read_text())
-
-
 def _write_manifest(path, manifest):
     (path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -104,7 +100,7 @@ def _pixels(count=5, seed=3):
 # -- normalization, in the graphs ----------------------------------------------------------
 
 def test_the_manifest_says_how_pixels_are_normalized_and_which_pixel_types_are_taken(rgb_bundle):
-    manifest = _manifest(rgb_bundle)
+    manifest = manifest_json(rgb_bundle)
     assert manifest["format_version"] == FORMAT_VERSION == 2
     spec = manifest["input"]
     assert spec["shape"] == ["batch", 3, SIZE, SIZE] and spec["range"] == [0.0, 1.0] and spec["dtype"] == "float32"
@@ -136,7 +132,7 @@ def test_runtime_torch_backend_and_a_plain_onnxruntime_session_normalize_alike(r
         reference = {t: v.numpy() for t, v in network(torch.from_numpy(normalized)).items()}
         unnormalized = {t: v.numpy() for t, v in network(torch.from_numpy(x)).items()}
     # A plain ONNX Runtime user, reading BUNDLE_FORMAT.md: feed 0-1 pixels to the graphs.
-    manifest = _manifest(rgb_bundle)
+    manifest = manifest_json(rgb_bundle)
     trunk = ort.InferenceSession(str(rgb_bundle / manifest["trunk"]["file"]), providers=["CPUExecutionProvider"])
     common = trunk.run(None, {"image": x})[0]
     plain = {}
@@ -163,7 +159,7 @@ def test_uint8_pixels_answer_exactly_as_the_same_pixels_divided_by_255(rgb_bundl
 
 
 def test_a_bundle_that_takes_uint8_only_refuses_floats_naming_its_pixel_types(rgb_copy):
-    manifest = _manifest(rgb_copy)
+    manifest = manifest_json(rgb_copy)
     manifest["input"]["pixel_types"] = ["uint8"]
     _write_manifest(rgb_copy, manifest)
     model = kfdeploy.load(rgb_copy, **QUIET)
@@ -178,10 +174,10 @@ def test_into_refuses_a_run_that_normalizes_differently(rgb_run, rgb_copy, tmp_p
     info = json.loads((other / "run.json").read_text())
     info["input"]["mean"] = [0.0, 0.0, 0.0]
     (other / "run.json").write_text(json.dumps(info))
-    before = _manifest(rgb_copy)
+    before = manifest_json(rgb_copy)
     with pytest.raises(KfError, match="normalizes its pixels with mean"):
         export_bundle(other, rgb_copy, tasks=["size"], into=True, progress=lambda m: None)
-    assert _manifest(rgb_copy) == before
+    assert manifest_json(rgb_copy) == before
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -204,7 +200,7 @@ def test_a_run_with_a_malformed_normalization_is_refused_before_anything_is_writ
 
 def _as_version_1(folder):
     """What a version 1 exporter wrote: no normalization (the identity), no pixel types, no examples."""
-    manifest = _manifest(folder)
+    manifest = manifest_json(folder)
     manifest["format_version"] = 1
     for key in ("normalization", "pixel_types"):
         manifest["input"].pop(key)
@@ -233,14 +229,14 @@ def test_into_a_version_1_bundle_writes_a_version_2_manifest(bundle, factor_run,
     shutil.copytree(bundle, old)
     _as_version_1(old)
     export_bundle(factor_run, old, tasks=["pos_x"], into=True, progress=lambda m: None)
-    manifest = _manifest(old)
+    manifest = manifest_json(old)
     assert manifest["format_version"] == 2
     assert manifest["input"]["normalization"] == {"mean": [0.0], "std": [1.0], "in_graph": True}
     assert len(manifest["examples"]) == EXAMPLE_IMAGES and Bundle.open(old).examples
 
 
 def test_the_sprites_graphs_carry_no_normalization(bundle):
-    spec = _manifest(bundle)["input"]
+    spec = manifest_json(bundle)["input"]
     assert spec["normalization"] == {"mean": [0.0], "std": [1.0], "in_graph": True}
     graph = Bundle.open(bundle).graph("trunk").graph
     assert not [n for n in graph.node if "image" in n.input and n.op_type in ("Sub", "Div")]
@@ -260,7 +256,7 @@ def test_the_sprites_graphs_carry_no_normalization(bundle):
 ], ids=["no-normalization", "no-pixel-types", "mean-count", "std-zero", "in-graph-false", "pixel-type", "example-label",
         "example-task", "example-escapes", "version-3"])
 def test_a_malformed_version_2_manifest_is_refused_naming_the_field(rgb_copy, change, message):
-    manifest = _manifest(rgb_copy)
+    manifest = manifest_json(rgb_copy)
     change(manifest)
     _write_manifest(rgb_copy, manifest)
     with pytest.raises(KfError) as caught:
@@ -271,7 +267,7 @@ def test_a_malformed_version_2_manifest_is_refused_naming_the_field(rgb_copy, ch
 # -- example images --------------------------------------------------------------------------
 
 def test_examples_are_stored_checksummed_with_their_true_labels(rgb_bundle):
-    manifest, bundle = _manifest(rgb_bundle), Bundle.open(rgb_bundle)
+    manifest, bundle = manifest_json(rgb_bundle), Bundle.open(rgb_bundle)
     examples = Squares(10, 2, False)
     assert len(manifest["examples"]) == EXAMPLE_IMAGES
     for i, record in enumerate(manifest["examples"]):
@@ -367,7 +363,7 @@ def test_a_folder_run_exports_its_normalization_and_held_out_images_and_run_answ
     assert main(["export", str(kf), "--out", str(bundle)]) == 0
     assert main(["verify", str(bundle)]) == 0
     capsys.readouterr()
-    manifest, run = _manifest(bundle), json.loads((kf / "run.json").read_text())
+    manifest, run = manifest_json(bundle), json.loads((kf / "run.json").read_text())
     normalization = manifest["input"]["normalization"]
     assert (normalization["mean"], normalization["std"]) == (run["input"]["mean"], run["input"]["std"]) != ([0.0] * 3, [1.0] * 3)
     heldout = [row for row in read_rows(folder) if row["split"] == "heldout"]
@@ -463,7 +459,7 @@ def _expected(bundle, pixels, tasks):
 
 def _example_pixels(bundle, index):
     """Example `index` as kfdeploy.load takes it: (1, 3, H, W) uint8, read straight from its PNG."""
-    record = _manifest(bundle)["examples"][index]
+    record = manifest_json(bundle)["examples"][index]
     return np.asarray(Image.open(bundle / record["file"]).convert("RGB")).transpose(2, 0, 1)[None], record["labels"]
 
 

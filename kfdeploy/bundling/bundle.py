@@ -100,6 +100,14 @@ def _file_identity(path: Path) -> Optional[tuple]:
     return found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size
 
 
+
+def module_entries(record: dict) -> Iterator[dict]:
+    """A module's file records (the trunk's or a task's): its graph, its weights, its variants."""
+    yield record
+    if "weights" in record:
+        yield record["weights"]
+    yield from record.get("variants", {}).values()
+
 class Bundle:
     """A bundle folder opened for reading; `manifest` is the parsed manifest.json."""
 
@@ -156,16 +164,8 @@ class Bundle:
 
     def entries(self) -> Iterator[dict]:
         """Every file record in the manifest: trunk, its weights, tasks, engines, examples."""
-        trunk = self.manifest["trunk"]
-        yield trunk
-        if "weights" in trunk:
-            yield trunk["weights"]
-        yield from trunk.get("variants", {}).values()
-        for task in self.manifest["tasks"].values():
-            yield task
-            if "weights" in task:
-                yield task["weights"]
-            yield from task.get("variants", {}).values()
+        for module in (self.manifest["trunk"], *self.manifest["tasks"].values()):
+            yield from module_entries(module)
         yield from self.manifest.get("engines", [])
         yield from self.examples
 
