@@ -41,7 +41,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rates import time_in_turns  # noqa: E402
-from runtime import alike_session  # noqa: E402  (benchmarks/runtime.py)
+from runtime import alike_session, cpu_model  # noqa: E402  (benchmarks/runtime.py)
 from train import read_run, setup_seconds  # noqa: E402  (benchmarks/train.py)
 
 import kfdeploy  # noqa: E402
@@ -349,7 +348,7 @@ def training_throughput(teacher_run: Path, kf: Path, batch_size: int, seconds: f
 def device_label(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{cpu_model()} x{torch.get_num_threads()} threads"
 
 
 def print_report(result: dict) -> None:
@@ -460,6 +459,7 @@ def main() -> None:
         seconds["export"] = kfdeploy_cli("export", str(kf), "--out", str(bundle))
     teacher, teacher_info = load_teacher(teacher_run)
     train_device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
+    variant = "".join(f"-{value}" for value, default in ((args.data, "sprites-rgb"), (args.teacher_arch, "resnet50")) if value != default)
     if args.composition_only or args.timings_only:
         timing = composition(bundle, teacher, teacher_info, work, args.seconds, args.repeats)
         print_composition(timing)
@@ -467,8 +467,9 @@ def main() -> None:
         if args.timings_only:
             result["training_throughput"] = training_throughput(teacher_run, kf, args.batch_size, args.throughput_seconds, train_device)
             print_throughput(result["training_throughput"])
-        write_result(args.out, f"paper_config-{'timings' if args.timings_only else 'composition'}-cpu.json",
-                     {**result, "load": load_line(), "work": str(work)})
+        write_result(args.out, f"paper_config-{'timings' if args.timings_only else 'composition'}{variant}-cpu.json",
+                     {**result, "config": f"{args.data} at {args.image_size}x{args.image_size}, batch {args.batch_size}",
+                      "cpu": cpu_model(), "load": load_line(), "work": str(work)})
         return
     model, info = load_factor_run(kf)
     channels, size = model.config.trunk.in_channels, model.config.trunk.image_size
@@ -509,7 +510,6 @@ def main() -> None:
         "work": str(work),
     }
     print_report(result)
-    variant = "".join(f"-{value}" for value, default in ((args.data, "sprites-rgb"), (args.teacher_arch, "resnet50")) if value != default)
     write_result(args.out, f"paper_config{variant}-{'gpu' if train_device == 'cuda' else 'cpu'}.json", result)
 
 

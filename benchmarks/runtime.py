@@ -70,6 +70,13 @@ def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
     return 2 * sum(macs)
 
 
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (where there is one): results say which machine they come from."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    return model.group(1).strip() if model else platform.processor() or platform.machine()
+
+
 def cpu_peak_gflops() -> dict:
     """cores x clock x FMA width: 2 flops x fp32 lanes x FMA ports per core.
 
@@ -88,9 +95,8 @@ def cpu_peak_gflops() -> dict:
         lanes = min(lanes, 8)
     clock_ghz = max(mhz) / 1000 if mhz else float("nan")
     cores = physical_cores()
-    model = re.search(r"model name\s*:\s*(.*)", info)
     ports = 2
-    return {"cpu": model.group(1) if model else platform.processor(), "cores": cores, "clock_ghz": clock_ghz,
+    return {"cpu": cpu_model(), "cores": cores, "clock_ghz": clock_ghz,
             "fp32_lanes": lanes, "fma_ports": ports, "peak_gflops": cores * clock_ghz * 2 * lanes * ports,
             "sgemm_gflops": sgemm_gflops()}
 

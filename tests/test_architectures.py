@@ -132,9 +132,11 @@ def test_timm_modules_export_with_only_batch_dynamic_batchnorm_folded_and_parity
         for value in list(graph.graph.input) + list(graph.graph.output):
             dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
             assert isinstance(dims[0], str) and all(isinstance(d, int) for d in dims[1:]), (record["file"], dims)
-    # A task module carries mu's projection only: the log-variance is a training-time output.
+    # The log-variance is a training-time output, and mu's projection (512 x 1280) is folded
+    # into the head: a task module is its network and a classes x (512 + 1280) matrix.
     task_graph = onnx.load(str(timm_bundle / manifest["tasks"]["shape"]["file"]))
-    assert not [i for i in task_graph.graph.initializer if "logvar" in i.name]
+    matrices = [list(i.dims) for i in task_graph.graph.initializer if len(i.dims) == 2]
+    assert matrices == [[3, 512 + 1280]] and not [i for i in task_graph.graph.initializer if "logvar" in i.name]
 
 
 def test_timm_bundle_passes_check_trt(timm_bundle, capsys):

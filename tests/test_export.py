@@ -17,7 +17,7 @@ import torch
 from conftest import cli_fails, kill_at, manifest_json, run_cli
 from kfdeploy.bundling.bundle import Bundle
 from kfdeploy.cli import main
-from kfdeploy.training.data import TASK_NAMES, SpritesSource
+from kfdeploy.training.data import TASK_CLASSES, TASK_NAMES, SpritesSource
 from kfdeploy.bundling.export import PARITY_MAX_ABS_ERR, load_profile
 from kfdeploy.training.runs import load_factor_run
 
@@ -105,6 +105,21 @@ def test_exported_files_run_in_plain_onnxruntime_and_match_pytorch(bundle, facto
     got = np.load(tmp_path / "out.npy")
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_a_task_graph_runs_its_code_layer_folded_into_its_head(bundle, factor_run):
+    """head(common + mu(feature)) is linear in both: the graph ends in one Gemm on [common,
+    feature], and the code layer's matrix is not in the file (its answers: the test above)."""
+    model, _ = load_factor_run(factor_run)
+    code_layer = model.tasks["scale"].tsn.fc[-1].weight
+    graph = onnx.load(str(bundle / "tasks" / "scale.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    gemm = producers[graph.output[0].name]
+    assert gemm.op_type == "Gemm" and producers[gemm.input[0]].op_type == "Concat"
+    assert producers[gemm.input[0]].input[0] == "common"
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    assert shapes[gemm.input[1]] == [TASK_CLASSES["scale"], model.config.feature_dim + code_layer.shape[1]]
+    assert list(code_layer.shape) not in shapes.values()
 
 
 def test_verify_passes_on_a_good_bundle_and_its_archive(bundle, capsys):

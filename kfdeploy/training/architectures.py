@@ -81,10 +81,17 @@ class ConvBackbone(nn.Module):
             self.register_buffer("coords", grid[None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.coord_channels:
-            x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)
-        out = self.fc(self.convs(x))
+        out = self.fc(self.convs(self._with_coords(x)))
         return torch.relu(out) if self.pooled else out
+
+    def last_layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the last linear layer reads: a task network's code layer folds into its head at export."""
+        return self.fc[:-1](self.convs(self._with_coords(x)))
+
+    def _with_coords(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.coord_channels:
+            return x
+        return torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)
 
 
 def _timm():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
-from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, get_type_hints
+from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, get_type_hints
 
 import torch
 from torch import nn
@@ -205,6 +205,14 @@ class TaskModule(nn.Module):
             feature = self.tsn(x)
             return self.mu(feature), self.logvar(feature).clamp(*LOGVAR_RANGE) if logvar else None
         return split_code(self.tsn(x), logvar)
+
+    def code_layer(self) -> Tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """mu's linear layer, as (weight, bias, what it reads from images): inference's code is
+        weight @ reads(x) + bias, which export folds into the head."""
+        if self.projected:
+            return self.mu.weight, self.mu.bias, self.tsn
+        d, layer = self.head.in_features, self.tsn.fc[-1]
+        return layer.weight[:d], layer.bias[:d], self.tsn.last_layer_input
 
     def fuses_with(self, other: "TaskModule") -> bool:
         """Whether the two compute their codes alike (the same task network and code layers; heads may differ)."""
