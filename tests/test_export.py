@@ -343,3 +343,37 @@ def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(got, module.eval()(x).numpy(), atol=1e-6)
     assert "Clip" in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+class _OnePixelTail(torch.nn.Module):
+    """A network whose last maps are one pixel, as a ResNet's or MobileNet's at 32x32."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 2)  # 2x2 -> 1x1, a kernel of more than one tap: stays
+        self.inner = torch.nn.Conv2d(8, 8, 1)  # one pixel, but a residual reads it: stays
+        self.last = torch.nn.Conv2d(8, 16, 1)  # one pixel, through an activation into the pooling: a Gemm
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, image):
+        features = torch.relu(self.stem(image))
+        features = features + self.inner(features)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.relu6(self.last(features)), 1)
+        return self.head(torch.flatten(pooled, 1))
+
+
+def test_a_tail_of_one_pixel_maps_exports_as_matrix_products_with_the_same_answers(tmp_path):
+    from kfdeploy.bundling.export import _quiet_export
+    from onnxruntime import InferenceSession
+
+    torch.manual_seed(0)
+    module, x = _OnePixelTail().eval(), torch.rand(5, 3, 2, 2)
+    path = tmp_path / "tail.onnx"
+    _quiet_export(module, (x[:2],), path, ["image"], ["logits"], load_profile("cpu-fp32"))
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("Conv") == 2 and ops.count("Gemm") == 2 and not {"ReduceMean", "GlobalAveragePool"} & set(ops), ops
+    got = InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(x).numpy(), atol=1e-6)

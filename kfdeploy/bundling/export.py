@@ -39,6 +39,7 @@ from ..training.runs import apply_weights, check_weights_fit, check_writable, lo
 from ..training.train import weights_digest
 from .bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PIXEL_TYPES, Bundle, operator_problem, read_manifest, sha256_file,
                      write_archive)
+from .single_pixel import single_pixel_tail
 
 # export/*.toml, installed inside the package as kfdeploy.profiles (setup.cfg): read from
 # there, an installed kfdeploy finds them without the source tree.
@@ -267,6 +268,7 @@ def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[
         for log, level in zip(loggers, levels):
             log.setLevel(level)
     fold_batch_norm(path)
+    single_pixel_tail(path)
 
 
 def fold_batch_norm(path: Path) -> int:
