@@ -109,7 +109,8 @@ def _integers(model, name: str) -> Optional[List[int]]:
 
 def _convolutions_into_features(model) -> int:
     """A 1x1 convolution on a 1x1 map whose output reaches, through activations only, the
-    flattening of each image's features: Flatten, then Gemm with its (C_out, C_in) weights."""
+    flattening of each image's features: a Reshape to (N, C_in), then a Gemm with its
+    (C_out, C_in) weights."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
