@@ -267,21 +267,28 @@ def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
-    fold_batch_norm(path)
-    single_pixel_tail(path)
+    import onnx
+
+    model = onnx.load(str(path))
+    fold_batch_norm(model)
+    single_pixel_tail(model)
+    for node in model.graph.node:
+        # torch.onnx's provenance per node: stack traces with this machine's source paths
+        # (7% of a MobileNet task's file), not for shipping
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
-def fold_batch_norm(path: Path) -> int:
-    """Fold every BatchNormalization that follows a Conv into the Conv's weights; how many.
+def fold_batch_norm(model) -> int:
+    """Fold every BatchNormalization that follows a Conv into the Conv's weights, in the
+    graph of `model` (an onnx.ModelProto); how many.
 
     The exporter's optimizer folds them today (torch 2.13/2.14); this keeps deployed graphs
     free of inference-time BatchNorm whatever the exporter does. A BatchNorm without a
     Conv of its own before it (pre-activation nets) stays: ONNX Runtime and TensorRT run it.
     """
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -323,7 +330,6 @@ def fold_batch_norm(path: Path) -> int:
     used = {name for node in graph.node for name in node.input}
     for initializer in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(initializer)
-    onnx.save(model, str(path))
     return len(folded)
 
 

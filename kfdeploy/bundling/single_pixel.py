@@ -18,7 +18,6 @@ layout changes around a Gemm cost more than it saves.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -29,15 +28,9 @@ _POOLS = {"ReduceMean", "GlobalAveragePool", "GlobalMaxPool", "ReduceMax"}
 _ACTIVATIONS = {"Relu", "Clip"}  # elementwise: as right on (N, C) as on (N, C, 1, 1)
 
 
-def single_pixel_tail(path: Path) -> int:
-    """Rewrite graph `path` in place as the module says; how many nodes were rewritten."""
-    import onnx
-
-    model = onnx.load(str(path))
-    rewritten = _pools_of_one_pixel(model) + _convolutions_into_features(model)
-    if rewritten:
-        onnx.save(model, str(path))
-    return rewritten
+def single_pixel_tail(model) -> int:
+    """Rewrite the graph of `model` (an onnx.ModelProto) as the module says; how many nodes were rewritten."""
+    return _pools_of_one_pixel(model) + _convolutions_into_features(model)
 
 
 def _one_pixel(shape: Optional[list]) -> bool:
