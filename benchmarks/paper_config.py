@@ -58,7 +58,7 @@ from train import read_run, setup_seconds  # noqa: E402  (benchmarks/train.py)
 
 import kfdeploy  # noqa: E402
 from kfdeploy.bundling.bundle import Bundle  # noqa: E402
-from kfdeploy.bundling.export import ExportProfile, Normalize, _quiet_export, graph_modules, run_normalization  # noqa: E402
+from kfdeploy.bundling.export import ExportProfile, Normalize, TaskGraph, _quiet_export, graph_modules, run_normalization  # noqa: E402
 from kfdeploy.bundling.fuse import Composer, probs_output  # noqa: E402
 from kfdeploy.cli import main as kfdeploy_main  # noqa: E402
 from kfdeploy.training.evaluate import evaluate_run  # noqa: E402
@@ -145,10 +145,13 @@ def flops(fn, *inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def deployed_parameters(task_module: torch.nn.Module) -> int:
-    """A task module's parameters that its exported graph holds: not the training-only
-    log-variance layer and auxiliary head."""
-    return sum(p.numel() for name, p in task_module.named_parameters() if not name.startswith(("logvar.", "aux_head.")))
+def deployed_parameters(graph: TaskGraph) -> int:
+    """The parameters a task's exported graph holds: its network up to the code layer, and the
+    head with mu folded in (TaskGraph); not the training-only log-variance layer and auxiliary
+    head, nor mu's own matrix."""
+    network = graph.task.tsn
+    inside = 0 if graph.task.projected else sum(p.numel() for p in network.fc[-1].parameters())  # simpleconv's code layer
+    return sum(p.numel() for p in network.parameters()) - inside + graph.weight.numel() + graph.bias.numel()
 
 
 class TeacherGraph(torch.nn.Module):
@@ -169,8 +172,8 @@ def sizes_and_flops(teacher, teacher_info, model, normalization, channels: int, 
     teacher_mean_std = (teacher_info["input"]["mean"], teacher_info["input"]["std"]) if teacher_info.get("input") else normalization
     rows = {"teacher": {"parameters": count_parameters(teacher), "flops": flops(TeacherGraph(teacher, teacher_mean_std), x)},
             "trunk": {"parameters": count_parameters(model.trunk), "flops": flops(modules["trunk"], x)}}
-    for task, module in model.tasks.items():
-        rows[task] = {"parameters": deployed_parameters(module), "flops": flops(modules[task], x, common)}
+    for task in model.tasks:
+        rows[task] = {"parameters": deployed_parameters(modules[task]), "flops": flops(modules[task], x, common)}
     tasks = list(model.tasks)
     rows["assembly"] = {key: rows["trunk"][key] + sum(rows[t][key] for t in tasks) for key in ("parameters", "flops")}
     return rows

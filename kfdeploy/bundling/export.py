@@ -272,7 +272,11 @@ def _quiet_export(module: nn.Module, args: tuple, path: Path, input_names: List[
     model = onnx.load(str(path))
     fold_batch_norm(model)
     single_pixel_tail(model)
-    for node in model.graph.node:
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input}
+    for initializer in [i for i in graph.initializer if i.name not in used]:  # what the rewrites left unread
+        graph.initializer.remove(initializer)
+    for node in graph.node:
         # torch.onnx's provenance per node: stack traces with this machine's source paths
         # (7% of a MobileNet task's file), not for shipping
         del node.metadata_props[:]
@@ -286,6 +290,7 @@ def fold_batch_norm(model) -> int:
     The exporter's optimizer folds them today (torch 2.13/2.14); this keeps deployed graphs
     free of inference-time BatchNorm whatever the exporter does. A BatchNorm without a
     Conv of its own before it (pre-activation nets) stays: ONNX Runtime and TensorRT run it.
+    The initializers it leaves unread stay: the caller drops them.
     """
     from onnx import numpy_helper
 
@@ -323,13 +328,8 @@ def fold_batch_norm(model) -> int:
             conv.input.append(names[1])
         conv.output[0] = bn.output[0]
         folded.append(bn)
-    if not folded:
-        return 0
     for bn in folded:
         graph.node.remove(bn)
-    used = {name for node in graph.node for name in node.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
     return len(folded)
 
 

@@ -29,21 +29,24 @@ _ACTIVATIONS = {"Relu", "Clip"}  # elementwise: as right on (N, C) as on (N, C, 
 
 
 def single_pixel_tail(model) -> int:
-    """Rewrite the graph of `model` (an onnx.ModelProto) as the module says; how many nodes were rewritten."""
-    return _pools_of_one_pixel(model) + _convolutions_into_features(model)
+    """Rewrite the graph of `model` (an onnx.ModelProto) as the module says; how many nodes
+    were rewritten. Initializers it leaves unread stay: the caller drops them."""
+    # Inferred once: dropping a pooling, or making it a Reshape, leaves every tensor that
+    # remains with its shape
+    shapes = value_shapes(model)
+    return _pools_of_one_pixel(model, shapes) + _convolutions_into_features(model, shapes)
 
 
 def _one_pixel(shape: Optional[list]) -> bool:
     return bool(shape) and len(shape) == 4 and shape[2:] == [1, 1]
 
 
-def _pools_of_one_pixel(model) -> int:
+def _pools_of_one_pixel(model, shapes: Dict[str, list]) -> int:
     """A global pooling of a 1x1 map: gone where it keeps the spatial axes (its readers read
     its input), a Reshape where it drops them."""
     from onnx import helper
 
     graph = model.graph
-    shapes = value_shapes(model)
     outputs = {value.name for value in graph.output}
     dropped, reshaped = [], 0
     for index, node in enumerate(graph.node):
@@ -64,7 +67,6 @@ def _pools_of_one_pixel(model) -> int:
         graph.node.remove(pool)
         for value in [v for v in graph.value_info if v.name == pool.output[0]]:
             graph.value_info.remove(value)
-    _drop_unused_initializers(graph)
     return len(dropped) + reshaped
 
 
@@ -76,12 +78,6 @@ def _shape_constant(graph, prefix: str, features: int) -> str:
     name = f"{prefix}.features"
     graph.initializer.append(numpy_helper.from_array(np.array([-1, features], dtype=np.int64), name))
     return name
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {name for node in graph.node for name in node.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
 
 
 def _reduces_spatial_axes(model, node) -> bool:
@@ -100,14 +96,13 @@ def _integers(model, name: str) -> Optional[List[int]]:
     return None if tensor is None else [int(v) for v in numpy_helper.to_array(tensor).ravel()]
 
 
-def _convolutions_into_features(model) -> int:
+def _convolutions_into_features(model, shapes: Dict[str, list]) -> int:
     """A 1x1 convolution on a 1x1 map whose output reaches, through activations only, the
     flattening of each image's features: a Reshape to (N, C_in), then a Gemm with its
     (C_out, C_in) weights."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    shapes = value_shapes(model)
     initializers = {init.name: init for init in graph.initializer}
     consumers: Dict[str, list] = {}
     for node in graph.node:
@@ -141,7 +136,6 @@ def _convolutions_into_features(model) -> int:
         graph.node.insert(index, flatten)
         for value in [v for v in graph.value_info if v.name in stale]:
             graph.value_info.remove(value)
-    _drop_unused_initializers(graph)
     return len(found)
 
 
