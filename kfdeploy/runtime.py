@@ -166,11 +166,14 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
 
 
 # On the CPU a batch runs in parts whose largest tensor stays within this. Without a memory
-# arena (see ort_session_for) every tensor is malloc'd per run, and glibc maps a block above
-# 32 MiB afresh each time: the paper configuration's six merged task modules (1.2 MB per
-# image in their largest tensor) faulted in 26,000 pages per call at batch 64. In parts of
-# 13 images the faults were gone and a call took 3-5% less CPU time, merged or not.
-RUN_BYTES = 16 << 20
+# arena (see ort_session_for) every tensor is malloc'd per run, and past a largest tensor of
+# 6-8 MB glibc handed the run's memory back after each call and faulted it in again on the
+# next: the paper configuration's five merged task modules at 32x32 (0.25 MB per image in
+# their largest tensor) faulted in 10,000 pages per call at batch 64 and ran 1.5-2x slower
+# than one by one; at 64x64 (1 MB per image) from parts of 8 images on. In parts of 5 MB
+# (21 images at 32x32, 5 at 64x64) there were no faults, merged or not, on the AVX-512
+# EPYC machine; on the first AVX2 VM parts of 16 MB had sufficed.
+RUN_BYTES = 5 << 20
 
 
 class Composition:
