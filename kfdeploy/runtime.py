@@ -175,6 +175,13 @@ def ort_session_for(model: bytes, providers: Sequence, threads: int, profile_pre
 # EPYC machine; on the first AVX2 VM parts of 16 MB had sufficed.
 RUN_BYTES = 5 << 20
 
+# On the CPU a call runs its merged task modules merged while their largest tensor stays
+# within this, and one by one past it (see Assembly): merged, five MobileNetV2 x0.5 tasks
+# ran 1.44x as fast as one by one at batch 1 and 0.84x at batch 64 on the AVX-512 EPYC
+# machine, even at 16 images at 32x32 (4 MB) and between 4 and 8 at 64x64 (4-8 MB). On the
+# AVX2 machines merged was about even with one by one at batch 64, so little is lost there.
+MERGED_CALL_BYTES = 4 << 20
+
 
 class Composition:
     """One ONNX Runtime session computing the trunk once and a set of tasks from it.
@@ -183,14 +190,21 @@ class Composition:
     and only the requested outputs come back. Untested on a GPU here (none is lent to this
     project's CPU machines); the tests run the same bound path with io_device="cpu".
     Otherwise a batch of more than `rows` images runs in parts of at most `rows`.
+
+    A composition with merged task modules answers calls of more than `merged_rows` images
+    with `one_by_one`, its twin composed with every task module on its own (Assembly
+    builds it on the first such call).
     """
 
-    def __init__(self, tasks: FrozenSet[str], model: bytes, session, io_device: Optional[str], rows: int = sys.maxsize):
+    def __init__(self, tasks: FrozenSet[str], model: bytes, session, io_device: Optional[str], rows: int = sys.maxsize,
+                 merged_rows: int = sys.maxsize):
         self.tasks = tasks
         self.model = model  # serialized, for profiling sessions and the TensorRT EP
         self.session = session
         self.io_device = io_device
         self.rows = rows
+        self.merged_rows = merged_rows
+        self.one_by_one: Optional["Composition"] = None
         self._output_names: Dict[tuple, List[str]] = {}  # per (tasks, logits): a batch-1 call is ~0.2 ms
         self._failures = run_failures()
 
@@ -443,7 +457,8 @@ class Assembly(TaskSelection):
 
     With ONNX Runtime the selected modules run composed into one graph (see kfdeploy/bundling/fuse.py)
     as one session, tasks of one architecture merged into one grouped subgraph unless `merge`
-    is False. `add_task`/`remove_task` build the new composition in the calling
+    is False; on a CPU a call of more than `merge_max_batch` images runs them one by one
+    (see `load`). `add_task`/`remove_task` build the new composition in the calling
     thread while other threads keep calling the current one, then swap it in; calls in
     flight finish on the graph they started with. The `cache_size` most recently used
     compositions are kept, so switching back to a task set seen before is instant; any
@@ -452,12 +467,17 @@ class Assembly(TaskSelection):
 
     def __init__(self, bundle: Bundle, backend: str, tasks: Sequence[str], providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, cache_size: int = 4, log=print, precision: str = "fp32",
-                 merge: bool = True):
+                 merge: bool = True, merge_max_batch: Optional[int] = None):
         if backend not in BACKENDS:
             raise KfError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision != "fp32" and backend != "onnxruntime":
             raise KfError(f"precision {precision!r} runs on the onnxruntime backend only (the {backend} backend runs "
                           "fp32 modules or its own engines); use backend='onnxruntime'")
+        if merge_max_batch is not None and (isinstance(merge_max_batch, bool) or not isinstance(merge_max_batch, int)
+                                            or merge_max_batch < 1):
+            raise KfError(f"merge_max_batch must be a whole number of images, at least 1, or None (the default bound), "
+                          f"got {merge_max_batch!r}")
+        self.merge_max_batch = merge_max_batch
         self.precision = precision
         self.bundle = bundle  # replaced, in one assignment, by the same folder re-read (_reread)
         self.threads = threads or physical_cores()
@@ -469,6 +489,7 @@ class Assembly(TaskSelection):
         self._cache: "OrderedDict[FrozenSet[str], Composition]" = OrderedDict()
         self._pending: set = set()
         self._builder = None
+        self._twin_lock = threading.Lock()
         self._rereading = threading.Lock()
         # Each module read once at this precision (all modules alike), checksum of the bytes checked.
         self._composer = Composer(_reader(bundle, precision), merge, log)
@@ -595,11 +616,25 @@ class Assembly(TaskSelection):
                 self._cache.popitem(last=False)
         return composition
 
-    def _build(self, key: FrozenSet[str]) -> Composition:
+    def _build(self, key: FrozenSet[str], merge: bool = True) -> Composition:
         tasks = [t for t in self.bundle.tasks if t in key]  # bundle order: one graph per set
-        model = self._composer.compose(tasks)
-        rows = max(1, RUN_BYTES // self._composer.image_bytes(tasks)) if self._io_device is None else sys.maxsize
-        return Composition(key, model, ort_session_for(model, self.providers_for(key), self.threads), self._io_device, rows)
+        model = self._composer.compose(tasks, merge)
+        session = ort_session_for(model, self.providers_for(key), self.threads)
+        if self._io_device is not None:  # a GPU: one run per call, its kernels as large as they come
+            return Composition(key, model, session, self._io_device)
+        rows = max(1, RUN_BYTES // self._composer.image_bytes(tasks, merge))
+        merged = self._composer.merged_bytes(tasks) if merge else 0
+        merged_rows = (sys.maxsize if not merged else self.merge_max_batch if self.merge_max_batch is not None
+                       else max(1, MERGED_CALL_BYTES // merged))
+        return Composition(key, model, session, None, rows, merged_rows)
+
+    def _one_by_one(self, composition: Composition) -> Composition:
+        """`composition`'s twin with every task module on its own, built on its first use (a
+        call of more than its `merged_rows` images) and released with it."""
+        with self._twin_lock:
+            if composition.one_by_one is None:
+                composition.one_by_one = self._build(composition.tasks, merge=False)
+        return composition.one_by_one
 
     def _cached_or_scheduled(self, key: FrozenSet[str]) -> Optional[Composition]:
         """A cached composition for a subset of the tasks; else build one in the background
@@ -722,6 +757,8 @@ class Assembly(TaskSelection):
         # Timings are kept raw and made on request: at batch 1, every object made per call shows
         started = time.perf_counter()
         if type(runner) is Composition:
+            if len(x) > runner.merged_rows:
+                runner = runner.one_by_one or self._one_by_one(runner)
             out, split = runner.run(x, wanted, logits), None
         else:
             split = Timings()
@@ -819,7 +856,8 @@ class Assembly(TaskSelection):
 
 def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxruntime",
          providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, cache_size: int = 4,
-         verify: bool = True, log=None, precision: str = "fp32", merge: bool = True) -> Assembly:
+         verify: bool = True, log=None, precision: str = "fp32", merge: bool = True,
+         merge_max_batch: Optional[int] = None) -> Assembly:
     """Open a bundle (folder or .tar.gz), check it, and compose the trunk with `tasks` (default all).
 
     Every checksum is verified before any session is created; a task whose trunk
@@ -828,7 +866,11 @@ def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxrunt
     used task-set compositions stay loaded. `precision` ("fp32", or "int8"/"fp16" once
     `kfdeploy quantize` made them) picks every module's graph: one precision for all.
     `merge` runs selected tasks of one architecture as one grouped subgraph (the same
-    answers, faster); False runs them one by one, each its own entry in `profile`.
+    answers, faster for small batches); False runs them one by one, each its own entry in
+    `profile`. On a CPU a call of more than `merge_max_batch` images runs them one by one
+    (the twin composition built on the first such call): by default as many images as keep
+    the merged subgraph's largest tensor within 4 MiB (16 for five MobileNetV2 x0.5 tasks at
+    32x32), where one by one turned faster.
     """
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     log = log or (lambda line: print(line, file=sys.stderr))
@@ -836,4 +878,4 @@ def load(bundle, tasks: Optional[Sequence[str]] = None, backend: str = "onnxrunt
     for task in selected:
         opened.task(task)  # unknown names fail here, listing the available ones
     return Assembly(opened, backend, selected, providers=providers, threads=threads, cache_size=cache_size, log=log,
-                    precision=precision, merge=merge)
+                    precision=precision, merge=merge, merge_max_batch=merge_max_batch)

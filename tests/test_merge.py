@@ -163,6 +163,34 @@ def test_graphs_with_an_operation_across_channels_run_one_by_one_and_say_why(tim
     assert_equal_answers(run(merged, images, TASKS), run(composed(copy, TASKS, merge=False), images, TASKS))
 
 
+def test_a_call_past_the_merged_bound_runs_the_tasks_one_by_one_with_the_same_answers(timm_bundle, images):
+    """On a CPU merged task modules win small batches and lose large ones, so a call of
+    more than merge_max_batch images runs a twin composed one by one, built on first use."""
+    default = kfdeploy.load(timm_bundle, **QUIET)
+    composition = default._state[1]
+    merged_bytes = default._composer.merged_bytes(TASKS)
+    assert merged_bytes > 0 and composition.merged_rows == runtime.MERGED_CALL_BYTES // merged_bytes
+    reference = kfdeploy.load(timm_bundle, merge=False, **QUIET)
+    assert reference._state[1].merged_rows == runtime.sys.maxsize  # nothing merged: no twin, ever
+
+    model = kfdeploy.load(timm_bundle, merge_max_batch=4, **QUIET)
+    merged = model._state[1]
+    small = model(images[:4], logits=True)
+    assert merged.one_by_one is None  # not built before a call needs it
+    large = model(images, logits=True)
+    twin = merged.one_by_one
+    assert units(onnx.load_model_from_string(merged.model)) == ["shape+scale+orientation"]
+    assert units(onnx.load_model_from_string(twin.model)) == sorted(TASKS)
+    assert model(images[:5], logits=True).keys() == large.keys() and merged.one_by_one is twin  # built once
+    expected = reference(images, logits=True)
+    for task in TASKS:
+        assert np.abs(large[task] - expected[task]).max() <= TOLERANCE, task
+        assert np.abs(small[task] - expected[task][:4]).max() <= TOLERANCE, task
+    for bad in (0, 2.5, True, "16"):
+        with pytest.raises(kfdeploy.KfError, match="merge_max_batch must be a whole number of images"):
+            kfdeploy.load(timm_bundle, merge_max_batch=bad, **QUIET)
+
+
 def test_a_batch_bigger_than_a_run_takes_runs_in_equal_parts_with_the_same_answers(timm_bundle, images, monkeypatch):
     whole = kfdeploy.load(timm_bundle, **QUIET)
     expected = whole(images, logits=True)

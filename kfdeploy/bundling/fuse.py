@@ -122,10 +122,11 @@ class Composer:
                                            self._shapes[group[0]])
         return onnx.GraphProto(node=nodes, initializer=initializers).SerializeToString()
 
-    def _groups(self, tasks: Sequence[str]) -> List[Tuple[str, ...]]:
+    def _groups(self, tasks: Sequence[str], merge: bool = True) -> List[Tuple[str, ...]]:
         """`tasks` as their composition runs them: the tasks of one architecture as one group,
-        in the order of its first task (merged where it has more than one); or one by one."""
-        if not self.merge:
+        in the order of its first task (merged where it has more than one); or one by one
+        (without `self.merge`, or `merge`)."""
+        if not (self.merge and merge):
             return [(task,) for task in tasks]
         groups: Dict[str, List[str]] = {}
         for task in tasks:
@@ -134,11 +135,11 @@ class Composer:
             groups.setdefault(key if key not in self.unmergeable else task, []).append(task)
         return [tuple(group) for group in groups.values()]
 
-    def _units(self, tasks: Sequence[str]) -> List[Tuple[Tuple[str, ...], bytes]]:
+    def _units(self, tasks: Sequence[str], merge: bool) -> List[Tuple[Tuple[str, ...], bytes]]:
         """Each group of `tasks` (`_groups`) with its fragment; a group that turns out not to
         merge is split into its tasks, and its architecture noted as unmergeable."""
         units = []
-        for group in self._groups(tasks):
+        for group in self._groups(tasks, merge):
             if len(group) > 1:
                 try:
                     units.append((group, self._merged_fragment(group)))
@@ -150,28 +151,36 @@ class Composer:
             units += [((task,), self._fragment(task)) for task in group]
         return units
 
-    def image_bytes(self, tasks: Sequence[str]) -> int:
-        """The largest tensor per image in the composition of `tasks`, in bytes (as float32):
-        a merged group's tensors hold each of its tasks' channels."""
-        def largest(module: str) -> int:
-            if module not in self._shapes:
-                self._fragment(module)
-            # Tensors with a batch dimension (not fixed), not the weights standing in for inference
-            sizes = [np.prod(shape[1:], dtype=np.int64) for shape in self._shapes[module].values()
-                     if shape and not isinstance(shape[0], int) and all(isinstance(d, int) for d in shape[1:])]
-            return int(max(sizes, default=0)) * 4
+    def _largest(self, module: str) -> int:
+        """The largest tensor per image of one module's graph, in bytes (as float32)."""
+        if module not in self._shapes:
+            self._fragment(module)
+        # Tensors with a batch dimension (not fixed), not the weights standing in for inference
+        sizes = [np.prod(shape[1:], dtype=np.int64) for shape in self._shapes[module].values()
+                 if shape and not isinstance(shape[0], int) and all(isinstance(d, int) for d in shape[1:])]
+        return int(max(sizes, default=0)) * 4
 
-        return max([largest("trunk"), *(len(group) * largest(group[0]) for group in self._groups(tasks))])
+    def image_bytes(self, tasks: Sequence[str], merge: bool = True) -> int:
+        """The largest tensor per image in the composition of `tasks` (`merge` as `compose`
+        takes it), in bytes (as float32): a merged group's tensors hold each of its tasks' channels."""
+        return max([self._largest("trunk"), *(len(group) * self._largest(group[0]) for group in self._groups(tasks, merge))])
 
-    def compose(self, tasks: Sequence[str]) -> bytes:
-        """The serialized ModelProto computing the trunk once and every task in `tasks` from it."""
+    def merged_bytes(self, tasks: Sequence[str]) -> int:
+        """The largest tensor per image of the merged groups in the composition of `tasks`, in
+        bytes (as float32); 0 where it merges none (known once composed: a group may turn out
+        not to merge)."""
+        return max([len(group) * self._largest(group[0]) for group in self._groups(tasks) if len(group) > 1], default=0)
+
+    def compose(self, tasks: Sequence[str], merge: bool = True) -> bytes:
+        """The serialized ModelProto computing the trunk once and every task in `tasks` from it,
+        tasks of one architecture merged unless `merge` (or the composer's own) is False."""
         import onnx
         from onnx import helper
 
         if not tasks:
             raise KfError("a composition needs at least one task")
         trunk = self._fragment("trunk")
-        units = self._units(tasks)
+        units = self._units(tasks, merge)
         parts = [trunk, *(fragment for _, fragment in units)]
         unit_of = {task: "+".join(unit) for unit, _ in units for task in unit}
         ir_version, opsets, image = self._header
