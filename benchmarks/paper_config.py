@@ -25,8 +25,9 @@ and reports, for the one held-out set of the run's data:
   held-out images), and the assembly's logits against PyTorch's on the held-out images;
 - the runtime's composition at this scale, at batch 1 and 64, each variant taking turns with
   the assembly (benchmarks/rates.py's time_in_turns), three times over: the assembly of every
-  task as kfdeploy.load runs it (the six task modules merged into one grouped subgraph), the
-  same unmerged (merge=False: one task module after another), one task alone, the fused graph
+  task as kfdeploy.load runs it (the task modules merged into one grouped subgraph for small
+  calls, one by one past merge_max_batch), the same always merged, the same unmerged
+  (merge=False: one task module after another), one task alone, the fused graph
   in a plain session, the monolithic teacher as one ONNX graph, and the trunk alone (so what
   the task modules add shows). Issue 21's goals: every task at least 1.2x the teacher's
   speed at batch 1 and 1.5x at batch 64; one task alone at least 2x at both.
@@ -214,7 +215,7 @@ def heldout_parity(kf: Path, bundle: Path, count: int = 256) -> dict:
 
 
 def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: float, repeats: int = 3) -> dict:
-    """The assembly of every task (merged, as kfdeploy.load runs it) against the same unmerged,
+    """The assembly of every task (as kfdeploy.load runs it) against the same always merged and unmerged,
     one task alone, the fused graph in a plain session, the monolithic teacher and the trunk
     alone, at batch 1 and 64. Each variant takes turns with the assembly, `repeats` times over;
     the medians are kept."""
@@ -232,12 +233,13 @@ def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: f
     wanted = [probs_output(t) for t in tasks]
     quiet = {"log": lambda line: None}
     assembly, unmerged = kfdeploy.load(bundle, **quiet), kfdeploy.load(bundle, merge=False, **quiet)
+    merged = kfdeploy.load(bundle, merge_max_batch=max(BATCHES), **quiet)
     one = kfdeploy.load(bundle, tasks=tasks[:1], **quiet)
     images = open_run_data(read_json(Path(bundle.manifest["source"]["run"]) / "run.json")).source.heldout(64)[0].numpy()
     rows = []
     for batch in BATCHES:
         x = np.ascontiguousarray(images[:batch])
-        others = {"unmerged": lambda: unmerged(x), "one task": lambda: one(x), "fused": lambda: fused.run(wanted, {"image": x}),
+        others = {"merged": lambda: merged(x), "unmerged": lambda: unmerged(x), "one task": lambda: one(x), "fused": lambda: fused.run(wanted, {"image": x}),
                   "teacher": lambda: teacher_session.run(None, {"image": x}), "trunk alone": lambda: trunk.run(None, {"image": x})}
         turns = [{name: time_in_turns({"assembly": lambda: assembly(x), name: fn}, seconds, turn_seconds=min(0.25, seconds / 2))
                   for name, fn in others.items()} for _ in range(repeats)]
@@ -245,10 +247,10 @@ def composition(bundle_path: Path, teacher, teacher_info, work: Path, seconds: f
         ms = {"assembly": statistics.median(pair["assembly"] for pairs in turns for pair in pairs.values()) * 1e3}
         ms.update({name: statistics.median(pairs[name][name] / pairs[name]["assembly"] for pairs in turns) * ms["assembly"]
                    for name in others})
-        speedup = {name: ms["teacher"] / ms[name] for name in ("assembly", "unmerged", "one task", "trunk alone")}
+        speedup = {name: ms["teacher"] / ms[name] for name in ("assembly", "merged", "unmerged", "one task", "trunk alone")}
         rows.append({"batch": batch, "ms": ms, "images_per_s": {n: batch / v * 1e3 for n, v in ms.items()},
                      "teacher_over": speedup, "teacher_over_assembly": speedup["assembly"],
-                     "assembly_over_fused": ms["assembly"] / ms["fused"], "unmerged_over_merged": ms["unmerged"] / ms["assembly"]})
+                     "assembly_over_fused": ms["assembly"] / ms["fused"], "unmerged_over_merged": ms["unmerged"] / ms["merged"]})
         print(f"batch {batch:>2}: " + "  ".join(f"{n} {v:.2f} ms" for n, v in ms.items()), flush=True)
     goals = {f"{who} >= {GOALS[who][batch]}x the teacher's speed at batch {batch}":
              next(r for r in rows if r["batch"] == batch)["teacher_over"]["assembly" if who == "all tasks" else who] >= GOALS[who][batch]
@@ -495,7 +497,7 @@ def main() -> None:
     result = {
         "config": f"teacher {teacher_info['model']['backbone']['arch']} vs trunk {model.config.trunk_arch} + "
                   f"{len(model.tasks)} x {model.config.task_arch}, {args.data} at {channels}x{size}x{size}",
-        "device": device_label(train_device), "torch": torch.__version__,
+        "device": device_label(train_device), "cpu": cpu_model(), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__, "threads": torch.get_num_threads(),
         "budget": {"probes": probes,
                    "setup_s": {name: setup_seconds(lines) for name, lines in records.items()}, "teacher_steps": trained["teacher"], "factorize_steps": trained["factorize"],

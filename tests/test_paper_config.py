@@ -43,9 +43,9 @@ def test_paper_config_benchmark_reports_every_figure_at_toy_size(tmp_path):
     assert set(report["parity"]["export"]) == {"trunk", *tasks}
     rows = report["composition"]["rows"]
     assert [r["batch"] for r in rows] == [1, 64]
-    variants = {"assembly", "unmerged", "one task", "fused", "teacher", "trunk alone"}
+    variants = {"assembly", "merged", "unmerged", "one task", "fused", "teacher", "trunk alone"}
     assert all(set(r["ms"]) == variants and min(r["ms"].values()) > 0 for r in rows)
-    assert all(set(r["teacher_over"]) == {"assembly", "unmerged", "one task", "trunk alone"} for r in rows)
+    assert all(set(r["teacher_over"]) == {"assembly", "merged", "unmerged", "one task", "trunk alone"} for r in rows)
     assert len(report["composition"]["goals"]) == 4 and isinstance(report["composition"]["goal_met"], bool)
     assert "the teacher's time over the variant's" in result.stdout and "goals (all tasks" in result.stdout
     throughput = report["training_throughput"]
