@@ -33,7 +33,7 @@ and reports, for the one held-out set of the run's data:
   speed at batch 1 and 1.5x at batch 64; one task alone at least 2x at both.
 
 Writes results/paper_config-<device>.json (with the data and the teacher in the name where they
-are not the defaults: paper_config-separated-resnet18-cpu.json) and prints a table. Training shares the machine
+are not the defaults: paper_config-separated-resnet18-cpu.json, -seed1 for --seed 1) and prints a table. Training shares the machine
 with nothing else only if you make it so: on 2 cores another busy process halves every figure.
 """
 from __future__ import annotations
@@ -406,6 +406,8 @@ def main() -> None:
     parser.add_argument("--factorize-steps", type=int, default=160, help="default sized for ~4.5 minutes on 2 CPU cores (~1.6 s a step)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="both stages' --seed (a replicate: another seed, "
+                        "a --work holding the same teacher run)")
     parser.add_argument("--minutes", type=float, help="cap on each training command's time (kfdeploy --minutes)")
     parser.add_argument("--train-seconds", type=float,
                         help="size --teacher-steps and --factorize-steps to about this much training each, from a short "
@@ -432,7 +434,7 @@ def main() -> None:
     teacher_run, kf, bundle = work / "teacher", work / "kf", work / "bundle"
     seconds = {}
     minutes = args.minutes or (args.train_seconds and 1.5 * args.train_seconds / 60)
-    common = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", args.device,
+    common = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed), "--device", args.device,
               *(["--tasks", args.tasks] if args.tasks else [])]
     data = (str(write_separated_sprites(work / "separated", args.data_images, args.data_images // 5))
             if args.data == "separated" else args.data)
@@ -465,7 +467,8 @@ def main() -> None:
         seconds["export"] = kfdeploy_cli("export", str(kf), "--out", str(bundle))
     teacher, teacher_info = load_teacher(teacher_run)
     train_device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
-    variant = "".join(f"-{value}" for value, default in ((args.data, "sprites-rgb"), (args.teacher_arch, "resnet50")) if value != default)
+    variant = "".join(f"-{value}" for value, default in ((args.data, "sprites-rgb"), (args.teacher_arch, "resnet50"),
+                                                           (f"seed{args.seed}", "seed0")) if value != default)
     if args.composition_only or args.timings_only:
         timing = composition(bundle, teacher, teacher_info, work, args.seconds, args.repeats)
         print_composition(timing)
