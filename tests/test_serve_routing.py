@@ -65,6 +65,22 @@ def test_tasks_no_row_asks_for_cost_nothing_and_padding_gives_the_same_answers(r
     np.testing.assert_array_equal(padded["shape"], answer["shape"])
 
 
+def test_a_routed_graph_that_fails_while_running_is_one_line_naming_its_module(bundle):
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    router = Router(bundle, tasks=["shape", "scale"], **QUIET)
+    _, routed = router._state
+
+    class Failing:  # what ONNX Runtime raises when a bundle's node cannot run (tests/test_bundle.py makes one for real)
+        def run(self, names, feeds):
+            raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                                   "running Expand node. Name:'scale/allocates' Status Message: out of memory")
+
+    routed.session = Failing()
+    with pytest.raises(KfError, match=r"^task module 'scale' failed while running in ONNX Runtime \(.*Name:'scale/allocates'"):
+        router.run_requests([(images(2), None, False)])
+
+
 def test_bad_requests_each_get_their_error_and_the_good_ones_of_the_batch_are_answered(router, reference):
     good = images(2)
     nan = good.copy()

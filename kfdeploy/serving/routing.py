@@ -32,6 +32,7 @@ from ..bundling.bundle import Bundle
 from ..bundling.fuse import probs_output
 from ..errors import KfError
 from ..runtime import TaskSelection, load
+from ..sessions import run_failure, run_failures
 
 ROWS_SUFFIX = ":rows"
 Request = Tuple[np.ndarray, Optional[Sequence[str]], bool]  # images, tasks (None: all served), logits
@@ -108,6 +109,7 @@ class Routed:
         self.model = model
         self.session = session
         self.pad_empty = pad_empty
+        self._failures = run_failures()
 
     def run(self, x: np.ndarray, rows: Dict[str, np.ndarray], outputs: Sequence[str]) -> Dict[str, np.ndarray]:
         """`rows[task]`: the row indices each task runs on (every task of the composition; an
@@ -118,7 +120,11 @@ class Routed:
             if index is None or len(index) == 0:
                 index = np.zeros(1 if self.pad_empty else 0, np.int64)
             feeds[rows_input(task)] = index
-        return dict(zip(outputs, self.session.run(list(outputs), feeds)))
+        try:
+            values = self.session.run(list(outputs), feeds)
+        except self._failures as exc:  # the graphs are the bundle's, untrusted: one line, naming the module
+            raise run_failure(exc, ["trunk", *self.tasks]) from None
+        return dict(zip(outputs, values))
 
 
 class ServedTasks(TaskSelection):
