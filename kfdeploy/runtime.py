@@ -628,12 +628,15 @@ class Assembly(TaskSelection):
                        else max(1, MERGED_CALL_BYTES // merged))
         return Composition(key, model, session, None, rows, merged_rows)
 
-    def _one_by_one(self, composition: Composition) -> Composition:
-        """`composition`'s twin with every task module on its own, built on its first use (a
-        call of more than its `merged_rows` images) and released with it."""
-        with self._twin_lock:
-            if composition.one_by_one is None:
-                composition.one_by_one = self._build(composition.tasks, merge=False)
+    def _for_batch(self, composition: Composition, images: int) -> Composition:
+        """What a call of `images` images runs: `composition`, or past its `merged_rows` its
+        twin with every task module on its own, built on that first use and released with it."""
+        if images <= composition.merged_rows:
+            return composition
+        if composition.one_by_one is None:
+            with self._twin_lock:
+                if composition.one_by_one is None:
+                    composition.one_by_one = self._build(composition.tasks, merge=False)
         return composition.one_by_one
 
     def _cached_or_scheduled(self, key: FrozenSet[str]) -> Optional[Composition]:
@@ -757,9 +760,7 @@ class Assembly(TaskSelection):
         # Timings are kept raw and made on request: at batch 1, every object made per call shows
         started = time.perf_counter()
         if type(runner) is Composition:
-            if len(x) > runner.merged_rows:
-                runner = runner.one_by_one or self._one_by_one(runner)
-            out, split = runner.run(x, wanted, logits), None
+            out, split = self._for_batch(runner, len(x)).run(x, wanted, logits), None
         else:
             split = Timings()
             out = runner.run(x, wanted, logits, split)
@@ -807,7 +808,7 @@ class Assembly(TaskSelection):
         import json
         import tempfile
 
-        composition = self._composition(frozenset(wanted))
+        composition = self._for_batch(self._composition(frozenset(wanted)), len(x))  # the form calls of this size run
         with tempfile.TemporaryDirectory(prefix="kfdeploy-profile-") as folder:
             session = ort_session_for(composition.model, self.providers_for(composition.tasks), self.threads,
                                profile_prefix=str(Path(folder) / "run"))

@@ -102,6 +102,9 @@ def test_the_profiler_reports_a_merged_group_as_one_module_named_by_its_tasks(ti
     assert merged.tasks_ms["shape+scale+orientation"] > 0 and "shape+scale+orientation" in merged.split()
     alone = kfdeploy.load(timm_bundle, merge=False, **QUIET).profile(images[:4], runs=3, warmup=1)
     assert list(alone.tasks_ms) == TASKS
+    # Past merge_max_batch calls run one by one, and the profile is of what they run
+    large = kfdeploy.load(timm_bundle, merge_max_batch=2, **QUIET).profile(images[:4], runs=3, warmup=1)
+    assert list(large.tasks_ms) == TASKS
 
 
 def test_save_fused_writes_the_merged_graph_the_assembly_runs(timm_bundle, images, tmp_path):
